@@ -1,0 +1,318 @@
+"""REST handlers (thin: validate, call one QueueManager/Helper method, answer) and middlewares."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from p2pdiff import validate
+from p2pdiff.config import Config
+from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from p2pdiff.helper import p2p_available
+from p2pdiff.keys import CONFIG, HELPER, QUEUE, STARTED_AT
+from p2pdiff.queue import QueueManager, Room, Task
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+try:
+    VERSION = version("p2pdiff")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    VERSION = "0+unknown"
+
+# The REST limit on request bodies; aiohttp itself answers 413 past it.
+MAX_BODY_BYTES = 64 * 1024
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}, "success": False}, status)
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> Any:
+    """The request body as JSON; ``optional`` allows an empty body (returns None)."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"request body must be at most {MAX_BODY_BYTES} bytes")
+    body = await request.read()
+    if optional and not body:
+        return None
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got '{ctype}'")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+# -- middlewares ------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except AppError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.reason
+        if exc.status == 413:
+            message = f"request body must be at most {MAX_BODY_BYTES} bytes"
+        elif exc.status == 404:
+            message = f"no route for {request.method} {request.path}"
+        response = error_response(exc.status, code, message)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal server error")
+
+
+def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    any_origin = "*" in origins
+    allowed = frozenset(origins)
+
+    def allow_origin(origin: str | None) -> str | None:
+        if any_origin:
+            return "*"
+        return origin if origin in allowed else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            granted = allow_origin(origin)
+            if granted is None:
+                return error_response(403, "origin_not_allowed", f"origin '{origin}' is not allowed")
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Origin": granted,
+                    "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
+                    "Access-Control-Allow-Headers": request.headers.get(
+                        "Access-Control-Request-Headers", "Content-Type, Authorization"
+                    ),
+                    "Access-Control-Max-Age": "600",
+                    "Vary": "Origin",
+                },
+            )
+        response = await handler(request)
+        if origin is not None:
+            granted = allow_origin(origin)
+            if granted is not None:
+                response.headers["Access-Control-Allow-Origin"] = granted
+            if not any_origin:
+                response.headers["Vary"] = "Origin"
+        return response
+
+    return middleware
+
+
+def middlewares(config: Config) -> list[Any]:
+    # CORS outermost, so error responses carry CORS headers and browsers can read them.
+    return [cors_middleware(config.server.cors_origins), error_middleware]
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+def _memory() -> dict[str, int]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss = usage.ru_maxrss * 1024
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass  # not Linux: fall back to the peak
+    return {"rss": rss, "maxRss": usage.ru_maxrss * 1024}
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    helper = app[HELPER]
+    p2p_on = helper.mode == "p2p"
+    return json_response(
+        {
+            "status": "ok",
+            "p2pEnabled": p2p_on,
+            "uptime": round(time.time() - app[STARTED_AT], 3),
+            "memory": _memory(),
+            "version": VERSION,
+            "p2p": {
+                "available": p2p_available(),
+                "mode": helper.mode,
+                "rooms": [room.to_json() for room in helper.rooms()],
+            },
+        }
+    )
+
+
+async def stats(request: web.Request) -> web.Response:
+    queue, helper = request.app[QUEUE], request.app[HELPER]
+    totals = queue.stats()
+    return json_response(
+        {
+            "activeRooms": len(queue.rooms),
+            "totalQueued": totals["totalQueued"],
+            "p2pEnabled": helper.mode == "p2p",
+            "rooms": {room_id: room.stats() for room_id, room in queue.rooms.items()},
+            "tasksByStatus": totals["byStatus"],
+            "peers": helper.peer_count(),
+            "helperRooms": [room.room_id for room in helper.rooms()],
+            "requeues": totals["requeues"],
+            "waitSeconds": totals["waitSeconds"],
+            "runSeconds": totals["runSeconds"],
+        }
+    )
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    room_id = validate.room_id(request.match_info["room_id"])
+    statuses = validate.status_filter(request.query.get("status"))
+    limit = validate.limit(request.query.get("limit"))
+    queue = request.app[QUEUE]
+
+    def render() -> bytes:
+        room = queue.get_room(room_id)
+        return orjson.dumps(
+            {
+                "roomId": room_id,
+                "queue": queue.list_tasks(room_id, statuses, limit),
+                "stats": (room or Room(id=room_id)).stats(),
+            }
+        )
+
+    key = (None if statuses is None else tuple(sorted(statuses)), limit)
+    return web.Response(body=queue.cached_view(room_id, key, render), content_type="application/json")
+
+
+async def _add_task(request: web.Request, room_id: str | None) -> web.Response:
+    body = await read_json(request)
+    new = validate.new_task(body)
+    if room_id is None:
+        room_id = body.get("roomId") if isinstance(body, dict) and "roomId" in body else None
+        room_id = request.app[CONFIG].server.default_room if room_id is None else room_id
+    room_id = validate.room_id(room_id)
+    queue = request.app[QUEUE]
+    added = queue.add(room_id, new)
+    if added.created:
+        await queue.flush()
+        log.info("task %s added to room %s at position %s", added.task.id, room_id, added.position)
+    payload = {
+        "success": True,
+        "taskId": added.task.id,
+        "roomId": room_id,
+        "position": added.position,
+        "task": added.task.to_json(added.position),
+    }
+    if not added.created:
+        payload["duplicate"] = True
+    return json_response(payload, 201 if added.created else 200)
+
+
+async def post_queue(request: web.Request) -> web.Response:
+    return await _add_task(request, validate.room_id(request.match_info["room_id"]))
+
+
+async def post_queue_default(request: web.Request) -> web.Response:
+    return await _add_task(request, None)
+
+
+def _task_payload(queue: QueueManager, task: Task) -> dict[str, Any]:
+    return {"success": True, "task": task.to_json(queue.position(task))}
+
+
+async def get_task(request: web.Request) -> web.Response:
+    room_id = validate.room_id(request.match_info["room_id"])
+    queue = request.app[QUEUE]
+    task = queue.get_task(room_id, request.match_info["task_id"])
+    return json_response(_task_payload(queue, task))
+
+
+async def patch_task(request: web.Request) -> web.Response:
+    room_id = validate.room_id(request.match_info["room_id"])
+    update = validate.task_update(await read_json(request))
+    queue = request.app[QUEUE]
+    task = queue.update(room_id, request.match_info["task_id"], update)
+    await queue.flush()
+    return json_response(_task_payload(queue, task))
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    room_id = validate.room_id(request.match_info["room_id"])
+    queue = request.app[QUEUE]
+    task = queue.cancel(room_id, request.match_info["task_id"])
+    await queue.flush()
+    log.info("task %s in room %s cancelled", task.id, room_id)
+    return json_response(_task_payload(queue, task))
+
+
+async def join_room(request: web.Request) -> web.Response:
+    room_id = validate.room_id(request.match_info["room_id"])
+    body = await read_json(request, optional=True)
+    if body is not None and not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object", code="invalid_body")
+    helper, queue = request.app[HELPER], request.app[QUEUE]
+    await helper.join(room_id)
+    queue.set_helper_joined(room_id, True)
+    await queue.flush()
+    log.info("helper joined room %s (%s)", room_id, helper.mode)
+    return json_response(
+        {
+            "success": True,
+            "message": f"server joined room {room_id} as helper ({helper.mode})",
+            "roomId": room_id,
+            "mode": helper.mode,
+        },
+        202,
+    )
+
+
+async def leave_room(request: web.Request) -> web.Response:
+    room_id = validate.room_id(request.match_info["room_id"])
+    helper, queue = request.app[HELPER], request.app[QUEUE]
+    was_in = await helper.leave(room_id)
+    room = queue.get_room(room_id)
+    if not was_in and not (room and room.helper_joined):
+        raise NotFound(f"the helper is not in room '{room_id}'", code="room_not_joined")
+    queue.set_helper_joined(room_id, False)
+    await queue.flush()
+    log.info("helper left room %s", room_id)
+    return json_response({"success": True, "message": f"server left room {room_id}", "roomId": room_id})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/health", health)
+    app.router.add_get("/api/stats", stats)
+    app.router.add_post("/api/queue", post_queue_default)
+    app.router.add_get("/api/queue/{room_id}", get_queue)
+    app.router.add_post("/api/queue/{room_id}", post_queue)
+    app.router.add_get("/api/queue/{room_id}/{task_id}", get_task)
+    app.router.add_patch("/api/queue/{room_id}/{task_id}", patch_task)
+    app.router.add_delete("/api/queue/{room_id}/{task_id}", delete_task)
+    app.router.add_post("/api/join/{room_id}", join_room)
+    app.router.add_delete("/api/join/{room_id}", leave_room)

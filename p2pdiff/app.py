@@ -1,0 +1,102 @@
+"""Application factory: wires config, store, queue and helper into one aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from p2pdiff import api
+from p2pdiff.config import Config
+from p2pdiff.errors import Unavailable
+from p2pdiff.helper import ApiOnlyHelper, Helper
+from p2pdiff.keys import CONFIG, HELPER, QUEUE, STARTED_AT, STORE
+from p2pdiff.queue import QueueManager
+from p2pdiff.store import Store
+
+log = logging.getLogger(__name__)
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+    store.open()
+    app[QUEUE].load()
+    rooms = app[QUEUE].rooms
+    log.info(
+        "store %s open: %d rooms, %d tasks",
+        store.path,
+        len(rooms),
+        sum(len(r.tasks) for r in rooms.values()),
+    )
+    yield
+    store.close()
+
+
+async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
+    config, queue, helper = app[CONFIG], app[QUEUE], app[HELPER]
+    # Rooms from the config plus those joined over REST before the last restart, in that order.
+    wanted = dict.fromkeys([*config.p2p.rooms, *queue.helper_rooms()])
+    for room_id in wanted:
+        await helper.join(room_id)
+        queue.set_helper_joined(room_id, True)
+    await queue.flush()
+    if wanted:
+        log.info("helper (%s) joined %d rooms at start: %s", helper.mode, len(wanted), ", ".join(wanted))
+    yield
+    await helper.close()
+
+
+async def _every(seconds: float, name: str, work: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await work()
+        except Unavailable:
+            pass  # already logged by the queue; try again next round
+        except Exception:
+            log.exception("%s failed; will retry", name)
+
+
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    config, queue = app[CONFIG], app[QUEUE]
+
+    async def expire() -> None:
+        expired = queue.expire_leases()
+        if expired:
+            await queue.flush()
+            for task in expired:
+                log.warning("lease expired: task %s in room %s is pending again", task.id, task.room_id)
+
+    async def sweep() -> None:
+        removed = queue.sweep(config.queue.retention_hours)
+        await queue.flush()
+        if removed:
+            log.info("retention: pruned %d finished tasks of idle rooms", removed)
+
+    lease_check = max(0.05, min(1.0, config.queue.lease_seconds / 4))
+    tasks = [
+        asyncio.create_task(_every(lease_check, "lease check", expire)),
+        asyncio.create_task(_every(config.queue.sweep_interval_seconds, "retention sweep", sweep)),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def create_app(config: Config, *, helper: Helper | None = None) -> web.Application:
+    app = web.Application(client_max_size=api.MAX_BODY_BYTES, middlewares=api.middlewares(config))
+    store = Store(config.store.path, synchronous=config.store.synchronous)
+    app[CONFIG] = config
+    app[STORE] = store
+    app[QUEUE] = QueueManager(store, lease_seconds=config.queue.lease_seconds)
+    app[HELPER] = helper if helper is not None else ApiOnlyHelper()
+    app[STARTED_AT] = time.time()
+    app.cleanup_ctx.extend([_store_ctx, _helper_ctx, _background_ctx])
+    api.add_routes(app)
+    return app

@@ -1,0 +1,229 @@
+"""Configuration: dataclasses filled from defaults, then a TOML file, then environment variables.
+
+Precedence (last wins): built-in defaults < config file < ``PORT`` < ``P2PDIFF_<SECTION>_<KEY>``.
+Every error is a :class:`ConfigError` whose message is one line naming the offending key, so the
+command line can print it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "P2PDIFF_"
+# Environment variables with the prefix that are not config keys.
+ENV_RESERVED = {"P2PDIFF_CONFIG"}
+DEFAULT_CONFIG_PATH = "config.toml"
+
+
+class ConfigError(Exception):
+    """A config problem, described in one line that names the key."""
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 3000
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    default_room: str = "default"
+    log_level: str = "info"
+    access_log: bool = True
+
+
+@dataclass(slots=True)
+class StoreConfig:
+    path: str = "./data/p2pdiff.sqlite3"
+    # "full" fsyncs every group commit (survives power loss); "normal" survives a process crash only.
+    synchronous: str = "full"
+
+
+@dataclass(slots=True)
+class QueueConfig:
+    lease_seconds: float = 120.0
+    retention_hours: float = 24.0
+    sweep_interval_seconds: float = 3600.0
+
+
+@dataclass(slots=True)
+class P2PConfig:
+    enabled: bool = True
+    strategy: str = "mqtt"
+    app_id: str = "p2p-webgpu-diffusion-v1"
+    relay_urls: list[str] = field(default_factory=list)
+    password: str = ""
+    ice_servers: list[str] = field(default_factory=list)
+    rooms: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+
+
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("server", "log_level"): ("debug", "info", "warning", "error"),
+    ("store", "synchronous"): ("full", "normal"),
+    ("p2p", "strategy"): ("mqtt", "nostr", "torrent"),
+}
+
+
+def _sections(config: Config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _coerce(where: str, kind: Any, value: Any) -> Any:
+    """Check a TOML value against the field's declared type."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
+        return [_coerce(f"{where}[{i}]", item, v) for i, v in enumerate(value)]
+    raise TypeError(f"unsupported config type {kind!r}")  # a programming error, not user input
+
+
+def _parse_env(where: str, kind: Any, text: str) -> Any:
+    """Turn an environment string into the field's type (lists are comma-separated)."""
+    if typing.get_origin(kind) is list:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {text!r}")
+    if kind is int or kind is float:
+        try:
+            return kind(text.strip())
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise ConfigError(f"{where}: expected {noun}, got {text!r}") from None
+    return text
+
+
+def _apply(config: Config, section_name: str, key: str, value: Any, where: str, from_env: bool) -> None:
+    section = _sections(config)[section_name]
+    kind = _field_types(section)[key]
+    value = _parse_env(where, kind, value) if from_env else _coerce(where, kind, value)
+    setattr(section, key, value)
+
+
+def _apply_file(config: Config, data: Mapping[str, Any], source: str) -> None:
+    sections = _sections(config)
+    for section_name, table in data.items():
+        if section_name not in sections:
+            known = ", ".join(f"[{s}]" for s in sections)
+            raise ConfigError(f"{source}: unknown section [{section_name}] (known: {known})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section_name}] must be a table")
+        fields = _field_types(sections[section_name])
+        for key, value in table.items():
+            where = f"{source}: [{section_name}] {key}"
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key (known: {', '.join(fields)})")
+            _apply(config, section_name, key, value, where, from_env=False)
+
+
+def _apply_env(config: Config, environ: Mapping[str, str]) -> None:
+    if "PORT" in environ:
+        _apply(config, "server", "port", environ["PORT"], "environment PORT", from_env=True)
+    sections = _sections(config)
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section_name, _, key = rest.partition("_")
+        if section_name not in sections or key not in _field_types(sections[section_name]):
+            raise ConfigError(f"environment {name}: no such config key")
+        _apply(config, section_name, key, text, f"environment {name}", from_env=True)
+
+
+def _validate(config: Config) -> None:
+    for (section_name, key), choices in _CHOICES.items():
+        value = getattr(_sections(config)[section_name], key)
+        if value not in choices:
+            raise ConfigError(f"[{section_name}] {key}: {value!r} is not one of {', '.join(choices)}")
+    if not 0 <= config.server.port <= 65535:
+        raise ConfigError(f"[server] port: {config.server.port} is not a TCP port")
+    if config.queue.lease_seconds <= 0:
+        raise ConfigError("[queue] lease_seconds: must be > 0")
+    if config.queue.retention_hours <= 0:
+        raise ConfigError("[queue] retention_hours: must be > 0")
+    if config.queue.sweep_interval_seconds <= 0:
+        raise ConfigError("[queue] sweep_interval_seconds: must be > 0")
+    if not config.server.cors_origins:
+        raise ConfigError("[server] cors_origins: must list at least one origin (use \"*\" for any)")
+    # Imported here: validate.py needs nothing from config, and config needs only this one rule.
+    from p2pdiff.validate import check_room_id
+
+    for where, room in [("[server] default_room", config.server.default_room)] + [
+        (f"[p2p] rooms[{i}]", r) for i, r in enumerate(config.p2p.rooms)
+    ]:
+        problem = check_room_id(room)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the config. ``path=None`` means ``P2PDIFF_CONFIG`` or ``./config.toml`` if it exists."""
+    environ = os.environ if environ is None else environ
+    config = Config()
+    explicit = path is not None or "P2PDIFF_CONFIG" in environ
+    chosen = Path(path if path is not None else environ.get("P2PDIFF_CONFIG", DEFAULT_CONFIG_PATH))
+    if chosen.is_file():
+        try:
+            data = tomllib.loads(chosen.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: invalid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{chosen}: cannot read: {exc}") from None
+        _apply_file(config, data, str(chosen))
+    elif explicit:
+        raise ConfigError(f"{chosen}: config file not found")
+    _apply_env(config, environ)
+    _validate(config)
+    return config
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The config as a dict with secrets masked, for logs and --check-config."""
+    data = dataclasses.asdict(config)
+    if data["p2p"]["password"]:
+        data["p2p"]["password"] = "***"
+    return data
+

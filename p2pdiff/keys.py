@@ -1,0 +1,16 @@
+"""Typed keys for the objects the aiohttp app shares between handlers and background tasks."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from p2pdiff.config import Config
+from p2pdiff.helper import Helper
+from p2pdiff.queue import QueueManager
+from p2pdiff.store import Store
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+QUEUE = web.AppKey("queue", QueueManager)
+HELPER = web.AppKey("helper", Helper)
+STARTED_AT = web.AppKey("started_at", float)

@@ -1,0 +1,423 @@
+"""The task queue: rooms, tasks and the one state machine every caller (REST, peers) goes through.
+
+Plain synchronous methods, no HTTP and no network. Each mutation is written to the store inside its
+open transaction; callers ``await queue.flush()`` to make it durable before they answer anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
+from p2pdiff.store import Store, StoreError
+from p2pdiff.validate import NewTask, TaskUpdate
+
+PENDING, PROCESSING, COMPLETE, FAILED, CANCELLED = "pending", "processing", "complete", "failed", "cancelled"
+STATUSES = (PENDING, PROCESSING, COMPLETE, FAILED, CANCELLED)
+FINISHED = frozenset({COMPLETE, FAILED, CANCELLED})
+
+# The whole state machine: (action, from) -> to. Nothing else may change a task's status.
+TRANSITIONS: dict[tuple[str, str], str] = {
+    ("claim", PENDING): PROCESSING,
+    ("progress", PROCESSING): PROCESSING,
+    ("complete", PROCESSING): COMPLETE,
+    ("fail", PROCESSING): FAILED,
+    ("requeue", PROCESSING): PENDING,
+    ("requeue", FAILED): PENDING,
+    ("cancel", PENDING): CANCELLED,
+    ("cancel", PROCESSING): CANCELLED,
+    ("expire", PROCESSING): PENDING,
+}
+
+log = logging.getLogger(__name__)
+
+# Where each action means to take a task, for error messages that name both states.
+ACTION_TARGET = {
+    "claim": PROCESSING,
+    "progress": PROCESSING,
+    "complete": COMPLETE,
+    "fail": FAILED,
+    "requeue": PENDING,
+    "cancel": CANCELLED,
+    "expire": PENDING,
+}
+
+# Response caches per room are keyed by query; a handful of distinct queries is normal.
+MAX_CACHED_VIEWS = 16
+
+
+def now_ms(clock: Callable[[], float]) -> int:
+    return int(clock() * 1000)
+
+
+@dataclass(slots=True)
+class Task:
+    room_id: str
+    id: str
+    seq: int
+    prompt: str
+    options: dict[str, Any]
+    extra: dict[str, Any]
+    status: str
+    created_at: int
+    queued_at: int
+    updated_at: int
+    claimed_by: str | None = None
+    claimed_at: int | None = None
+    finished_at: int | None = None
+    progress: float = 0.0
+    result: Any = None
+    error: str | None = None
+    requeues: int = 0
+
+    def to_json(self, position: int | None = None) -> dict[str, Any]:
+        data = dict(self.extra)
+        data.update(
+            id=self.id,
+            roomId=self.room_id,
+            prompt=self.prompt,
+            options=self.options,
+            status=self.status,
+            createdAt=self.created_at,
+            queuedAt=self.queued_at,
+            updatedAt=self.updated_at,
+            claimedBy=self.claimed_by,
+            claimedAt=self.claimed_at,
+            finishedAt=self.finished_at,
+            progress=self.progress,
+            result=self.result,
+            error=self.error,
+            requeues=self.requeues,
+        )
+        if position is not None:
+            data["position"] = position
+        return data
+
+
+@dataclass(slots=True)
+class Room:
+    id: str
+    generated: int = 0
+    last_activity: int = 0
+    helper_joined: bool = False
+    # Insertion order is queue order: tasks are created in seq order and never re-inserted.
+    tasks: dict[str, Task] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+    version: int = 0
+    views: dict[Any, bytes] = field(default_factory=dict)
+
+    def position(self, task: Task) -> int | None:
+        if task.status != PENDING:
+            return None
+        pos = 0
+        for other in self.tasks.values():
+            if other.status == PENDING:
+                pos += 1
+                if other is task:
+                    return pos
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queueLength": self.counts[PENDING],
+            "generated": self.generated,
+            "lastActivity": self.last_activity,
+            "tasks": self.counts[PENDING] + self.counts[PROCESSING] + sum(self.counts[s] for s in FINISHED),
+            "byStatus": {s: self.counts[s] for s in STATUSES},
+            "helperJoined": self.helper_joined,
+        }
+
+
+@dataclass(slots=True)
+class AddResult:
+    task: Task
+    position: int | None
+    created: bool
+
+
+def _percentile(values: list[float], pct: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, math.ceil(pct / 100 * len(ordered)) - 1)
+    return ordered[rank]
+
+
+def _timing(values: list[float]) -> dict[str, Any]:
+    mean = sum(values) / len(values) if values else None
+    p95 = _percentile(values, 95)
+    return {
+        "count": len(values),
+        "mean": None if mean is None else round(mean, 3),
+        "p95": None if p95 is None else round(p95, 3),
+    }
+
+
+class QueueManager:
+    def __init__(self, store: Store, *, lease_seconds: float, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.rooms: dict[str, Room] = {}
+        self._seq = 0
+        self.requeues = 0
+
+    # -- loading and persistence -------------------------------------------------------------
+
+    def load(self) -> None:
+        """Rebuild memory from the store, in the stored queue order."""
+        self.rooms.clear()
+        rooms, tasks = self.store.load()
+        for row in rooms:
+            self.rooms[row.id] = Room(
+                id=row.id,
+                generated=row.generated,
+                last_activity=row.last_activity,
+                helper_joined=row.helper_joined,
+            )
+        for task in tasks:
+            room = self._room(task.room_id)
+            room.tasks[task.id] = task
+            room.counts[task.status] += 1
+            self._seq = max(self._seq, task.seq)
+        # A lifetime counter: pruning old tasks must not make it go down.
+        self.requeues = self.store.load_counter("requeues")
+
+    async def flush(self) -> None:
+        """Make every mutation so far durable (one group commit for all concurrent callers)."""
+        try:
+            await self.store.commit()
+        except StoreError as exc:
+            # Memory ran ahead of the disk: go back to what was last committed, and tell the caller.
+            log.error("%s; reloading queue from the store", exc)
+            self.load()
+            raise Unavailable("the task store could not save the change; try again", code="store_error") from exc
+
+    def _room(self, room_id: str) -> Room:
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = self.rooms[room_id] = Room(id=room_id)
+        return room
+
+    def _touch(self, room: Room, now: int) -> None:
+        room.last_activity = now
+        room.version += 1
+        room.views.clear()
+        self.store.save_room(room)
+
+    def _set_status(self, room: Room, task: Task, action: str, now: int) -> None:
+        target = TRANSITIONS.get((action, task.status))
+        if target is None:
+            raise InvalidTransition(action, task.status, ACTION_TARGET[action])
+        if target != task.status:
+            room.counts[task.status] -= 1
+            room.counts[target] += 1
+        if target == PENDING:
+            task.claimed_by = None
+            task.claimed_at = None
+            task.progress = 0.0
+            task.requeues += 1
+            self.requeues += 1
+            self.store.save_counter("requeues", self.requeues)
+        elif target == PROCESSING and task.status == PENDING:
+            task.claimed_at = now
+            task.progress = 0.0
+            task.error = None
+        elif target in FINISHED:
+            task.finished_at = now
+            if target == COMPLETE:
+                task.progress = 1.0
+                room.generated += 1
+        task.status = target
+        task.updated_at = now
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get_room(self, room_id: str) -> Room | None:
+        return self.rooms.get(room_id)
+
+    def get_task(self, room_id: str, task_id: str) -> Task:
+        room = self.rooms.get(room_id)
+        task = room.tasks.get(task_id) if room else None
+        if task is None:
+            raise NotFound(f"task '{task_id}' not found in room '{room_id}'", code="task_not_found")
+        return task
+
+    def position(self, task: Task) -> int | None:
+        return self.rooms[task.room_id].position(task)
+
+    def list_tasks(
+        self, room_id: str, statuses: Iterable[str] | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        room = self.rooms.get(room_id)
+        if room is None:
+            return []
+        wanted = None if statuses is None else frozenset(statuses)
+        out: list[dict[str, Any]] = []
+        pos = 0
+        for task in room.tasks.values():
+            if task.status == PENDING:
+                pos += 1
+            if wanted is not None and task.status not in wanted:
+                continue
+            out.append(task.to_json(pos if task.status == PENDING else None))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def cached_view(self, room_id: str, key: Any, render: Callable[[], bytes]) -> bytes:
+        """Serialized responses are reused until the room changes (GET is the hot path)."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return render()
+        view = room.views.get(key)
+        if view is None:
+            if len(room.views) >= MAX_CACHED_VIEWS:
+                room.views.clear()
+            view = room.views[key] = render()
+        return view
+
+    def stats(self) -> dict[str, Any]:
+        by_status: Counter[str] = Counter()
+        waits: list[float] = []
+        runs: list[float] = []
+        for room in self.rooms.values():
+            by_status.update(room.counts)
+            for task in room.tasks.values():
+                if task.claimed_at is not None:
+                    waits.append((task.claimed_at - task.queued_at) / 1000)
+                    if task.status == COMPLETE and task.finished_at is not None:
+                        runs.append((task.finished_at - task.claimed_at) / 1000)
+        return {
+            "byStatus": {s: by_status[s] for s in STATUSES},
+            "totalQueued": by_status[PENDING],
+            "requeues": self.requeues,
+            "waitSeconds": _timing(waits),
+            "runSeconds": _timing(runs),
+        }
+
+    def helper_rooms(self) -> list[str]:
+        return [room.id for room in self.rooms.values() if room.helper_joined]
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def add(self, room_id: str, new: NewTask) -> AddResult:
+        """Add a task, or return the existing one if the same id was already submitted."""
+        room = self._room(room_id)
+        if new.id is not None and new.id in room.tasks:
+            existing = room.tasks[new.id]
+            if existing.prompt != new.prompt or existing.options != new.options:
+                raise Conflict(
+                    f"task '{new.id}' already exists in room '{room_id}' with a different prompt or options",
+                    code="task_exists",
+                )
+            return AddResult(existing, room.position(existing), created=False)
+        now = now_ms(self.clock)
+        self._seq += 1
+        tid = new.id or f"task_{now}_{uuid.uuid4().hex[:12]}"
+        task = Task(
+            room_id=room_id,
+            id=tid,
+            seq=self._seq,
+            prompt=new.prompt,
+            options=new.options,
+            extra=new.extra,
+            status=PENDING,
+            created_at=new.created_at if new.created_at is not None else now,
+            queued_at=now,
+            updated_at=now,
+        )
+        room.tasks[tid] = task
+        room.counts[PENDING] += 1
+        self._touch(room, now)
+        self.store.save_task(task)
+        return AddResult(task, room.counts[PENDING], created=True)
+
+    def update(self, room_id: str, task_id: str, update: TaskUpdate) -> Task:
+        room = self.rooms.get(room_id)
+        task = self.get_task(room_id, task_id)
+        assert room is not None
+        if (
+            update.action != "claim"
+            and task.status == PROCESSING
+            and update.worker is not None
+            and update.worker != task.claimed_by
+        ):
+            raise Conflict(
+                f"task '{task_id}' is claimed by '{task.claimed_by}', not '{update.worker}'",
+                code="worker_mismatch",
+            )
+        now = now_ms(self.clock)
+        self._set_status(room, task, update.action, now)
+        if update.action == "claim":
+            task.claimed_by = update.worker
+        if update.progress is not None and task.status == PROCESSING:
+            task.progress = update.progress
+        if update.result is not None and task.status == COMPLETE:
+            task.result = update.result
+        if update.error is not None and task.status == FAILED:
+            task.error = update.error
+        self._touch(room, now)
+        self.store.save_task(task)
+        return task
+
+    def cancel(self, room_id: str, task_id: str) -> Task:
+        room = self.rooms.get(room_id)
+        task = self.get_task(room_id, task_id)
+        assert room is not None
+        now = now_ms(self.clock)
+        self._set_status(room, task, "cancel", now)
+        self._touch(room, now)
+        self.store.save_task(task)
+        return task
+
+    def expire_leases(self) -> list[Task]:
+        """Processing tasks silent for lease_seconds go back to pending at their old position."""
+        now = now_ms(self.clock)
+        cutoff = now - int(self.lease_seconds * 1000)
+        expired: list[Task] = []
+        for room in self.rooms.values():
+            if not room.counts[PROCESSING]:
+                continue
+            stale = [t for t in room.tasks.values() if t.status == PROCESSING and t.updated_at <= cutoff]
+            for task in stale:
+                self._set_status(room, task, "expire", now)
+                self.store.save_task(task)
+            if stale:
+                self._touch(room, now)
+                expired.extend(stale)
+        return expired
+
+    def sweep(self, retention_hours: float) -> int:
+        """Drop finished tasks of rooms idle for retention_hours; pending work is never dropped."""
+        now = now_ms(self.clock)
+        cutoff = now - int(retention_hours * 3600 * 1000)
+        removed = 0
+        for room in list(self.rooms.values()):
+            if room.last_activity > cutoff:
+                continue
+            gone = [t for t in room.tasks.values() if t.status in FINISHED]
+            for task in gone:
+                del room.tasks[task.id]
+                room.counts[task.status] -= 1
+            if gone:
+                self.store.delete_tasks(room.id, [t.id for t in gone])
+                room.version += 1
+                room.views.clear()
+                removed += len(gone)
+            if not room.tasks and not room.helper_joined:
+                del self.rooms[room.id]
+                self.store.delete_room(room.id)
+        return removed
+
+    def set_helper_joined(self, room_id: str, joined: bool) -> None:
+        room = self._room(room_id)
+        room.helper_joined = joined
+        self._touch(room, now_ms(self.clock))

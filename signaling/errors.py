@@ -1,0 +1,32 @@
+"""Exception hierarchy of the ``signaling`` library.
+
+Every error the library raises on bad *remote* input derives from :class:`SignalingError`,
+so a caller can contain one misbehaving peer with a single ``except``:
+
+- :class:`DecryptError`: a sealed SDP/candidate string is malformed or fails authentication
+  (in practice: the remote used another password, appId or roomId).
+- :class:`FramingError`: a data-channel message cannot be a valid frame, or reassembly passed
+  one of its caps. The caller should drop the peer.
+- :class:`HandshakeError`: a ``@_hsdata`` password message has the wrong shape or hash.
+
+Programming errors on the local side (e.g. an action name longer than the wire allows, a payload
+that is not JSON-serialisable) raise ordinary ``ValueError``/``TypeError``.
+"""
+
+from __future__ import annotations
+
+
+class SignalingError(Exception):
+    """Base class for errors caused by what a remote peer sent."""
+
+
+class DecryptError(SignalingError):
+    """A sealed string could not be parsed or did not authenticate."""
+
+
+class FramingError(SignalingError):
+    """A data-channel message is malformed, or reassembly exceeded a cap."""
+
+
+class HandshakeError(SignalingError):
+    """The session-admission handshake (password check) failed."""
