@@ -9,13 +9,16 @@ import sys
 
 from aiohttp import web
 
+from p2pdiff.api import VERSION
 from p2pdiff.app import create_app
 from p2pdiff.config import ConfigError, load_config, redacted
 from p2pdiff.store import StoreError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pdiff", description="P2P WebGPU Diffusion queue server and helper peer")
+    parser = argparse.ArgumentParser(
+        prog="p2pdiff", description="P2P WebGPU Diffusion queue server and helper peer"
+    )
     parser.add_argument(
         "--config",
         metavar="PATH",
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     log = logging.getLogger("p2pdiff")
-    log.info("p2pdiff listening on http://%s:%d", config.server.host, config.server.port)
+    log.info("starting p2pdiff %s on http://%s:%d", VERSION, config.server.host, config.server.port)
     try:
         web.run_app(
             create_app(config),

@@ -20,6 +20,7 @@ from p2pdiff.store import Store
 
 log = logging.getLogger(__name__)
 
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     store.open()

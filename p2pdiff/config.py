@@ -187,7 +187,7 @@ def _validate(config: Config) -> None:
     if config.queue.sweep_interval_seconds <= 0:
         raise ConfigError("[queue] sweep_interval_seconds: must be > 0")
     if not config.server.cors_origins:
-        raise ConfigError("[server] cors_origins: must list at least one origin (use \"*\" for any)")
+        raise ConfigError('[server] cors_origins: must list at least one origin (use "*" for any)')
     # Imported here: validate.py needs nothing from config, and config needs only this one rule.
     from p2pdiff.validate import check_room_id
 
@@ -199,7 +199,9 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{where}: {problem}")
 
 
-def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
     """Build the config. ``path=None`` means ``P2PDIFF_CONFIG`` or ``./config.toml`` if it exists."""
     environ = os.environ if environ is None else environ
     config = Config()
@@ -226,4 +228,3 @@ def redacted(config: Config) -> dict[str, Any]:
     if data["p2p"]["password"]:
         data["p2p"]["password"] = "***"
     return data
-

@@ -198,7 +198,9 @@ class QueueManager:
             # Memory ran ahead of the disk: go back to what was last committed, and tell the caller.
             log.error("%s; reloading queue from the store", exc)
             self.load()
-            raise Unavailable("the task store could not save the change; try again", code="store_error") from exc
+            raise Unavailable(
+                "the task store could not save the change; try again", code="store_error"
+            ) from exc
 
     def _room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
@@ -419,5 +421,7 @@ class QueueManager:
 
     def set_helper_joined(self, room_id: str, joined: bool) -> None:
         room = self._room(room_id)
+        if room.helper_joined == joined:
+            return
         room.helper_joined = joined
         self._touch(room, now_ms(self.clock))

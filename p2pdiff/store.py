@@ -113,7 +113,7 @@ class Store:
             db.execute("PRAGMA busy_timeout=5000")
             self._db = db
             self._migrate()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
 
     def close(self) -> None:
@@ -231,12 +231,15 @@ class Store:
 
     def save_counter(self, name: str, value: int) -> None:
         self._write(
-            "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value=excluded.value",
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value=excluded.value",
             (name, value),
         )
 
     def delete_tasks(self, room_id: str, task_ids: list[str]) -> None:
-        self._write("DELETE FROM tasks WHERE room_id = ? AND id = ?", [(room_id, t) for t in task_ids], many=True)
+        self._write(
+            "DELETE FROM tasks WHERE room_id = ? AND id = ?", [(room_id, t) for t in task_ids], many=True
+        )
 
     def delete_room(self, room_id: str) -> None:
         self._write("DELETE FROM rooms WHERE room_id = ?", (room_id,))

@@ -104,7 +104,9 @@ def task_update(body: Any) -> TaskUpdate:
         raise BadRequest(f"action must be one of {', '.join(PATCH_ACTIONS)}", code="invalid_action")
     worker = body.get("worker")
     if worker is not None and (not isinstance(worker, str) or not 0 < len(worker) <= MAX_WORKER_CHARS):
-        raise BadRequest(f"worker must be a string of 1..{MAX_WORKER_CHARS} characters", code="invalid_worker")
+        raise BadRequest(
+            f"worker must be a string of 1..{MAX_WORKER_CHARS} characters", code="invalid_worker"
+        )
     if action == "claim" and worker is None:
         raise BadRequest("claim needs a worker", code="invalid_worker")
     progress = body.get("progress")
@@ -119,7 +121,9 @@ def task_update(body: Any) -> TaskUpdate:
         raise PayloadTooLarge(f"result must serialize to at most {MAX_RESULT_BYTES} bytes")
     error = body.get("error")
     if error is not None and (not isinstance(error, str) or len(error) > MAX_ERROR_CHARS):
-        raise BadRequest(f"error must be a string of at most {MAX_ERROR_CHARS} characters", code="invalid_error")
+        raise BadRequest(
+            f"error must be a string of at most {MAX_ERROR_CHARS} characters", code="invalid_error"
+        )
     return TaskUpdate(action=action, worker=worker, progress=progress, result=result, error=error)
 
 

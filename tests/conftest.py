@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from p2pdiff.app import create_app
+from p2pdiff.config import Config
+
+ClientFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """Defaults with the store in a temp dir and no environment or config file leaking in."""
+    cfg = Config()
+    cfg.store.path = str(tmp_path / "db.sqlite3")
+    return cfg
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, config: Config) -> TestClient:
+    return await aiohttp_client(create_app(config))
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any) -> ClientFactory:
+    async def make(cfg: Config, **kwargs: Any) -> TestClient:
+        app: web.Application = create_app(cfg, **kwargs)
+        return await aiohttp_client(app)
+
+    return make
+
+
+async def post_task(client: TestClient, room: str, body: dict[str, Any], status: int = 201) -> dict[str, Any]:
+    resp = await client.post(f"/api/queue/{room}", json=body)
+    data = await resp.json()
+    assert resp.status == status, data
+    return data

@@ -1,0 +1,83 @@
+"""Run the real server as a subprocess (for restart, kill and CLI tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(
+        self, workdir: Path, env: Mapping[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("P2PDIFF_")},
+            "PORT": str(self.port),
+            "P2PDIFF_SERVER_HOST": "127.0.0.1",
+            **(env or {}),
+        }
+        self.args = args or []
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def start(self, wait_seconds: float = 20) -> None:
+        log = (self.workdir / "server.log").open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "p2pdiff",
+            *self.args,
+            cwd=self.workdir,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
+                try:
+                    async with session.get(f"{self.url}/api/health") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"server did not start: {self.log()}")
+                await asyncio.sleep(0.05)
+
+    def log(self) -> str:
+        path = self.workdir / "server.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        return self.proc.returncode or 0

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pdiff.config import ConfigError, load_config, redacted
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file(tmp_path: Path) -> None:
+    cfg = load_config(None, environ={"P2PDIFF_CONFIG": str(write(tmp_path, ""))})
+    assert cfg.server.port == 3000
+    assert cfg.server.cors_origins == ["*"]
+    assert cfg.store.path == "./data/p2pdiff.sqlite3"
+    assert cfg.queue.lease_seconds == 120
+    assert cfg.p2p.app_id == "p2p-webgpu-diffusion-v1"
+
+
+def test_file_values_and_types(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[server]
+port = 4000
+cors_origins = ["https://a.example", "https://b.example"]
+[queue]
+lease_seconds = 5
+[p2p]
+relay_urls = ["ws://127.0.0.1:1"]
+rooms = ["r1", "r2"]
+""",
+    )
+    cfg = load_config(path, environ={})
+    assert cfg.server.port == 4000
+    assert cfg.server.cors_origins == ["https://a.example", "https://b.example"]
+    assert cfg.queue.lease_seconds == 5.0 and isinstance(cfg.queue.lease_seconds, float)
+    assert cfg.p2p.rooms == ["r1", "r2"]
+
+
+def test_project_config_file_loads() -> None:
+    cfg = load_config(Path(__file__).parent.parent / "config.toml", environ={})
+    assert cfg.server.port == 3000
+
+
+def test_env_overrides_every_kind(tmp_path: Path) -> None:
+    env = {
+        "P2PDIFF_SERVER_PORT": "5000",
+        "P2PDIFF_P2P_RELAY_URLS": "ws://127.0.0.1:1, mqtt://127.0.0.1:2",
+        "P2PDIFF_STORE_PATH": "/tmp/x.sqlite3",
+        "P2PDIFF_QUEUE_LEASE_SECONDS": "2.5",
+        "P2PDIFF_SERVER_ACCESS_LOG": "false",
+        "P2PDIFF_P2P_PASSWORD": "s3cret",
+    }
+    cfg = load_config(write(tmp_path, "[server]\nport = 4000\n"), environ=env)
+    assert cfg.server.port == 5000
+    assert cfg.p2p.relay_urls == ["ws://127.0.0.1:1", "mqtt://127.0.0.1:2"]
+    assert cfg.store.path == "/tmp/x.sqlite3"
+    assert cfg.queue.lease_seconds == 2.5
+    assert cfg.server.access_log is False
+    assert redacted(cfg)["p2p"]["password"] == "***"
+
+
+def test_port_alias_and_precedence(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 4000\n")
+    assert load_config(path, environ={"PORT": "4100"}).server.port == 4100
+    assert load_config(path, environ={"PORT": "4100", "P2PDIFF_SERVER_PORT": "4200"}).server.port == 4200
+
+
+def test_config_path_from_env(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 4321\n")
+    assert load_config(None, environ={"P2PDIFF_CONFIG": str(path)}).server.port == 4321
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "needle"),
+    [
+        ("[server]\nprot = 1\n", {}, "[server] prot: unknown key"),
+        ("[sever]\nport = 1\n", {}, "unknown section [sever]"),
+        ('[server]\nport = "x"\n', {}, "[server] port: expected an integer"),
+        ("[server]\nport = true\n", {}, "[server] port: expected an integer"),
+        ("[server]\ncors_origins = 3\n", {}, "[server] cors_origins: expected a list"),
+        ("[p2p]\nrooms = [1]\n", {}, "[p2p] rooms[0]: expected a string"),
+        ("[p2p]\nrooms = ['bad room']\n", {}, "[p2p] rooms[0]: must be 1..128"),
+        ("[server\nport = 1\n", {}, "invalid TOML"),
+        ("[queue]\nlease_seconds = 0\n", {}, "[queue] lease_seconds: must be > 0"),
+        ("[store]\nsynchronous = 'off'\n", {}, "[store] synchronous: 'off' is not one of"),
+        ("[server]\nport = 70000\n", {}, "[server] port: 70000 is not a TCP port"),
+        ("", {"PORT": "abc"}, "environment PORT: expected an integer"),
+        ("", {"P2PDIFF_SERVER_PROT": "1"}, "environment P2PDIFF_SERVER_PROT: no such config key"),
+        ("", {"P2PDIFF_SERVER_ACCESS_LOG": "maybe"}, "P2PDIFF_SERVER_ACCESS_LOG: expected true or false"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ=env)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message.strip()
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml", environ={})
