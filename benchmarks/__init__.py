@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): `make bench`. Each prints its numbers next to a baseline measured in the same run."""

@@ -1,0 +1,136 @@
+"""REST benchmark: p2pdiff's GET and POST against a bare aiohttp handler, loaded by wrk in another process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from tests.server_process import ServerProcess, free_port
+
+DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+POST_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"prompt":"a lighthouse at dusk","options":{"model":"prx-1024","steps":20,"width":1024,"height":1024},"type":"generate","createdBy":"bench"}'
+"""
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p99_ms: float
+    errors: int
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(name: str, url: str, script: str | None = None) -> Result:
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench: wrk is not installed (apt-get install -y wrk)")
+    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency", url]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+        if script:
+            lua.write(script)
+            lua.flush()
+            args[1:1] = ["-s", lua.name]
+        out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99 is not None, out
+    errors = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        errors += sum(int(x) for x in sock.groups())
+    return Result(name, rps, _ms(*p99.groups()), errors)
+
+
+async def _seed(url: str, room: str, n: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        for i in range(n):
+            body = {
+                "id": f"seed{i}",
+                "prompt": f"a lighthouse at dusk, variation {i}",
+                "options": {"model": "prx-1024"},
+            }
+            async with http.post(f"{url}/api/queue/{room}", json=body) as resp:
+                assert resp.status == 201
+
+
+async def run() -> list[Result]:
+    results: list[Result] = []
+    bare_port = free_port()
+    bare = subprocess.Popen([sys.executable, "-m", "benchmarks.bare_server", str(bare_port)])
+    try:
+        for _ in range(100):
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{bare_port}/api/queue/b"),
+                ):
+                    break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+        results.append(
+            wrk("bare aiohttp GET (fixed 100-task JSON)", f"http://127.0.0.1:{bare_port}/api/queue/b")
+        )
+    finally:
+        bare.terminate()
+        bare.wait()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"P2PDIFF_STORE_PATH": str(Path(tmp) / "bench.sqlite3"), "P2PDIFF_SERVER_LOG_LEVEL": "warning"}
+        server = ServerProcess(Path(tmp), env=env)
+        await server.start()
+        try:
+            await _seed(server.url, "bench", 100)
+            results.append(wrk("p2pdiff GET /api/queue/{room} (100 tasks)", f"{server.url}/api/queue/bench"))
+            results.append(
+                wrk(
+                    "p2pdiff POST /api/queue/{room} (synchronous=full)",
+                    f"{server.url}/api/queue/post",
+                    POST_LUA,
+                )
+            )
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{server.url}/api/queue/post?limit=1") as resp,
+            ):
+                stored = (await resp.json())["stats"]["queueLength"]
+        finally:
+            await server.stop()
+    print(f"\nPOST check: {stored} tasks accepted and queued")
+    return results
+
+
+def report(results: list[Result]) -> None:
+    bare = results[0]
+    print(f"\nREST ({CONNECTIONS} connections, {DURATION}s each, wrk -t1, 127.0.0.1)\n")
+    print("| case | requests/s | p99 ms | errors | ratio to bare GET |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.name} | {r.rps:,.0f} | {r.p99_ms:.2f} | {r.errors} | {r.rps / bare.rps:.2f}x |")
+    get, post = results[1], results[2]
+    print(
+        f"\nGET target >= 0.80x bare: {get.rps / bare.rps:.2f}x {'PASS' if get.rps >= 0.8 * bare.rps else 'MISS'};"
+        f" POST target >= 2,000/s: {post.rps:,.0f}/s {'PASS' if post.rps >= 2000 else 'MISS'}"
+    )
+
+
+def main() -> None:
+    report(asyncio.run(run()))
