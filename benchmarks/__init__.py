@@ -1,1 +1,1 @@
-"""Benchmarks (not tests): `make bench`. Each prints its numbers next to a baseline measured in the same run."""
+"""Benchmarks (not tests): `make bench`. Each prints numbers next to a baseline from the same run."""

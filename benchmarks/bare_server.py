@@ -1,38 +1,20 @@
-"""The baseline: a bare aiohttp app whose one handler returns a fixed 100-task JSON document.
+"""The baseline: a bare aiohttp app whose one handler returns a fixed JSON document.
 
-No middlewares, no store, no validation — the ceiling our GET /api/queue/{room} is compared with.
+The document is the exact body p2pdiff served for the same 100-task room (so both write the same bytes);
+no middlewares, no store, no validation: the ceiling our GET /api/queue/{room} is compared with.
+Usage: python -m benchmarks.bare_server PORT BODY_FILE
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import orjson
 from aiohttp import web
 
 
-def fixed_body(n: int = 100) -> bytes:
-    tasks = [
-        {
-            "id": f"task_1732550000000_{i:06d}",
-            "roomId": "bench",
-            "type": "generate",
-            "prompt": f"a lighthouse at dusk, variation {i}",
-            "options": {"model": "prx-1024", "steps": 20, "width": 1024, "height": 1024},
-            "status": "pending",
-            "position": i + 1,
-            "createdAt": 1732550000000 + i,
-            "updatedAt": 1732550000000 + i,
-            "claimedBy": None,
-            "progress": 0.0,
-        }
-        for i in range(n)
-    ]
-    return orjson.dumps({"roomId": "bench", "queue": tasks, "stats": {"queueLength": n}})
-
-
 def main() -> None:
-    body = fixed_body()
+    body = Path(sys.argv[2]).read_bytes()
 
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")

@@ -26,7 +26,6 @@ normalise them.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -184,7 +183,7 @@ def decrypt(key: bytes, sealed: str) -> str:
     iv = _parse_iv(iv_text)
     try:
         ciphertext = base64.b64decode(rest.split("$", 1)[0], validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or non-ASCII text
         raise DecryptError("sealed string has invalid base64") from exc
     try:
         plaintext = AESGCM(key).decrypt(iv, ciphertext, None)
@@ -203,9 +202,7 @@ def password_response(challenge: str, password: str, app_id: str, room_id: str) 
     return hashlib.sha256(f"{challenge}:{password}:{app_id}:{room_id}".encode()).hexdigest()
 
 
-def verify_password_response(
-    response: str, challenge: str, password: str, app_id: str, room_id: str
-) -> bool:
+def verify_password_response(response: str, challenge: str, password: str, app_id: str, room_id: str) -> bool:
     """True if ``response`` is the correct answer to our ``challenge`` (constant-time compare)."""
     expected = password_response(challenge, password, app_id, room_id)
     return hmac.compare_digest(response.encode(), expected.encode())

@@ -7,6 +7,8 @@ so a caller can contain one misbehaving peer with a single ``except``:
   (in practice: the remote used another password, appId or roomId).
 - :class:`FramingError`: a data-channel message cannot be a valid frame, or reassembly passed
   one of its caps. The caller should drop the peer.
+- :class:`PayloadError`: a complete action is flagged JSON but does not parse (JS drops just that
+  message; the decoder stays usable, so log and carry on).
 - :class:`HandshakeError`: a ``@_hsdata`` password message has the wrong shape or hash.
 
 Programming errors on the local side (e.g. an action name longer than the wire allows, a payload
@@ -26,6 +28,10 @@ class DecryptError(SignalingError):
 
 class FramingError(SignalingError):
     """A data-channel message is malformed, or reassembly exceeded a cap."""
+
+
+class PayloadError(SignalingError):
+    """A completed action payload (or its metadata) is flagged JSON but is not valid JSON."""
 
 
 class HandshakeError(SignalingError):
