@@ -16,7 +16,7 @@ from aiohttp import web
 from p2pdiff import validate
 from p2pdiff.config import Config
 from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
-from p2pdiff.helper import p2p_available
+from p2pdiff.helper import Helper, p2p_available
 from p2pdiff.keys import CONFIG, HELPER, QUEUE, STARTED_AT
 from p2pdiff.queue import QueueManager, Room, Task
 
@@ -171,6 +171,13 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+def _room_stats(room: Room, helper: Helper) -> dict[str, Any]:
+    data = room.stats()
+    helper_room = helper.room(room.id)
+    data["peers"] = helper_room.peers() if helper_room else []
+    return data
+
+
 async def stats(request: web.Request) -> web.Response:
     queue, helper = request.app[QUEUE], request.app[HELPER]
     totals = queue.stats()
@@ -179,7 +186,7 @@ async def stats(request: web.Request) -> web.Response:
             "activeRooms": len(queue.rooms),
             "totalQueued": totals["totalQueued"],
             "p2pEnabled": helper.mode == "p2p",
-            "rooms": {room_id: room.stats() for room_id, room in queue.rooms.items()},
+            "rooms": {room_id: _room_stats(room, helper) for room_id, room in queue.rooms.items()},
             "tasksByStatus": totals["byStatus"],
             "peers": helper.peer_count(),
             "helperRooms": [room.room_id for room in helper.rooms()],
@@ -194,20 +201,15 @@ async def get_queue(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
     statuses = validate.status_filter(request.query.get("status"))
     limit = validate.limit(request.query.get("limit"))
-    queue = request.app[QUEUE]
-
-    def render() -> bytes:
-        room = queue.get_room(room_id)
-        return orjson.dumps(
-            {
-                "roomId": room_id,
-                "queue": queue.list_tasks(room_id, statuses, limit),
-                "stats": (room or Room(id=room_id)).stats(),
-            }
-        )
-
+    queue, helper = request.app[QUEUE], request.app[HELPER]
     key = (None if statuses is None else tuple(sorted(statuses)), limit)
-    return web.Response(body=queue.cached_view(room_id, key, render), content_type="application/json")
+    tasks = queue.cached_view(room_id, key, lambda: orjson.dumps(queue.list_tasks(room_id, statuses, limit)))
+    room = queue.get_room(room_id) or Room(id=room_id)
+    helper_room = helper.room(room_id)
+    # The task list is the costly part and is reused until the room changes; peers change on their own.
+    rest = orjson.dumps({"stats": room.stats(), "peers": helper_room.peers() if helper_room else []})
+    body = b'{"roomId":' + orjson.dumps(room_id) + b',"queue":' + tasks + b"," + rest[1:]
+    return web.Response(body=body, content_type="application/json")
 
 
 async def _add_task(request: web.Request, room_id: str | None) -> web.Response:

@@ -13,7 +13,7 @@ from aiohttp import web
 from p2pdiff import api
 from p2pdiff.config import Config
 from p2pdiff.errors import Unavailable
-from p2pdiff.helper import ApiOnlyHelper, Helper
+from p2pdiff.helper import Helper, make_helper
 from p2pdiff.keys import CONFIG, HELPER, QUEUE, STARTED_AT, STORE
 from p2pdiff.queue import QueueManager
 from p2pdiff.store import Store
@@ -96,7 +96,7 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     app[CONFIG] = config
     app[STORE] = store
     app[QUEUE] = QueueManager(store, lease_seconds=config.queue.lease_seconds)
-    app[HELPER] = helper if helper is not None else ApiOnlyHelper()
+    app[HELPER] = helper if helper is not None else make_helper(config.p2p)
     app[STARTED_AT] = time.time()
     app.cleanup_ctx.extend([_store_ctx, _helper_ctx, _background_ctx])
     api.add_routes(app)

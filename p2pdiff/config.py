@@ -58,6 +58,9 @@ class P2PConfig:
     relay_urls: list[str] = field(default_factory=list)
     password: str = ""
     ice_servers: list[str] = field(default_factory=list)
+    # Addresses ICE may gather host candidates from; empty = every interface (aioice's default,
+    # which skips loopback). Tests set ["127.0.0.1"].
+    ice_host_addresses: list[str] = field(default_factory=list)
     rooms: list[str] = field(default_factory=list)
 
 

@@ -1,16 +1,22 @@
 """The helper peer seam: how the app joins and leaves rooms, whatever the transport.
 
-``ApiOnlyHelper`` is the implementation used while P2P is unavailable or disabled: it remembers rooms
-and reports mode "api-only", so REST clients see the same API either way.
+``ApiOnlyHelper`` is used while P2P is unavailable or disabled: it remembers rooms and reports mode
+"api-only", so REST clients see the same API either way. ``P2PHelper`` joins each room as a
+Trystero-compatible peer through the ``signaling`` library.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
+
+from p2pdiff.config import P2PConfig
+
+log = logging.getLogger(__name__)
 
 
 def p2p_available() -> bool:
@@ -23,8 +29,11 @@ class HelperRoom:
     room_id: str
     joined_at: float = field(default_factory=time.time)
 
+    def peers(self) -> list[dict[str, Any]]:
+        return []
+
     def to_json(self) -> dict[str, Any]:
-        return {"roomId": self.room_id, "joinedAt": int(self.joined_at * 1000), "peers": []}
+        return {"roomId": self.room_id, "joinedAt": int(self.joined_at * 1000), "peers": self.peers()}
 
 
 class Helper(ABC):
@@ -43,8 +52,11 @@ class Helper(ABC):
     @abstractmethod
     def rooms(self) -> list[HelperRoom]: ...
 
+    def room(self, room_id: str) -> HelperRoom | None:
+        return next((r for r in self.rooms() if r.room_id == room_id), None)
+
     def peer_count(self) -> int:
-        return 0
+        return sum(len(room.peers()) for room in self.rooms())
 
     async def close(self) -> None:
         for room in list(self.rooms()):
@@ -68,3 +80,77 @@ class ApiOnlyHelper(Helper):
 
     def rooms(self) -> list[HelperRoom]:
         return list(self._rooms.values())
+
+
+@dataclass(slots=True)
+class P2PRoom(HelperRoom):
+    handle: Any = None  # the signaling.Room
+
+    def peers(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": info.id,
+                "joinedAt": int(info.joined_at * 1000),
+                "lastSeen": int(info.last_seen * 1000),
+                "rttMs": None if info.rtt_ms is None else round(info.rtt_ms, 1),
+            }
+            for info in self.handle.peers.values()
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        data = HelperRoom.to_json(self)
+        data["selfId"] = self.handle.self_id
+        data["relays"] = dict(self.handle.relay_states)
+        return data
+
+
+class P2PHelper(Helper):
+    """Joins rooms as a Trystero peer; one signaling session (one peer id) for the whole process."""
+
+    mode = "p2p"
+
+    def __init__(self, config: P2PConfig) -> None:
+        import signaling  # here, so an api-only server never imports aiortc
+
+        self._signaling = signaling
+        self._room_config = signaling.RoomConfig(
+            app_id=config.app_id,
+            strategy=config.strategy,
+            relay_urls=list(config.relay_urls),
+            password=config.password,
+            ice_servers=list(config.ice_servers),
+            ice_host_addresses=list(config.ice_host_addresses) or None,
+        )
+        self._rooms: dict[str, P2PRoom] = {}
+
+    async def join(self, room_id: str) -> HelperRoom:
+        room = self._rooms.get(room_id)
+        if room is not None:
+            return room
+        handle = self._signaling.join_room(self._room_config, room_id)
+        handle.on_peer_join(lambda peer_id: log.info("room %s: peer %s joined", room_id, peer_id))
+        handle.on_peer_leave(lambda peer_id: log.info("room %s: peer %s left", room_id, peer_id))
+        room = self._rooms[room_id] = P2PRoom(room_id, handle=handle)
+        log.info("helper joining room %s as %s over %s", room_id, handle.self_id, self._room_config.strategy)
+        return room
+
+    async def leave(self, room_id: str) -> bool:
+        room = self._rooms.pop(room_id, None)
+        if room is None:
+            return False
+        await room.handle.leave()
+        return True
+
+    def rooms(self) -> list[HelperRoom]:
+        return list(self._rooms.values())
+
+
+def make_helper(config: P2PConfig) -> Helper:
+    """The P2P helper when enabled and importable, else API-only (and a log line saying why)."""
+    if not config.enabled:
+        log.info("p2p disabled in config: running api-only")
+        return ApiOnlyHelper()
+    if not p2p_available():
+        log.warning("aiortc is not importable: running api-only")
+        return ApiOnlyHelper()
+    return P2PHelper(config)

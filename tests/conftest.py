@@ -16,9 +16,10 @@ ClientFactory = Callable[..., Awaitable[TestClient]]
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    """Defaults with the store in a temp dir and no environment or config file leaking in."""
+    """Defaults with the store in a temp dir, API-only (P2P tests configure local relays themselves)."""
     cfg = Config()
     cfg.store.path = str(tmp_path / "db.sqlite3")
+    cfg.p2p.enabled = False
     return cfg
 
 

@@ -28,6 +28,8 @@ class ServerProcess:
             **{k: v for k, v in os.environ.items() if not k.startswith("P2PDIFF_")},
             "PORT": str(self.port),
             "P2PDIFF_SERVER_HOST": "127.0.0.1",
+            # No default public relays from tests: P2P tests pass local relay URLs explicitly.
+            "P2PDIFF_P2P_ENABLED": "false",
             **(env or {}),
         }
         self.args = args or []

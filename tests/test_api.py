@@ -54,6 +54,7 @@ async def test_post_keeps_the_app_task_and_answers_the_original_shape(client: Te
     assert listed["roomId"] == "room1"
     assert listed["queue"] == [task]
     assert listed["stats"]["queueLength"] == 1
+    assert listed["peers"] == []
 
 
 async def test_post_without_room_uses_body_room_or_default(client: TestClient, config: Config) -> None:
@@ -259,6 +260,7 @@ async def test_stats_shape(client: TestClient) -> None:
     assert set(data["rooms"]) == {"r1", "r2"}
     assert {"queueLength", "generated", "lastActivity"} <= set(data["rooms"]["r1"])
     assert data["rooms"]["r1"]["generated"] == 1 and data["rooms"]["r1"]["queueLength"] == 1
+    assert data["rooms"]["r1"]["peers"] == []
     assert data["tasksByStatus"] == {
         "pending": 2,
         "processing": 0,

@@ -15,6 +15,7 @@ from tests.server_process import ServerProcess
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("P2PDIFF_") and k != "PORT"}
+    base["P2PDIFF_P2P_ENABLED"] = "false"  # nothing in these tests may reach a public relay
     return subprocess.run(
         args, cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=60
     )

@@ -1,0 +1,419 @@
+"""Real servers for tests, as subprocesses bound to 127.0.0.1 only.
+
+``Service`` is the generic part: free-port selection, start with a readiness check, stop/kill
+that wait for the process to exit, and restart on the *same* ports (waiting until the old
+listener is really gone, so a dying server cannot answer the readiness probe; see pitfall 3 of
+the interop harness README). Subclasses provide the command line and any config files;
+``Mosquitto`` is the first one. Everything here is synchronous: start/stop take milliseconds
+and tests may call them directly from async code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Self, TypeVar
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServiceError(RuntimeError):
+    """A test service failed to start or stop."""
+
+
+class ServiceNotInstalled(ServiceError):
+    """The server binary is missing on this machine."""
+
+
+def pick_free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """Distinct ports the kernel considers free right now (all held open until all are chosen)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def port_bindable(host: str, port: int) -> bool:
+    """Whether a server (which, like mosquitto, sets SO_REUSEADDR) could listen on the port."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def find_executable(name: str, *extra_dirs: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in extra_dirs:
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+class Service:
+    """A server subprocess on fixed loopback ports that survives restarts.
+
+    Subclasses set ``name`` and ``port_names`` and implement ``command()``; ``prepare()`` writes
+    config files before every start. Ports are picked on the first start and reused afterwards.
+    """
+
+    name = "service"
+    port_names: tuple[str, ...] = ()
+    host = LOOPBACK
+    # If a start fails with one of these in the log and the ports were picked by us (not yet
+    # used), another process took a port between picking and binding: pick again.
+    port_clash_markers = ("Address already in use", "EADDRINUSE")
+
+    def __init__(self, workdir: Path | str | None = None, *, startup_timeout: float = 10.0) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = (
+            Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.startup_timeout = startup_timeout
+        self.ports: dict[str, int] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.output_path = self.workdir / f"{self.name}.out"
+        self._ports_fixed = False
+        self._output: IO[bytes] | None = None
+
+    # ---------------------------------------------------------------- subclass API
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write config files; called before every start."""
+
+    def ready(self) -> bool:
+        """Whether the service answers; by default every port accepts TCP connections."""
+        return all(port_accepts(self.host, port) for port in self.ports.values())
+
+    def log_text(self) -> str:
+        return self.output_path.read_text(errors="replace") if self.output_path.exists() else ""
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.running and self.proc is not None else None
+
+    def allocate_ports(self) -> dict[str, int]:
+        """Choose the ports now, without starting (e.g. to test clients against an absent server).
+        Ports chosen this way are final: a clash at start is an error, not a silent re-pick."""
+        if not self.ports:
+            self.ports = dict(zip(self.port_names, pick_free_ports(len(self.port_names)), strict=True))
+        self._ports_fixed = True
+        return self.ports
+
+    def start(self) -> None:
+        if self.running:
+            raise ServiceError(f"{self.name} is already running (pid {self.pid})")
+        for _ in range(3):
+            if not self.ports:
+                self.ports = dict(zip(self.port_names, pick_free_ports(len(self.port_names)), strict=True))
+            self._wait_ports_free()
+            self.prepare()
+            self._spawn()
+            try:
+                self._wait_ready()
+            except _PortClash:
+                if self._ports_fixed:
+                    raise ServiceError(f"{self.name}: ports {self.ports} are taken: {self._tail()}") from None
+                self.ports = {}  # lost a race for a freshly picked port: try other ports
+                continue
+            self._ports_fixed = True
+            return
+        raise ServiceError(f"{self.name}: could not get free ports after 3 tries")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns once the process has exited."""
+        if self.running and self.proc is not None:
+            self.proc.terminate()
+            self.proc.send_signal(signal.SIGCONT)  # a paused process only sees SIGTERM once resumed
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_output()
+
+    def kill(self) -> None:
+        """SIGKILL (the server gets no chance to say goodbye); returns once it has exited."""
+        if self.running and self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close_output()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a hung server, a half-open link)."""
+        if self.running and self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running and self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same ports."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # ---------------------------------------------------------------- internals
+
+    def _spawn(self) -> None:
+        self._close_output()
+        self._output = open(self.output_path, "ab")  # noqa: SIM115 - kept open for the process's life
+        self._output.write(f"--- start {datetime.datetime.now().isoformat()} ports {self.ports}\n".encode())
+        self._output.flush()
+        self.proc = subprocess.Popen(
+            self.command(),
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C aimed at pytest must not hit the server first
+        )
+
+    def _wait_ports_free(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(port_bindable(self.host, port) for port in self.ports.values()):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"{self.name}: ports {self.ports} still in use after {timeout} s")
+            time.sleep(0.02)
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                self._close_output()
+                tail = self._tail()
+                if any(marker in tail for marker in self.port_clash_markers):
+                    raise _PortClash
+                raise ServiceError(f"{self.name} exited with {self.proc.returncode} during start-up: {tail}")
+            if self.ready():
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServiceError(f"{self.name} not ready after {self.startup_timeout} s: {self._tail()}")
+            time.sleep(0.02)
+
+    def _tail(self, chars: int = 3000) -> str:
+        return self.log_text()[-chars:]
+
+    def _close_output(self) -> None:
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+
+class _PortClash(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path, hosts: tuple[str, ...] = (LOOPBACK, "localhost")) -> TlsFiles:
+    """Write a CA and a CA-signed server cert (EC P-256, one day) into ``directory``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pdiff test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    files.key.chmod(0o600)
+    return files
+
+
+class Mosquitto(Service):
+    """An anonymous mosquitto with a plain MQTT and a WebSocket listener on 127.0.0.1 (plus
+    ``mqtts`` and ``wss`` listeners when ``tls`` is given)."""
+
+    name = "mosquitto"
+    search_dirs = ("/usr/sbin", "/usr/local/sbin")
+
+    def __init__(
+        self,
+        workdir: Path | str | None = None,
+        *,
+        tls: TlsFiles | None = None,
+        executable: str | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        found = executable or find_executable("mosquitto", *self.search_dirs)
+        if found is None:
+            raise ServiceNotInstalled(
+                "mosquitto is not installed (looked in PATH and /usr/sbin); "
+                "install it with `apt-get install -y mosquitto`"
+            )
+        self.executable = found
+        self.tls = tls
+        self.port_names = ("tcp", "ws", "mqtts", "wss") if tls else ("tcp", "ws")
+        super().__init__(workdir, startup_timeout=startup_timeout)
+        self.config_path = self.workdir / "mosquitto.conf"
+
+    @property
+    def tcp_url(self) -> str:
+        return f"mqtt://{self.host}:{self.ports['tcp']}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.ports['ws']}"
+
+    @property
+    def mqtts_url(self) -> str:
+        return f"mqtts://{self.host}:{self.ports['mqtts']}"
+
+    @property
+    def wss_url(self) -> str:
+        return f"wss://{self.host}:{self.ports['wss']}"
+
+    def command(self) -> list[str]:
+        return [self.executable, "-c", str(self.config_path)]
+
+    def prepare(self) -> None:
+        lines = [
+            "# generated by tests/services.py - loopback only",
+            "per_listener_settings false",
+            "allow_anonymous true",
+            "persistence false",
+            "log_dest stderr",  # unbuffered, unlike stdout to a file
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+        ]
+        if os.geteuid() == 0:
+            # Debian's build drops to user 'mosquitto' when started as root; stay root so files in
+            # the workdir stay readable.
+            lines.append("user root")
+        lines += self._listener("tcp", "mqtt")
+        lines += self._listener("ws", "websockets")
+        if self.tls:
+            lines += self._listener("mqtts", "mqtt", tls=True)
+            lines += self._listener("wss", "websockets", tls=True)
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def _listener(self, port_name: str, protocol: str, *, tls: bool = False) -> list[str]:
+        lines = ["", f"listener {self.ports[port_name]} {self.host}", f"protocol {protocol}"]
+        if protocol == "websockets":
+            lines.append("socket_domain ipv4")
+        if tls:
+            assert self.tls is not None
+            lines += [f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
+        return lines
+
+
+S = TypeVar("S", bound=Service)
+
+
+@contextlib.contextmanager
+def running(service: S) -> Iterator[S]:
+    """``with running(Mosquitto()) as broker:`` - start, and always clean up."""
+    service.start()
+    try:
+        yield service
+    finally:
+        service.cleanup()
