@@ -1,0 +1,15 @@
+"""Relays move signaling text between topics (see :mod:`signaling.relays.base`)."""
+
+from .base import Backoff, MessageCallback, Relay, RelayState, StateCallback
+from .mqtt import BrokerAddress, MqttRelay, parse_broker_url
+
+__all__ = [
+    "Backoff",
+    "BrokerAddress",
+    "MessageCallback",
+    "MqttRelay",
+    "Relay",
+    "RelayState",
+    "StateCallback",
+    "parse_broker_url",
+]
