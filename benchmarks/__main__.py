@@ -1,3 +1,8 @@
-from benchmarks import http
+import sys
 
-http.main()
+from benchmarks import http, p2p
+
+# `python -m benchmarks [http] [p2p]`: both by default.
+wanted = sys.argv[1:] or ["http", "p2p"]
+for name in wanted:
+    {"http": http.main, "p2p": p2p.main}[name]()

@@ -122,12 +122,15 @@ class P2PHelper(Helper):
             ice_host_addresses=list(config.ice_host_addresses) or None,
         )
         self._rooms: dict[str, P2PRoom] = {}
+        self._session: Any = None  # created on first join: it needs the running loop
 
     async def join(self, room_id: str) -> HelperRoom:
         room = self._rooms.get(room_id)
         if room is not None:
             return room
-        handle = self._signaling.join_room(self._room_config, room_id)
+        if self._session is None:
+            self._session = self._signaling.Session()
+        handle = self._signaling.join_room(self._room_config, room_id, session=self._session)
         handle.on_peer_join(lambda peer_id: log.info("room %s: peer %s joined", room_id, peer_id))
         handle.on_peer_leave(lambda peer_id: log.info("room %s: peer %s left", room_id, peer_id))
         room = self._rooms[room_id] = P2PRoom(room_id, handle=handle)
@@ -143,6 +146,12 @@ class P2PHelper(Helper):
 
     def rooms(self) -> list[HelperRoom]:
         return list(self._rooms.values())
+
+    async def close(self) -> None:
+        await super().close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def make_helper(config: P2PConfig) -> Helper:

@@ -1,0 +1,199 @@
+"""What a room is joined with: :class:`RoomConfig` (alias :class:`JoinConfig`) plus its caps and timers.
+
+Mirrors Trystero's ``joinRoom(config, roomId)`` config: ``app_id``, ``password``, relay URLs and
+ICE settings. Everything a remote party can make us allocate is capped in :class:`Limits`; every
+wait on a remote party has a timer in :class:`Timeouts` (defaults are Trystero's, spec §2.3).
+
+Pluggable parts are looked up by name, so adding a transport or a wire version adds an entry
+here instead of a copy of the room code:
+
+- ``strategy`` selects the relay class (``RELAY_FACTORIES``; ``"mqtt"`` today, nostr/torrent later)
+  and its default relay list;
+- ``wire`` selects the data-channel wire module (``wire_module()``; ``"0.25"`` today, ``"0.22"``
+  later). Room and session code only use the names a wire module exports (``Decoder``,
+  ``RoomEncoder``, ``encode_presence``, ``ACTION_*``, ``PENDING_ACTIONS``, password helpers).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from signaling.relays import MqttRelay, Relay
+from signaling.wire import v025
+
+__all__ = [
+    "DEFAULT_ICE_SERVERS",
+    "DEFAULT_RELAY_URLS",
+    "RELAY_FACTORIES",
+    "JoinConfig",
+    "Limits",
+    "RelayFactory",
+    "RoomConfig",
+    "Timeouts",
+    "wire_module",
+]
+
+RelayFactory = Callable[[str], Relay]
+
+#: strategy name -> relay class. nostr and torrent plug in here (torrent also needs its own
+#: adapter in strategy.py: it announces offers instead of topics).
+RELAY_FACTORIES: dict[str, RelayFactory] = {"mqtt": MqttRelay}
+
+#: Trystero 0.25.4's default MQTT brokers, first 4 (its default redundancy), spec §3.
+DEFAULT_RELAY_URLS: dict[str, tuple[str, ...]] = {
+    "mqtt": (
+        "wss://test.mosquitto.org:8081/mqtt",
+        "wss://broker.emqx.io:8084/mqtt",
+        "wss://public:public@public.cloud.shiftr.io",
+        "wss://broker-cn.emqx.io:8084/mqtt",
+    ),
+}
+
+#: Used when ``ice_servers`` is None. Trystero lists four STUN servers, but aiortc only uses the
+#: first STUN URL it is given, so one is all that matters.
+DEFAULT_ICE_SERVERS: tuple[str, ...] = ("stun:stun.l.google.com:19302",)
+
+_WIRES: dict[str, ModuleType] = {"0.25": v025}
+
+
+def wire_module(name: str) -> ModuleType:
+    """The wire module for a Trystero wire version name (ValueError if unknown)."""
+    try:
+        return _WIRES[name]
+    except KeyError:
+        raise ValueError(f"unsupported wire {name!r} (known: {', '.join(_WIRES)})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Caps on what remote parties can make us hold. Each says what happens when it is reached."""
+
+    #: Concurrent offer/answer negotiations per app id (each is an RTCPeerConnection with a UDP
+    #: socket). When full, the oldest unanswered negotiation is closed to make room.
+    max_pending_connections: int = 32
+    #: Established connections per app id. When full, new negotiations are refused.
+    max_connections: int = 256
+    #: New outgoing offers per second (burst = 2x). Above it an announcement is ignored; a real
+    #: peer announces again (warm-up: 4 times in 2 s) or replies to our announce.
+    offer_rate: float = 10.0
+    #: Announce-replies ("please offer me") per second (burst = 2x); above it they are skipped.
+    reply_rate: float = 20.0
+    #: Largest relay message we parse (an SDP with many candidates is a few KiB).
+    max_signal_bytes: int = 128 * 1024
+    #: Peer ids longer than this are ignored (Trystero's are 20 characters).
+    max_peer_id_length: int = 128
+    #: Offers remembered per app to drop re-deliveries from several relays (LRU).
+    seen_offers: int = 1024
+    #: Candidates held for an offer we have not seen yet: keys (LRU) and candidates per key.
+    early_candidate_keys: int = 32
+    early_candidates_per_key: int = 16
+    #: Per remote peer reassembly caps (signaling.wire.v025.Decoder); passing one drops the peer.
+    max_action_bytes: int = 64 * 1024 * 1024
+    max_pending_actions: int = 32
+    max_buffered_bytes: int = 96 * 1024 * 1024
+    #: Room tokens a peer may announce via presence frames (LRU).
+    max_remote_tokens: int = 64
+    #: Messages kept per action while nobody listens (Trystero replays them to a late handler),
+    #: and per async iterator. Oldest dropped.
+    action_queue: int = 256
+    #: Distinct unregistered action names with queued messages per room (LRU).
+    unclaimed_actions: int = 16
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Limits.{name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Timers in seconds (Trystero's values where it has one, spec §2.3)."""
+
+    #: An offer nobody answered is dropped after this (Trystero keeps pooled offers 57 s, but it
+    #: answers in well under a second; a shorter life bounds what fake announcements cost).
+    offer: float = 30.0
+    #: From an applied answer (offerer) or a received offer (answerer) to an open channel.
+    connect: float = 23.333
+    #: ``@_hsready`` (and the password check) must complete within this after binding a room.
+    handshake: float = v025.HANDSHAKE_TIMEOUT_S
+    #: Between sending ``@_leave`` and tearing down.
+    leave_grace: float = 0.099
+    #: A connection no room uses any more is closed after this (Trystero: 123.333 s).
+    idle_connection: float = 123.333
+    #: ``room.ping()`` gives up after this.
+    ping: float = 10.0
+    #: How often every active peer is pinged to keep ``PeerInfo.rtt_ms`` fresh.
+    rtt_interval: float = 20.0
+    #: Announce warm-up delays after subscribing, then the steady interval (spec §2.3).
+    announce_warmup: tuple[float, ...] = (0.233, 0.533, 1.333)
+    announce_interval: float = 60.0
+    #: A pending offer is re-sent on a relay only if it was last sent there this long ago
+    #: (Trystero: 0.9 x 5333 ms).
+    offer_resend: float = 0.9 * 5.333
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(v <= 0 for v in values):
+                raise ValueError(f"Timeouts.{name} must be positive")
+
+
+@dataclass(slots=True)
+class RoomConfig:
+    """How to join a room (Trystero's config map). Validated on creation.
+
+    ``relay_urls`` empty means the strategy's defaults (Trystero's public brokers).
+    ``ice_servers``: ``None`` means :data:`DEFAULT_ICE_SERVERS`, ``[]`` means none (LAN/loopback
+    only); entries are URLs or ``{"urls", "username", "credential"}`` dicts.
+    ``ice_host_addresses``: ``None`` lets aioice pick interfaces (it skips loopback); a list
+    restricts host candidates to those IPs, e.g. ``["127.0.0.1"]`` in tests.
+    ``trickle``: aiortc never trickles its own candidates (its SDPs are complete, see
+    signaling.peer); this only says whether the remote's trickled candidates are used.
+    Rooms of one app id share connections, so the first room's ICE settings and limits apply
+    to the app.
+    """
+
+    app_id: str
+    relay_urls: Sequence[str] = ()
+    strategy: str = "mqtt"
+    password: str = ""
+    ice_servers: Sequence[Any] | None = None
+    ice_host_addresses: Sequence[str] | None = None
+    trickle: bool = True
+    wire: str = "0.25"
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.app_id, str) or not self.app_id:
+            raise ValueError("app_id must be a non-empty string")
+        if self.strategy not in RELAY_FACTORIES:
+            known = ", ".join(RELAY_FACTORIES)
+            raise ValueError(f"strategy {self.strategy!r} is not available (known: {known})")
+        wire_module(self.wire)
+        if isinstance(self.relay_urls, str):
+            raise TypeError("relay_urls must be a list of URLs, not a string")
+        self.relay_urls = tuple(dict.fromkeys(self.relay_urls))
+        self.password = self.password or ""
+        if self.ice_host_addresses is not None:
+            if isinstance(self.ice_host_addresses, str):
+                raise TypeError("ice_host_addresses must be a list of IPs, not a string")
+            self.ice_host_addresses = tuple(str(ipaddress.ip_address(a)) for a in self.ice_host_addresses)
+        if self.ice_servers is not None:
+            self.ice_servers = tuple(self.ice_servers)
+
+    @property
+    def effective_relay_urls(self) -> tuple[str, ...]:
+        return tuple(self.relay_urls) or DEFAULT_RELAY_URLS.get(self.strategy, ())
+
+    @property
+    def effective_ice_servers(self) -> tuple[Any, ...]:
+        return DEFAULT_ICE_SERVERS if self.ice_servers is None else tuple(self.ice_servers)
+
+
+JoinConfig = RoomConfig

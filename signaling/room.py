@@ -1,0 +1,414 @@
+"""The public room API, shaped like Trystero's ``joinRoom()`` result.
+
+::
+
+    room = signaling.join_room(RoomConfig(app_id="my-app", relay_urls=[...]), "lobby")
+    chat = room.make_action("chat")
+    chat.on_receive(lambda payload, peer_id, metadata: print(peer_id, payload))
+    room.on_peer_join(lambda peer_id: print("joined", peer_id))
+    await chat.send({"hello": "world"})             # to every active peer
+    await chat.send(b"\\x00\\x01", target=peer_id, metadata={"name": "blob"})
+    async for payload, peer_id, metadata in chat:   # alternative to on_receive
+        ...
+    rtt_ms = await room.ping(peer_id)
+    await room.leave()
+
+Payloads: ``str`` travels as text, ``bytes``/``bytearray``/``memoryview`` as binary (received as
+``bytes``), anything else JSON-serialisable as JSON. ``metadata`` is any JSON value (``None``
+means none). Callbacks may be plain functions or coroutine functions; their exceptions are logged.
+Messages for an action nobody listens to yet are kept (bounded) and replayed to the first
+listener, as Trystero does.
+
+Only peers that passed admission (``@_hsready``, and the password check if the room has a
+password) are *active*: they appear in ``peers``, fire ``on_peer_join`` and are the default
+targets. The connection, presence and admission machinery lives in :mod:`signaling.session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from signaling.framing import NO_METADATA
+
+if TYPE_CHECKING:
+    from signaling.config import RoomConfig
+    from signaling.relays import RelayState
+    from signaling.session import AppContext, PeerLink
+    from signaling.strategy import RoomSignaller
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Action", "Binding", "PeerInfo", "PeerNotFound", "Room"]
+
+PeerCallback = Callable[[str], Any]
+ReceiveCallback = Callable[[Any, str, Any], Any]
+
+
+#: Always present in ``Room.stats`` (other counters appear once non-zero).
+_STANDARD_COUNTERS = (
+    "bytes_in",
+    "bytes_out",
+    "actions_in",
+    "actions_out",
+    "signals_in",
+    "signals_out",
+    "announces_out",
+)
+
+
+class PeerNotFound(LookupError):
+    """No active peer with that id in this room."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """An active peer. Times are Unix seconds; ``rtt_ms`` is the last ping (None before one)."""
+
+    id: str
+    joined_at: float
+    last_seen: float
+    rtt_ms: float | None
+
+
+@dataclass(eq=False)
+class Binding:
+    """One remote peer in one room, over the app's shared connection (managed by the session)."""
+
+    room: Room
+    link: PeerLink
+    active: bool = False
+    local_passed: bool = False
+    remote_ready: bool = False
+    challenge: str | None = None  # set when we are the password-check initiator
+    joined_at: float = 0.0
+    rtt_ms: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    pong_waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+
+def _call(callback: Callable[..., Any], *args: Any, tasks: set[asyncio.Task[Any]]) -> None:
+    """Run a user callback; coroutines become tasks. Never raises."""
+    try:
+        result = callback(*args)
+    except Exception:
+        log.exception("callback %r failed", callback)
+        return
+    if inspect.isawaitable(result):
+        task = asyncio.ensure_future(result)
+        tasks.add(task)
+        task.add_done_callback(lambda t: _task_done(t, tasks, callback))
+
+
+def _task_done(task: asyncio.Task[Any], tasks: set[asyncio.Task[Any]], callback: Callable[..., Any]) -> None:
+    tasks.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("callback %r failed", callback, exc_info=task.exception())
+
+
+class _Inbox:
+    """Bounded FIFO for ``async for``: the oldest message is dropped when full."""
+
+    def __init__(self, size: int) -> None:
+        self.items: deque[tuple[Any, str, Any]] = deque(maxlen=size)
+        self.changed = asyncio.Event()
+        self.closed = False
+        self.overflow = 0
+
+    def put(self, item: tuple[Any, str, Any]) -> None:
+        if len(self.items) == self.items.maxlen:
+            self.overflow += 1
+        self.items.append(item)
+        self.changed.set()
+
+    async def get(self) -> tuple[Any, str, Any]:
+        while not self.items:
+            if self.closed:
+                raise StopAsyncIteration
+            self.changed.clear()
+            await self.changed.wait()
+        return self.items.popleft()
+
+
+class Action:
+    """A named message type in a room (Trystero's ``room.makeAction(name)``)."""
+
+    def __init__(self, room: Room, name: str, backlog: Iterable[tuple[Any, str, Any]] = ()) -> None:
+        self.room = room
+        self.name = name
+        self._handler: ReceiveCallback | None = None
+        self._inbox: _Inbox | None = None
+        self._backlog: deque[tuple[Any, str, Any]] = deque(backlog, maxlen=room.config.limits.action_queue)
+
+    def __repr__(self) -> str:
+        return f"<Action {self.name!r} in {self.room.room_id}>"
+
+    async def send(
+        self, payload: Any, target: str | Iterable[str] | None = None, metadata: Any = None
+    ) -> None:
+        """Send to ``target`` (a peer id, several, or every active peer). Waits for channel
+        back-pressure and returns once every chunk is handed to the channel(s). Targets that are
+        not active peers are skipped (Trystero does the same)."""
+        await self.room._send(self.name, payload, target, metadata)
+
+    def on_receive(self, callback: ReceiveCallback | None) -> ReceiveCallback | None:
+        """Set the handler ``callback(payload, peer_id, metadata)`` (replaces the previous one);
+        queued messages are replayed to it. Usable as a decorator."""
+        self._handler = callback
+        if callback is not None:
+            while self._backlog and self._handler is callback:
+                _call(callback, *self._backlog.popleft(), tasks=self.room._tasks)
+        return callback
+
+    def __aiter__(self) -> AsyncIterator[tuple[Any, str, Any]]:
+        if self._inbox is None:
+            self._inbox = _Inbox(self.room.config.limits.action_queue)
+            if self.room.left:
+                self._inbox.closed = True
+            while self._backlog:
+                self._inbox.put(self._backlog.popleft())
+        return self._iterate(self._inbox)
+
+    async def _iterate(self, inbox: _Inbox) -> AsyncIterator[tuple[Any, str, Any]]:
+        while True:
+            try:
+                yield await inbox.get()
+            except StopAsyncIteration:
+                return
+
+    def _deliver(self, payload: Any, peer_id: str, metadata: Any) -> None:
+        item = (payload, peer_id, metadata)
+        if self._handler is None and self._inbox is None:
+            if len(self._backlog) == self._backlog.maxlen:
+                self.room.counters["dropped.queue_overflow"] += 1
+            self._backlog.append(item)
+            return
+        if self._handler is not None:
+            _call(self._handler, *item, tasks=self.room._tasks)
+        if self._inbox is not None:
+            if len(self._inbox.items) == self._inbox.items.maxlen:
+                self.room.counters["dropped.queue_overflow"] += 1
+            self._inbox.put(item)
+
+    def _close(self) -> None:
+        if self._inbox is not None:
+            self._inbox.closed = True
+            self._inbox.changed.set()
+
+
+class Room:
+    """A joined room. Create it with :func:`signaling.join_room`."""
+
+    def __init__(
+        self,
+        app: AppContext,
+        config: RoomConfig,
+        room_id: str,
+        signaller: RoomSignaller,
+        counters: Counter[str],
+    ) -> None:
+        self._app = app
+        self.config = config
+        self.app_id = config.app_id
+        self.room_id = room_id
+        self.self_id: str = app.session.self_id
+        self.signaller = signaller
+        self.token = signaller.token
+        self.counters = counters
+        self.encoder = app.wire.RoomEncoder(self.token)
+        self.bindings: dict[str, Binding] = {}  # by peer id, pending and active
+        self._wire = app.wire
+        self._actions: dict[str, Action] = {}
+        # Messages for action names nobody made yet; LRU by name, each queue bounded.
+        self._unclaimed: OrderedDict[str, deque[tuple[Any, str, Any]]] = OrderedDict()
+        self._join_callbacks: list[PeerCallback] = []
+        self._leave_callbacks: list[PeerCallback] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.left = False
+        self._rtt_task = asyncio.get_running_loop().create_task(self._rtt_loop(), name=f"rtt {room_id}")
+
+    def __repr__(self) -> str:
+        return f"<Room {self.app_id}/{self.room_id} peers={len(self.peers)}{' left' if self.left else ''}>"
+
+    # ------------------------------------------------------------------ public API
+
+    def make_action(self, name: str) -> Action:
+        """The action called ``name`` (at most 32 bytes of UTF-8; names starting with ``@_`` are
+        Trystero's own). Calling it again with the same name returns the same action."""
+        action = self._actions.get(name)
+        if action is not None:
+            return action
+        if name.startswith(self._wire.INTERNAL_PREFIX):
+            raise ValueError(f"action names starting with {self._wire.INTERNAL_PREFIX!r} are reserved")
+        self._wire.LAYOUT.name_field(name)  # ValueError if empty or too long
+        action = self._actions[name] = Action(self, name, self._unclaimed.pop(name, ()))
+        return action
+
+    def on_peer_join(self, callback: PeerCallback) -> PeerCallback:
+        """Call ``callback(peer_id)`` when a peer becomes active (also at once for current ones)."""
+        self._join_callbacks.append(callback)
+        for peer_id, binding in list(self.bindings.items()):
+            if binding.active:
+                _call(callback, peer_id, tasks=self._tasks)
+        return callback
+
+    def on_peer_leave(self, callback: PeerCallback) -> PeerCallback:
+        """Call ``callback(peer_id)`` when an active peer leaves or disconnects."""
+        self._leave_callbacks.append(callback)
+        return callback
+
+    @property
+    def peers(self) -> dict[str, PeerInfo]:
+        """Active peers by id."""
+        return {
+            peer_id: PeerInfo(peer_id, b.joined_at, b.link.last_seen, b.rtt_ms)
+            for peer_id, b in self.bindings.items()
+            if b.active
+        }
+
+    async def ping(self, peer_id: str) -> float:
+        """Round trip to an active peer in milliseconds (Trystero's ``@_ping``/``@_pong``).
+
+        Raises :class:`PeerNotFound`, ``TimeoutError`` after ``timeouts.ping`` seconds, or
+        ``ConnectionError`` if the peer leaves meanwhile.
+        """
+        binding = self.bindings.get(peer_id)
+        if binding is None or not binding.active:
+            raise PeerNotFound(f"no active peer {peer_id!r} in room {self.room_id!r}")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        binding.pong_waiters.append(waiter)
+        start = time.perf_counter()
+        for frame in self.encoder.encode(self._wire.ACTION_PING, ""):
+            binding.link.send_nowait(frame)
+        try:
+            async with asyncio.timeout(self.config.timeouts.ping):
+                await waiter
+        finally:
+            if waiter in binding.pong_waiters:
+                binding.pong_waiters.remove(waiter)
+        rtt = (time.perf_counter() - start) * 1000
+        binding.rtt_ms = rtt
+        return rtt
+
+    @property
+    def relay_states(self) -> dict[str, RelayState]:
+        """State of each relay of this room by URL: connecting, connected, reconnecting, closed."""
+        return self.signaller.relay_states
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters for operations: traffic, and dropped messages by reason."""
+        c = self.counters
+        dropped = {k.removeprefix("dropped."): v for k, v in c.items() if k.startswith("dropped.")}
+        totals = {k: v for k, v in c.items() if not k.startswith("dropped.")}
+        app = self._app
+        app_dropped = {
+            k.removeprefix("dropped."): v for k, v in app.counters.items() if k.startswith("dropped.")
+        }
+        return {
+            "peers": sum(1 for b in self.bindings.values() if b.active),
+            "pending_peers": sum(1 for b in self.bindings.values() if not b.active),
+            **{name: c[name] for name in _STANDARD_COUNTERS},
+            **totals,
+            "dropped": dropped,
+            "app": {
+                "connections": len(app.links),
+                "negotiations": len(app.negotiator.pending),
+                "dropped_peers": app.counters["dropped_peers"],
+                "dropped": app_dropped,
+            },
+        }
+
+    async def leave(self) -> None:
+        """Send ``@_leave`` to the room's peers, then (99 ms later) tear down: presence 0 to
+        every connection, unsubscribe the topics, release relays and connections no room uses."""
+        if self.left:
+            return
+        self.left = True
+        self._rtt_task.cancel()
+        try:
+            await self._app.leave_room(self)
+        finally:
+            for action in self._actions.values():
+                action._close()
+
+    # ------------------------------------------------------------------ for the session
+
+    def deliver(self, name: str, payload: Any, peer_id: str, metadata: Any) -> None:
+        action = self._actions.get(name)
+        if action is not None:
+            action._deliver(payload, peer_id, metadata)
+            return
+        queue = self._unclaimed.get(name)
+        if queue is None:
+            limits = self.config.limits
+            queue = self._unclaimed[name] = deque(maxlen=limits.action_queue)
+            while len(self._unclaimed) > limits.unclaimed_actions:
+                _, dropped = self._unclaimed.popitem(last=False)
+                self.counters["dropped.unclaimed"] += len(dropped)
+        if len(queue) == queue.maxlen:
+            self.counters["dropped.unclaimed"] += 1
+        queue.append((payload, peer_id, metadata))
+
+    def peer_joined(self, peer_id: str) -> None:
+        log.info("peer %s joined room %s", peer_id, self.room_id)
+        for callback in list(self._join_callbacks):
+            _call(callback, peer_id, tasks=self._tasks)
+        self._spawn(self._refresh_rtt(peer_id))
+
+    def peer_left(self, peer_id: str, reason: str) -> None:
+        log.info("peer %s left room %s: %s", peer_id, self.room_id, reason)
+        for callback in list(self._leave_callbacks):
+            _call(callback, peer_id, tasks=self._tasks)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _send(self, name: str, payload: Any, target: str | Iterable[str] | None, metadata: Any) -> None:
+        if self.left:
+            raise RuntimeError(f"room {self.room_id!r} was left")
+        frames = self.encoder.encode(name, payload, NO_METADATA if metadata is None else metadata)
+        links = self._targets(target)
+        if not links:
+            return
+        if len(links) == 1:
+            await links[0].send_frames(frames)
+        else:
+            await asyncio.gather(*(link.send_frames(frames) for link in links))
+        self.counters["bytes_out"] += sum(map(len, frames)) * len(links)
+        self.counters["actions_out"] += len(links)
+
+    def _targets(self, target: str | Iterable[str] | None) -> list[PeerLink]:
+        if target is None:
+            return [b.link for b in self.bindings.values() if b.active]
+        ids = [target] if isinstance(target, str) else list(target)
+        links = []
+        for peer_id in dict.fromkeys(ids):
+            binding = self.bindings.get(peer_id)
+            if binding is None or not binding.active:
+                log.debug("room %s: no active peer %s, not sending to it", self.room_id, peer_id)
+                continue
+            links.append(binding.link)
+        return links
+
+    async def _refresh_rtt(self, peer_id: str) -> None:
+        with contextlib.suppress(PeerNotFound, TimeoutError, ConnectionError):
+            await self.ping(peer_id)
+
+    async def _rtt_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.timeouts.rtt_interval)
+            active = [peer_id for peer_id, b in self.bindings.items() if b.active]
+            if active:
+                await asyncio.gather(*(self._refresh_rtt(peer_id) for peer_id in active))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,565 @@
+"""One Trystero identity: a selfId, shared relays, and one connection per (app id, remote peer).
+
+Structure (spec §2.4, §6.3, §7):
+
+:class:`Session`
+    Owns the selfId (Trystero: one per JS realm), the :class:`~signaling.relay_hub.RelayHub`
+    (one relay per URL for all rooms) and an :class:`AppContext` per app id. ``join_room()`` uses a
+    default session per event loop whose selfId is fixed for the process.
+
+:class:`AppContext` (per app id)
+    The app's rooms (by id and by room token), its :class:`~signaling.strategy.Negotiator`, and
+    its :class:`PeerLink` per remote peer: one RTCPeerConnection shared by every room of the app,
+    rooms told apart by token. When a channel opens we send a presence frame for each of our rooms;
+    a remote's presence frame (or any room frame, or a relay message in one of our rooms) binds that
+    room to the link. A link no room uses is closed after ``idle_connection`` (at once if the app
+    has no rooms left).
+
+:class:`Binding` (per (room, link): a peer in a room)
+    Admission per room (§7): both sides send ``@_hsready`` once their local handshake passed (at
+    once without a password; after the challenge/response with one). The peer becomes *active*
+    (``on_peer_join``) when ours passed and theirs arrived, within ``handshake`` seconds or it is
+    dropped from the room. While pending, only ``@_hsready``/``@_hsdata``/``@_leave`` are accepted.
+    ``@_ping`` is answered with ``@_pong``; ``@_leave`` or presence(0) = the peer left the room; the
+    connection closing = the peer left every room.
+
+Bad input from a peer never raises out of here: a frame the decoder cannot take (FramingError,
+e.g. a never-ending chunk stream past the reassembly caps) drops the connection; a bad JSON
+payload (PayloadError) drops that one message. Both are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import Counter
+from types import ModuleType
+from typing import Any
+
+from signaling import crypto
+from signaling.bounded import LruSet
+from signaling.config import RoomConfig, wire_module
+from signaling.errors import FramingError, HandshakeError, PayloadError
+from signaling.framing import NO_METADATA
+from signaling.peer import ChannelNotOpen, MessageTooLarge, Peer
+from signaling.relay_hub import RelayHub
+from signaling.room import Binding, Room
+from signaling.strategy import Negotiator, RoomSignaller
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PROCESS_SELF_ID",
+    "AppContext",
+    "PeerLink",
+    "Session",
+    "close_default_session",
+    "default_session",
+    "join_room",
+]
+
+SELF_ID_LENGTH = 20
+#: The selfId of every default session in this process (Trystero: one per JS realm).
+PROCESS_SELF_ID = crypto.gen_id(SELF_ID_LENGTH)
+
+
+class PeerLink:
+    """The one connection to one remote peer of one app id, and which of our rooms use it."""
+
+    def __init__(self, app: AppContext, peer_id: str, peer: Peer) -> None:
+        self.app = app
+        self.peer_id = peer_id
+        self.peer = peer
+        limits = app.config.limits
+        self.decoder = app.wire.Decoder(
+            max_action_bytes=limits.max_action_bytes,
+            max_pending=limits.max_pending_actions,
+            max_buffered_bytes=limits.max_buffered_bytes,
+        )
+        self.bindings: dict[str, Binding] = {}  # by room token
+        self.remote_tokens: LruSet[str] = LruSet(limits.max_remote_tokens)
+        self.opened_at = time.time()
+        self.last_seen = self.opened_at
+        self.closed = False
+        self.close_reason = ""
+        self.idle_timer: asyncio.TimerHandle | None = None
+        peer.on_close = self._on_close
+        peer.on_message = self._on_message  # also delivers what arrived before this point
+
+    def __repr__(self) -> str:
+        return f"<PeerLink {self.peer_id} rooms={len(self.bindings)} {'closed' if self.closed else 'open'}>"
+
+    @property
+    def live(self) -> bool:
+        return not self.closed and self.peer.is_open
+
+    def send_nowait(self, frame: bytes) -> bool:
+        """Queue one small frame (control messages); False if the channel is gone."""
+        try:
+            self.peer.send_nowait(frame)
+        except (ChannelNotOpen, MessageTooLarge):
+            return False
+        return True
+
+    async def send_frames(self, frames: list[bytes]) -> bool:
+        """All frames of one send(), in order, with back-pressure; False if the channel closed."""
+        peer = self.peer
+        try:
+            for frame in frames:
+                await peer.send(frame)
+        except (ChannelNotOpen, MessageTooLarge):
+            return False
+        return True
+
+    def _on_message(self, data: bytes | str) -> None:
+        self.last_seen = time.time()
+        try:
+            events = self.decoder.feed(data)
+        except FramingError as exc:
+            self.app.drop_link(self, f"bad frame: {exc}")
+            return
+        except PayloadError as exc:
+            self.app.counters["dropped.bad_payload"] += 1
+            log.info("peer %s: dropped one message: %s", self.peer_id, exc)
+            return
+        size = len(data)
+        for event in events:
+            self.app.on_event(self, event, size)
+
+    def _on_close(self) -> None:
+        self.app.link_closed(self, self.peer.close_reason or "closed")
+
+
+class AppContext:
+    """Rooms, negotiations and connections of one app id within a session."""
+
+    def __init__(self, session: Session, config: RoomConfig) -> None:
+        self.session = session
+        self.app_id = config.app_id
+        self.config = config  # the first room's: ICE settings and limits are per app (shared PCs)
+        self.wire: ModuleType = wire_module(config.wire)
+        self.rooms: dict[str, Room] = {}
+        self.rooms_by_token: dict[str, Room] = {}
+        self.links: dict[str, PeerLink] = {}
+        self.counters: Counter[str] = Counter()
+        self.negotiator = Negotiator(
+            self_id=session.self_id,
+            links=self,
+            limits=config.limits,
+            timeouts=config.timeouts,
+            trickle=config.trickle,
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ rooms
+
+    def add_room(self, config: RoomConfig, room_id: str) -> Room:
+        if config.wire != self.config.wire:
+            raise ValueError(f"app {self.app_id!r} already uses wire {self.config.wire}, not {config.wire}")
+        counters: Counter[str] = Counter()
+        signaller = RoomSignaller(
+            app_id=self.app_id,
+            room_id=room_id,
+            self_id=self.session.self_id,
+            password=config.password,
+            strategy=config.strategy,
+            relay_urls=config.effective_relay_urls,
+            hub=self.session.hub,
+            negotiator=self.negotiator,
+            limits=self.config.limits,
+            timeouts=config.timeouts,
+            counters=counters,
+        )
+        room = Room(self, config, room_id, signaller, counters)
+        self.rooms[room_id] = room
+        self.rooms_by_token[room.token] = room
+        signaller.start()
+        presence = self.wire.encode_presence(room.token, True)
+        for link in list(self.links.values()):
+            link.send_nowait(presence)
+            if room.token in link.remote_tokens:
+                self.bind(link, room)
+        log.info("joined room %s of app %s as %s", room_id, self.app_id, self.session.self_id)
+        return room
+
+    async def leave_room(self, room: Room) -> None:
+        """Trystero's leave: ``@_leave`` to the room's peers, wait 99 ms, then tear down."""
+        if self.rooms.get(room.room_id) is not room:
+            return
+        self.negotiator.drop_room(room.signaller)
+        leave = room.encoder.encode(self.wire.ACTION_LEAVE, "")
+        for binding in list(room.bindings.values()):
+            for frame in leave:
+                binding.link.send_nowait(frame)
+        await asyncio.sleep(room.config.timeouts.leave_grace)
+        for binding in list(room.bindings.values()):
+            self.unbind(binding, "we left", notify=False)
+        del self.rooms[room.room_id]
+        self.rooms_by_token.pop(room.token, None)
+        presence = self.wire.encode_presence(room.token, False)
+        for link in list(self.links.values()):
+            link.send_nowait(presence)
+            if not link.bindings:
+                self._schedule_idle(link)
+        await room.signaller.stop()
+        log.info("left room %s of app %s", room.room_id, self.app_id)
+        if not self.rooms:
+            await self.session.app_done(self)
+
+    async def close(self) -> None:
+        """Close every connection and negotiation (the app has no rooms left)."""
+        await self.negotiator.close()
+        for link in list(self.links.values()):
+            self.drop_link(link, "session closed", quiet=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    # ------------------------------------------------------------------ LinkDirectory (negotiator)
+
+    def is_connected(self, peer_id: str) -> bool:
+        link = self.links.get(peer_id)
+        return link is not None and not link.closed
+
+    def on_signal_from_connected(self, peer_id: str, room: RoomSignaller) -> None:
+        link = self.links.get(peer_id)
+        target = self.rooms_by_token.get(room.token)
+        if link is not None and target is not None and target.token not in link.bindings:
+            self.bind(link, target)
+
+    def can_accept(self) -> bool:
+        return len(self.links) < self.config.limits.max_connections
+
+    def make_peer(self, initiator: bool, peer_id: str) -> Peer:
+        config = self.config
+        return Peer(
+            initiator,
+            ice_servers=config.effective_ice_servers,
+            host_addresses=config.ice_host_addresses,
+            name=f"{self.app_id}/{peer_id}",
+        )
+
+    def on_peer_open(self, peer_id: str, peer: Peer, room: RoomSignaller) -> None:
+        existing = self.links.get(peer_id)
+        if existing is not None and not existing.closed:
+            # Two negotiations raced (e.g. one per room); like Trystero, the first open one wins.
+            self._close_peer(peer, "duplicate connection")
+            target = self.rooms_by_token.get(room.token)
+            if target is not None:
+                self.bind(existing, target)
+            return
+        if not self.can_accept():
+            self.counters["dropped.connection_cap"] += 1
+            self._close_peer(peer, "connection cap")
+            return
+        link = self.links[peer_id] = PeerLink(self, peer_id, peer)
+        log.info("connected to peer %s (app %s, via room %s)", peer_id, self.app_id, room.room_id)
+        for token in self.rooms_by_token:
+            link.send_nowait(self.wire.encode_presence(token, True))
+        target = self.rooms_by_token.get(room.token)
+        if target is not None:
+            self.bind(link, target)
+        if not link.bindings:
+            self._schedule_idle(link)
+
+    # ------------------------------------------------------------------ links
+
+    def drop_link(self, link: PeerLink, reason: str, *, quiet: bool = False) -> None:
+        """Close a connection on purpose (bad input, idle, shutdown)."""
+        if link.closed:
+            return
+        if not quiet:
+            log.warning("dropped peer %s (app %s): %s", link.peer_id, self.app_id, reason)
+            self.counters["dropped_peers"] += 1
+        link.close_reason = reason
+        self._close_peer(link.peer, reason)  # on_close -> link_closed()
+
+    def link_closed(self, link: PeerLink, reason: str) -> None:
+        if link.closed:
+            return
+        link.closed = True
+        reason = link.close_reason or reason
+        if self.links.get(link.peer_id) is link:
+            del self.links[link.peer_id]
+        if link.idle_timer is not None:
+            link.idle_timer.cancel()
+        for binding in list(link.bindings.values()):
+            self.unbind(binding, f"disconnected ({reason})")
+        link.decoder.reset()
+        log.info("connection to peer %s closed (app %s): %s", link.peer_id, self.app_id, reason)
+
+    def _schedule_idle(self, link: PeerLink) -> None:
+        if link.closed or link.bindings:
+            return
+        if not self.rooms:
+            self.drop_link(link, "no rooms left", quiet=True)
+            return
+        if link.idle_timer is None:
+            delay = self.config.timeouts.idle_connection
+            link.idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_expired, link)
+
+    def _idle_expired(self, link: PeerLink) -> None:
+        link.idle_timer = None
+        if not link.bindings:
+            self.drop_link(link, "idle: in none of our rooms", quiet=True)
+
+    def _close_peer(self, peer: Peer, reason: str) -> None:
+        self.spawn(peer.close(reason))
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("app %s: background task failed", self.app_id, exc_info=task.exception())
+
+    # ------------------------------------------------------------------ frames from a link
+
+    def on_event(self, link: PeerLink, event: Any, size: int) -> None:
+        wire = self.wire
+        if isinstance(event, wire.Presence):
+            self._on_presence(link, event.token, event.present)
+            return
+        room = self.rooms_by_token.get(event.token)
+        if room is None:
+            # JS buffers frames for rooms it has not joined yet; we drop them (a peer sends
+            # presence + @_hsready again when we join that room).
+            self.counters["dropped.unknown_room"] += 1
+            return
+        room.counters["bytes_in"] += size
+        if isinstance(event, wire.Progress):
+            return
+        binding = link.bindings.get(event.token) or self.bind(link, room)
+        action = event.action
+        if not binding.active and action not in wire.PENDING_ACTIONS:
+            room.counters["dropped.pending_peer"] += 1
+            return
+        room.counters["actions_in"] += 1
+        if action.startswith(wire.INTERNAL_PREFIX):
+            self._on_internal(binding, action, event.payload, event.metadata)
+            return
+        metadata = None if event.metadata is NO_METADATA else event.metadata
+        room.deliver(action, event.payload, link.peer_id, metadata)
+
+    def _on_presence(self, link: PeerLink, token: str, present: bool) -> None:
+        if present:
+            link.remote_tokens.add(token)
+            room = self.rooms_by_token.get(token)
+            if room is not None:
+                self.bind(link, room)
+            return
+        link.remote_tokens.discard(token)
+        binding = link.bindings.get(token)
+        if binding is not None:
+            self.unbind(binding, "left the room")
+
+    def _on_internal(self, binding: Binding, action: str, payload: Any, metadata: Any) -> None:
+        wire = self.wire
+        room = binding.room
+        if action == wire.ACTION_PING:
+            self._send_control(binding, wire.ACTION_PONG, "")
+        elif action == wire.ACTION_PONG:
+            while binding.pong_waiters:
+                waiter = binding.pong_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+        elif action == wire.ACTION_HSREADY:
+            binding.remote_ready = True
+            self._maybe_activate(binding)
+        elif action == wire.ACTION_HSDATA:
+            self._on_hsdata(binding, payload)
+        elif action == wire.ACTION_LEAVE:
+            self.unbind(binding, "left the room")
+        else:
+            # @_signal (media renegotiation), @_stream, @_track, @_response: nothing to do for a
+            # data-only peer without request actions.
+            room.counters["dropped.unsupported_internal"] += 1
+
+    # ------------------------------------------------------------------ admission
+
+    def bind(self, link: PeerLink, room: Room) -> Binding:
+        """Put ``link``'s peer into ``room`` as pending and start the admission handshake."""
+        binding = link.bindings.get(room.token)
+        if binding is not None:
+            return binding
+        binding = Binding(room, link)
+        link.bindings[room.token] = binding
+        room.bindings[link.peer_id] = binding
+        if link.idle_timer is not None:
+            link.idle_timer.cancel()
+            link.idle_timer = None
+        loop = asyncio.get_running_loop()
+        binding.timer = loop.call_later(room.config.timeouts.handshake, self._handshake_expired, binding)
+        wire = self.wire
+        if not room.config.password:
+            binding.local_passed = True
+            self._send_control(binding, wire.ACTION_HSREADY, "")
+        elif wire.is_handshake_initiator(self.session.self_id, link.peer_id):
+            binding.challenge = crypto.gen_id(wire.CHALLENGE_LENGTH)
+            self._send_control(binding, wire.ACTION_HSDATA, wire.pw_challenge(binding.challenge))
+        log.debug("peer %s pending in room %s", link.peer_id, room.room_id)
+        return binding
+
+    def unbind(self, binding: Binding, reason: str, *, notify: bool = True) -> None:
+        """The peer is no longer in the room (left, failed admission, or disconnected)."""
+        link, room = binding.link, binding.room
+        if link.bindings.get(room.token) is not binding:
+            return
+        del link.bindings[room.token]
+        if room.bindings.get(link.peer_id) is binding:
+            del room.bindings[link.peer_id]
+        if binding.timer is not None:
+            binding.timer.cancel()
+            binding.timer = None
+        for waiter in binding.pong_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(f"peer {link.peer_id} {reason}"))
+        binding.pong_waiters.clear()
+        link.decoder.forget_room(room.token)
+        if binding.active and notify:
+            room.peer_left(link.peer_id, reason)
+        elif not binding.active:
+            log.debug("peer %s removed from room %s before admission: %s", link.peer_id, room.room_id, reason)
+        if not link.closed and not link.bindings:
+            self._schedule_idle(link)
+
+    def _send_control(self, binding: Binding, action: str, payload: Any) -> None:
+        for frame in binding.room.encoder.encode(action, payload):
+            if not binding.link.send_nowait(frame):
+                return
+
+    def _on_hsdata(self, binding: Binding, payload: Any) -> None:
+        room, wire = binding.room, self.wire
+        password = room.config.password
+        if binding.local_passed or not password:
+            return  # nothing (more) expected; JS ignores it the same way
+        try:
+            if binding.challenge is not None:
+                wire.check_pw_response(payload, binding.challenge, password, self.app_id, room.room_id)
+            else:
+                challenge = wire.parse_pw_challenge(payload)
+                self._send_control(
+                    binding,
+                    wire.ACTION_HSDATA,
+                    wire.pw_response(challenge, password, self.app_id, room.room_id),
+                )
+        except HandshakeError as exc:
+            room.counters["dropped.handshake_failed"] += 1
+            log.warning(
+                "dropped peer %s from room %s: handshake failed: %s", binding.link.peer_id, room.room_id, exc
+            )
+            self.unbind(binding, f"handshake failed: {exc}")
+            return
+        binding.local_passed = True
+        self._send_control(binding, wire.ACTION_HSREADY, "")
+        self._maybe_activate(binding)
+
+    def _maybe_activate(self, binding: Binding) -> None:
+        if binding.active or not (binding.local_passed and binding.remote_ready):
+            return
+        binding.active = True
+        binding.joined_at = time.time()
+        if binding.timer is not None:
+            binding.timer.cancel()
+            binding.timer = None
+        binding.room.peer_joined(binding.link.peer_id)
+
+    def _handshake_expired(self, binding: Binding) -> None:
+        binding.timer = None
+        if binding.active or binding.link.bindings.get(binding.room.token) is not binding:
+            return
+        room = binding.room
+        room.counters["dropped.handshake_timeout"] += 1
+        log.warning(
+            "dropped peer %s from room %s: handshake timed out after %.0f s",
+            binding.link.peer_id,
+            room.room_id,
+            room.config.timeouts.handshake,
+        )
+        self.unbind(binding, "handshake timed out")
+
+
+class Session:
+    """A Trystero identity (selfId) with its relays, rooms and connections. Create it inside a
+    running event loop; ``await close()`` when done."""
+
+    def __init__(self, self_id: str | None = None) -> None:
+        self.self_id = self_id or crypto.gen_id(SELF_ID_LENGTH)
+        self.hub = RelayHub()
+        self.apps: dict[str, AppContext] = {}
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Session {self.self_id} apps={list(self.apps)}>"
+
+    def join(self, config: RoomConfig, room_id: str) -> Room:
+        """Join ``room_id`` (or return the room if already joined). Returns at once."""
+        if self._closed:
+            raise RuntimeError("session is closed")
+        if not isinstance(room_id, str) or not room_id:
+            raise ValueError("room_id must be a non-empty string")
+        app = self.apps.get(config.app_id)
+        if app is None:
+            app = self.apps[config.app_id] = AppContext(self, config)
+        room = app.rooms.get(room_id)
+        if room is not None:
+            return room
+        return app.add_room(config, room_id)
+
+    def rooms(self) -> list[Room]:
+        return [room for app in self.apps.values() for room in app.rooms.values()]
+
+    def links(self, app_id: str) -> dict[str, PeerLink]:
+        """Open connections of an app id by remote peer id (diagnostics and tests)."""
+        app = self.apps.get(app_id)
+        return dict(app.links) if app is not None else {}
+
+    async def app_done(self, app: AppContext) -> None:
+        if self.apps.get(app.app_id) is app and not app.rooms:
+            del self.apps[app.app_id]
+            await app.close()
+
+    async def close(self) -> None:
+        """Leave every room (with Trystero's ``@_leave``), then close relays and connections."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.gather(*(room.leave() for room in self.rooms()), return_exceptions=True)
+        for app in list(self.apps.values()):
+            await app.close()
+        self.apps.clear()
+        await self.hub.close()
+
+
+_default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Session] = weakref.WeakKeyDictionary()
+
+
+def default_session() -> Session:
+    """The session ``join_room`` uses: one per event loop, all with :data:`PROCESS_SELF_ID`."""
+    loop = asyncio.get_running_loop()
+    session = _default_sessions.get(loop)
+    if session is None or session._closed:
+        session = _default_sessions[loop] = Session(PROCESS_SELF_ID)
+    return session
+
+
+async def close_default_session() -> None:
+    """Close this loop's default session, if any (tests, orderly shutdown)."""
+    session = _default_sessions.pop(asyncio.get_running_loop(), None)
+    if session is not None:
+        await session.close()
+
+
+def join_room(config: RoomConfig, room_id: str, *, session: Session | None = None) -> Room:
+    """Join a room like Trystero's ``joinRoom(config, roomId)``; call inside a running loop.
+
+    Returns at once; relays connect and peers join in the background.
+    """
+    return (session or default_session()).join(config, room_id)
