@@ -3,9 +3,10 @@
 ``Service`` is the generic part: free-port selection, start with a readiness check, stop/kill
 that wait for the process to exit, and restart on the *same* ports (waiting until the old
 listener is really gone, so a dying server cannot answer the readiness probe; see pitfall 3 of
-the interop harness README). Subclasses provide the command line and any config files;
-``Mosquitto`` is the first one. Everything here is synchronous: start/stop take milliseconds
-and tests may call them directly from async code.
+the interop harness README). Subclasses provide the command line and any config files:
+``Mosquitto`` (MQTT broker) and ``NostrRelay`` (NIP-01 relay, PyPI ``nostr-relay``). Everything
+here is synchronous: start/stop take milliseconds to ~2 s and tests may call them directly from
+async code.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Self, TypeVar
+from typing import IO, Any, Self, TypeVar
 
 LOOPBACK = "127.0.0.1"
 
@@ -404,6 +407,97 @@ class Mosquitto(Service):
             assert self.tls is not None
             lines += [f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
         return lines
+
+
+class NostrRelay(Service):
+    """A real NIP-01 relay on 127.0.0.1: PyPI ``nostr-relay`` 1.14 (falcon + uvicorn + SQLite),
+    installed by the project's ``test`` extra.
+
+    It relays ephemeral events (kinds 20000-29999) to live subscriptions matching ``kinds``,
+    ``since`` and ``#x``, which is all Trystero uses. Unlike most public relays it also keeps
+    them in SQLite until its garbage collector runs (300 s), so a later REQ whose ``since``
+    covers them gets them replayed; the database is removed before every start, as a restarted
+    relay has no ephemeral events.
+
+    ``verify=False`` drops the signature/id validator, so events with bad signatures or ids are
+    relayed like any other (to test that clients check them). ``rate_limits`` takes the relay's
+    own syntax, e.g. ``{"ip": {"EVENT": "2/s"}}``; it then answers
+    ``["OK",id,false,"rate-limited: slow down"]`` (and sleeps a little before answering).
+    """
+
+    name = "nostr-relay"
+    port_names = ("ws",)
+    database = "nostr.sqlite3"
+
+    def __init__(
+        self,
+        workdir: Path | str | None = None,
+        *,
+        verify: bool = True,
+        rate_limits: dict[str, dict[str, str]] | None = None,
+        max_event_size: int = 65536,
+        executable: str | None = None,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        # The console script sits next to the interpreter running the tests (the project venv).
+        found = executable or find_executable("nostr-relay", str(Path(sys.executable).parent))
+        if found is None:
+            raise ServiceNotInstalled(
+                "nostr-relay is not installed; install the test extra: pip install -e '.[test]'"
+            )
+        self.executable = found
+        self.verify = verify
+        self.rate_limits = rate_limits
+        self.max_event_size = max_event_size
+        super().__init__(workdir, startup_timeout=startup_timeout)
+        self.config_path = self.workdir / "nostr-relay.yaml"
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.ports['ws']}/"
+
+    def command(self) -> list[str]:
+        return [self.executable, "-c", str(self.config_path), "serve", "--use-uvicorn"]
+
+    def prepare(self) -> None:
+        (self.workdir / self.database).unlink(missing_ok=True)
+        validators = ["nostr_relay.validators.is_not_too_large"]
+        if self.verify:
+            validators.append("nostr_relay.validators.is_signed")
+        config: dict[str, Any] = {
+            "DEBUG": False,
+            "relay_name": "p2pdiff test relay",
+            "max_event_size": self.max_event_size,
+            "storage": {
+                "sqlalchemy.url": f"sqlite+aiosqlite:///{self.database}",
+                "validators": validators,
+            },
+            # run_with_uvicorn() hands this section to uvicorn.Config. A short graceful shutdown:
+            # uvicorn otherwise waits for every open WebSocket before exiting on SIGTERM.
+            "gunicorn": {
+                "bind": f"{self.host}:{self.ports['ws']}",
+                "log_level": "warning",
+                "timeout_graceful_shutdown": 1,
+            },
+            "verification": {"nip05_verification": "disabled"},
+            "authentication": {"enabled": False},
+            "logging": {
+                "version": 1,
+                "formatters": {"plain": {"format": "%(asctime)s %(name)s %(levelname)s %(message)s"}},
+                "handlers": {
+                    "out": {
+                        "class": "logging.StreamHandler",
+                        "formatter": "plain",
+                        "stream": "ext://sys.stderr",
+                    }
+                },
+                "root": {"level": "INFO", "handlers": ["out"]},
+            },
+        }
+        if self.rate_limits:
+            config["rate_limits"] = self.rate_limits
+        # JSON is YAML, so no YAML writer is needed here.
+        self.config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 S = TypeVar("S", bound=Service)

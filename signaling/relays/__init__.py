@@ -2,14 +2,19 @@
 
 from .base import Backoff, MessageCallback, Relay, RelayState, StateCallback
 from .mqtt import BrokerAddress, MqttRelay, parse_broker_url
+from .nostr import NostrKeys, NostrRelay, default_relays, default_relays_022
 
 __all__ = [
     "Backoff",
     "BrokerAddress",
     "MessageCallback",
     "MqttRelay",
+    "NostrKeys",
+    "NostrRelay",
     "Relay",
     "RelayState",
     "StateCallback",
+    "default_relays",
+    "default_relays_022",
     "parse_broker_url",
 ]
