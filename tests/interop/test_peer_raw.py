@@ -345,6 +345,8 @@ async def test_connect_and_echo(
     await inbox.wait_for(lambda: len(inbox.items) >= 1 + len(samples))
     assert inbox.items[1:] == samples
     assert all(isinstance(x, bytes) for x in inbox.items[1:])
+    # Node logs each message before echoing it, but its stdout may be read after the echo arrived.
+    await node.wait_event("msg", lambda e: e["kind"] == "binary" and e["bytes"] == 0)
     node_msgs = [e for e in node.events if e["ev"] == "msg" and e["kind"] == "binary"]
     assert [bytes.fromhex(e["hex"]) for e in node_msgs] == samples
 
