@@ -12,6 +12,7 @@ from aiohttp import web
 from p2pdiff.api import VERSION
 from p2pdiff.app import create_app
 from p2pdiff.config import ConfigError, load_config, redacted
+from p2pdiff.logs import AccessLogger, setup_logging
 from p2pdiff.store import StoreError
 
 
@@ -40,18 +41,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(json.dumps(redacted(config), indent=2))
         return 0
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(config.server.log_level, config.server.log_format)
     log = logging.getLogger("p2pdiff")
     log.info("starting p2pdiff %s on http://%s:%d", VERSION, config.server.host, config.server.port)
+    server = config.server
+    # Whether a token is set, never the token: secrets stay out of logs.
+    log.info(
+        "admin token %s%s; POST rate limit %s",
+        "set" if server.admin_token else "not set (mutating routes are open)",
+        ", also for POST /api/queue" if server.queue_requires_token else "",
+        f"{server.rate_limit_per_second:g}/s, burst {server.rate_limit_burst}"
+        if server.rate_limit_per_second > 0
+        else "off",
+    )
     try:
         web.run_app(
             create_app(config),
             host=config.server.host,
             port=config.server.port,
             access_log=logging.getLogger("aiohttp.access") if config.server.access_log else None,
+            access_log_class=AccessLogger,
+            # SIGTERM/SIGINT: stop listening, give open requests this long, then run the cleanup
+            # contexts (the helper leaves its rooms, the store commits and closes); exit code 0.
+            shutdown_timeout=config.server.shutdown_timeout_seconds,
             print=None,
         )
     except StoreError as exc:
@@ -60,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"p2pdiff: cannot listen on {config.server.host}:{config.server.port}: {exc}", file=sys.stderr)
         return 1
+    log.info("stopped")
     return 0
 
 

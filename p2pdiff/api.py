@@ -6,7 +6,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -17,7 +17,7 @@ from p2pdiff import validate
 from p2pdiff.config import Config
 from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from p2pdiff.helper import Helper, p2p_available
-from p2pdiff.keys import CONFIG, HELPER, QUEUE, STARTED_AT
+from p2pdiff.keys import CONFIG, EVENTS, HELPER, QUEUE, STARTED_AT
 from p2pdiff.queue import QueueManager, Room, Task
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,10 @@ def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awai
     return middleware
 
 
-def middlewares(config: Config) -> list[Any]:
-    # CORS outermost, so error responses carry CORS headers and browsers can read them.
-    return [cors_middleware(config.server.cors_origins), error_middleware]
+def middlewares(config: Config, *, inner: Sequence[Any] = ()) -> list[Any]:
+    # CORS outermost, so error responses (and refusals from ``inner`` middlewares, e.g. a missing
+    # admin token) carry CORS headers and browsers can read them.
+    return [cors_middleware(config.server.cors_origins), *inner, error_middleware]
 
 
 # -- handlers -----------------------------------------------------------------------------------
@@ -193,6 +194,7 @@ async def stats(request: web.Request) -> web.Response:
             "requeues": totals["requeues"],
             "waitSeconds": totals["waitSeconds"],
             "runSeconds": totals["runSeconds"],
+            "events": request.app[EVENTS].stats(),
         }
     )
 

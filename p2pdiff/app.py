@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from p2pdiff import api
+from p2pdiff import api, dashboard, metrics, observe, openapi, security, sse
 from p2pdiff.config import Config
 from p2pdiff.errors import Unavailable
+from p2pdiff.events import EventBus
 from p2pdiff.helper import Helper, make_helper
-from p2pdiff.keys import CONFIG, HELPER, QUEUE, STARTED_AT, STORE
+from p2pdiff.keys import CONFIG, EVENTS, HELPER, QUEUE, STARTED_AT, STORE
 from p2pdiff.queue import QueueManager
 from p2pdiff.store import Store
 
@@ -90,14 +91,32 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _log_shutdown(app: web.Application) -> None:
+    # on_shutdown runs once the listening sockets are closed, before open requests are waited for.
+    log.info("shutting down: no new connections; finishing open requests, then leaving rooms")
+
+
 def create_app(config: Config, *, helper: Helper | None = None) -> web.Application:
-    app = web.Application(client_max_size=api.MAX_BODY_BYTES, middlewares=api.middlewares(config))
+    guard = security.Guard(config.server)
+    http_metrics = metrics.HttpMetrics()
+    app = web.Application(
+        client_max_size=api.MAX_BODY_BYTES,
+        middlewares=api.middlewares(config, inner=[observe.request_middleware(http_metrics, guard)]),
+    )
     store = Store(config.store.path, synchronous=config.store.synchronous)
+    bus = EventBus(backlog=config.server.sse_backlog, max_subscribers=config.server.sse_max_clients)
     app[CONFIG] = config
     app[STORE] = store
-    app[QUEUE] = QueueManager(store, lease_seconds=config.queue.lease_seconds)
+    app[EVENTS] = bus
+    app[QUEUE] = QueueManager(store, lease_seconds=config.queue.lease_seconds, publish=bus.publish)
     app[HELPER] = helper if helper is not None else make_helper(config.p2p)
+    app[HELPER].attach(bus.publish)
     app[STARTED_AT] = time.time()
     app.cleanup_ctx.extend([_store_ctx, _helper_ctx, _background_ctx])
     api.add_routes(app)
+    sse.setup(app)
+    dashboard.setup(app)
+    openapi.add_routes(app)
+    metrics.add_routes(app, metrics.Metrics(app[QUEUE], app[HELPER], guard, http_metrics))
+    app.on_shutdown.append(_log_shutdown)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -34,6 +35,30 @@ class ServerConfig:
     default_room: str = "default"
     log_level: str = "info"
     access_log: bool = True
+    # "json": one JSON object per line (for journald/Docker log shippers); "text": for a terminal.
+    log_format: str = "json"
+    # When set, mutating routes need "Authorization: Bearer <token>". A secret: masked everywhere.
+    admin_token: str = ""
+    # POST /api/queue is open by default (browsers submit tasks); true makes it need the token too.
+    queue_requires_token: bool = False
+    # Token bucket per client on POST routes; 0 turns the limit off.
+    rate_limit_per_second: float = 10.0
+    rate_limit_burst: int = 60
+    # Behind a reverse proxy, the header carrying the client address (e.g. "X-Forwarded-For" or
+    # "X-Real-IP"). Empty = use the socket's peer address; set it only if every request comes through
+    # the proxy, since clients can write the header themselves.
+    trusted_proxy_header: str = ""
+    # On SIGTERM: how long requests in flight get before they are cut. Handlers take milliseconds and
+    # event streams end at once; what waits this long is an upload stuck mid-body (aiohttp reads
+    # nothing more once shutdown began, so it can never finish).
+    shutdown_timeout_seconds: float = 3.0
+    # GET /api/events (Server-Sent Events): a comment this often keeps idle streams and proxies alive;
+    # the newest sse_backlog events can be resumed (Last-Event-ID); a client more than
+    # sse_client_buffer events behind is disconnected; at most sse_max_clients streams at once.
+    sse_heartbeat_seconds: float = 15.0
+    sse_backlog: int = 1000
+    sse_client_buffer: int = 256
+    sse_max_clients: int = 256
 
 
 @dataclass(slots=True)
@@ -74,6 +99,7 @@ class Config:
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "log_level"): ("debug", "info", "warning", "error"),
+    ("server", "log_format"): ("json", "text"),
     ("store", "synchronous"): ("full", "normal"),
     ("p2p", "strategy"): ("mqtt", "nostr", "torrent"),
 }
@@ -189,6 +215,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("[queue] retention_hours: must be > 0")
     if config.queue.sweep_interval_seconds <= 0:
         raise ConfigError("[queue] sweep_interval_seconds: must be > 0")
+    for key in ("sse_heartbeat_seconds", "sse_backlog", "sse_client_buffer", "sse_max_clients"):
+        if getattr(config.server, key) <= 0:
+            raise ConfigError(f"[server] {key}: must be > 0")
+    _validate_security(config)
     if not config.server.cors_origins:
         raise ConfigError('[server] cors_origins: must list at least one origin (use "*" for any)')
     # Imported here: validate.py needs nothing from config, and config needs only this one rule.
@@ -200,6 +230,31 @@ def _validate(config: Config) -> None:
         problem = check_room_id(room)
         if problem:
             raise ConfigError(f"{where}: {problem}")
+
+
+MIN_ADMIN_TOKEN_CHARS = 16
+_HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def _validate_security(config: Config) -> None:
+    server = config.server
+    token = server.admin_token
+    # Never echo the token itself in these messages: they end up in logs and terminals.
+    if token and (len(token) < MIN_ADMIN_TOKEN_CHARS or token != token.strip()):
+        raise ConfigError(
+            f"[server] admin_token: must be at least {MIN_ADMIN_TOKEN_CHARS} characters without "
+            "surrounding spaces (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if server.queue_requires_token and not token:
+        raise ConfigError("[server] queue_requires_token: needs [server] admin_token to be set")
+    if server.rate_limit_per_second < 0:
+        raise ConfigError("[server] rate_limit_per_second: must be >= 0 (0 turns the limit off)")
+    if server.rate_limit_burst < 1:
+        raise ConfigError("[server] rate_limit_burst: must be >= 1")
+    if server.trusted_proxy_header and not _HEADER_NAME_RE.fullmatch(server.trusted_proxy_header):
+        raise ConfigError("[server] trusted_proxy_header: not a valid HTTP header name")
+    if not 0 < server.shutdown_timeout_seconds <= 60:
+        raise ConfigError("[server] shutdown_timeout_seconds: must be > 0 and <= 60")
 
 
 def load_config(
@@ -225,9 +280,23 @@ def load_config(
     return config
 
 
+# Keys whose values never leave the process: masked by redacted(), never logged, never in /api/health.
+SECRETS = (("server", "admin_token"), ("p2p", "password"))
+# scheme://user:password@ -> scheme://user:***@
+_URL_PASSWORD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^@/]*@")
+
+
 def redacted(config: Config) -> dict[str, Any]:
     """The config as a dict with secrets masked, for logs and --check-config."""
     data = dataclasses.asdict(config)
-    if data["p2p"]["password"]:
-        data["p2p"]["password"] = "***"
+    for section, key in SECRETS:
+        if data[section][key]:
+            data[section][key] = "***"
+    # Relay and TURN URLs may carry credentials (mqtt://user:secret@host).
+    for key in ("relay_urls", "ice_servers"):
+        data["p2p"][key] = [mask_url(url) for url in data["p2p"][key]]
     return data
+
+
+def mask_url(url: str) -> str:
+    return _URL_PASSWORD_RE.sub(r"\1***@", url)

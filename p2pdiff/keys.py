@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from p2pdiff.config import Config
+from p2pdiff.events import EventBus
 from p2pdiff.helper import Helper
 from p2pdiff.queue import QueueManager
 from p2pdiff.store import Store
@@ -14,3 +15,4 @@ STORE = web.AppKey("store", Store)
 QUEUE = web.AppKey("queue", QueueManager)
 HELPER = web.AppKey("helper", Helper)
 STARTED_AT = web.AppKey("started_at", float)
+EVENTS = web.AppKey("events", EventBus)

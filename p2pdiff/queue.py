@@ -2,6 +2,8 @@
 
 Plain synchronous methods, no HTTP and no network. Each mutation is written to the store inside its
 open transaction; callers ``await queue.flush()`` to make it durable before they answer anyone.
+Each state change is also handed to an injected ``publish`` callback (the event bus), so live views
+see exactly the changes this module makes and nothing else has to know the rules.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pdiff import events
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
 from p2pdiff.store import Store, StoreError
 from p2pdiff.validate import NewTask, TaskUpdate
@@ -47,6 +50,17 @@ ACTION_TARGET = {
     "requeue": PENDING,
     "cancel": CANCELLED,
     "expire": PENDING,
+}
+
+# The event each action publishes (requeue and lease expiry both announce a requeue, with a reason).
+ACTION_EVENT = {
+    "claim": events.TASK_CLAIMED,
+    "progress": events.TASK_PROGRESS,
+    "complete": events.TASK_COMPLETE,
+    "fail": events.TASK_FAILED,
+    "requeue": events.TASK_REQUEUED,
+    "cancel": events.TASK_CANCELLED,
+    "expire": events.TASK_REQUEUED,
 }
 
 # Response caches per room are keyed by query; a handful of distinct queries is normal.
@@ -161,10 +175,18 @@ def _timing(values: list[float]) -> dict[str, Any]:
 
 
 class QueueManager:
-    def __init__(self, store: Store, *, lease_seconds: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        lease_seconds: float,
+        clock: Callable[[], float] = time.time,
+        publish: events.Publish | None = None,
+    ) -> None:
         self.store = store
         self.lease_seconds = lease_seconds
         self.clock = clock
+        self.publish = publish
         self.rooms: dict[str, Room] = {}
         self._seq = 0
         self.requeues = 0
@@ -198,9 +220,20 @@ class QueueManager:
             # Memory ran ahead of the disk: go back to what was last committed, and tell the caller.
             log.error("%s; reloading queue from the store", exc)
             self.load()
+            self._emit(events.QUEUE_RELOADED, None, {"reason": "store_error"})
             raise Unavailable(
                 "the task store could not save the change; try again", code="store_error"
             ) from exc
+
+    def _emit(self, type: str, room_id: str | None, data: dict[str, Any]) -> None:
+        if self.publish is not None:
+            self.publish(type, room_id, data)
+
+    def _emit_task(self, action: str, task: Task, position: int | None = None) -> None:
+        data: dict[str, Any] = {"task": task.to_json(position)}
+        if action in ("requeue", "expire"):
+            data["reason"] = "lease_expired" if action == "expire" else "requeue"
+        self._emit(ACTION_EVENT[action], task.room_id, data)
 
     def _room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
@@ -340,6 +373,7 @@ class QueueManager:
         room.counts[PENDING] += 1
         self._touch(room, now)
         self.store.save_task(task)
+        self._emit(events.TASK_CREATED, room_id, {"task": task.to_json(room.counts[PENDING])})
         return AddResult(task, room.counts[PENDING], created=True)
 
     def update(self, room_id: str, task_id: str, update: TaskUpdate) -> Task:
@@ -368,6 +402,7 @@ class QueueManager:
             task.error = update.error
         self._touch(room, now)
         self.store.save_task(task)
+        self._emit_task(update.action, task, room.position(task) if task.status == PENDING else None)
         return task
 
     def cancel(self, room_id: str, task_id: str) -> Task:
@@ -378,6 +413,7 @@ class QueueManager:
         self._set_status(room, task, "cancel", now)
         self._touch(room, now)
         self.store.save_task(task)
+        self._emit_task("cancel", task)
         return task
 
     def expire_leases(self) -> list[Task]:
@@ -395,6 +431,8 @@ class QueueManager:
             if stale:
                 self._touch(room, now)
                 expired.extend(stale)
+                for task in stale:
+                    self._emit_task("expire", task, room.position(task))
         return expired
 
     def sweep(self, retention_hours: float) -> int:
@@ -414,6 +452,7 @@ class QueueManager:
                 room.version += 1
                 room.views.clear()
                 removed += len(gone)
+                self._emit(events.TASKS_PRUNED, room.id, {"count": len(gone)})
             if not room.tasks and not room.helper_joined:
                 del self.rooms[room.id]
                 self.store.delete_room(room.id)
@@ -425,3 +464,4 @@ class QueueManager:
             return
         room.helper_joined = joined
         self._touch(room, now_ms(self.clock))
+        self._emit(events.HELPER_JOINED if joined else events.HELPER_LEFT, room_id, {"roomId": room_id})

@@ -30,6 +30,8 @@ class ServerProcess:
             "P2PDIFF_SERVER_HOST": "127.0.0.1",
             # No default public relays from tests: P2P tests pass local relay URLs explicitly.
             "P2PDIFF_P2P_ENABLED": "false",
+            # Tests and benchmarks load the server from one address; rate limit tests set their own.
+            "P2PDIFF_SERVER_RATE_LIMIT_PER_SECOND": "0",
             **(env or {}),
         }
         self.args = args or []
