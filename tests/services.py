@@ -4,7 +4,8 @@
 that wait for the process to exit, and restart on the *same* ports (waiting until the old
 listener is really gone, so a dying server cannot answer the readiness probe; see pitfall 3 of
 the interop harness README). Subclasses provide the command line and any config files:
-``Mosquitto`` (MQTT broker) and ``NostrRelay`` (NIP-01 relay, PyPI ``nostr-relay``). Everything
+``Mosquitto`` (MQTT broker), ``NostrRelay`` (NIP-01 relay, PyPI ``nostr-relay``) and ``Tracker``
+(WebTorrent tracker, npm ``bittorrent-tracker`` via ``tests/interop/tracker.mjs``). Everything
 here is synchronous: start/stop take milliseconds to ~2 s and tests may call them directly from
 async code.
 """
@@ -498,6 +499,83 @@ class NostrRelay(Service):
             config["rate_limits"] = self.rate_limits
         # JSON is YAML, so no YAML writer is needed here.
         self.config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+INTEROP_DIR = Path(__file__).resolve().parent / "interop"
+
+
+class Tracker(Service):
+    """A real WebTorrent tracker on 127.0.0.1: npm ``bittorrent-tracker`` 11.x (what Trystero's
+    torrent peers were verified against), WebSocket only, launched by ``tests/interop/tracker.mjs``
+    from the pinned ``tests/interop/node_modules`` (``npm ci`` there; the package.json override
+    keeps npm from fetching a second node-datachannel, harness README pitfall 1).
+
+    ``interval_ms`` is the server's ``interval`` option: WebSocket clients are told
+    ``ceil(interval_ms / 5000)`` seconds (the default 600000 gives ``"interval":120``).
+    ``log_frames=True`` records every frame clients send (:meth:`frames`), byte for byte.
+    ``stop()`` closes client sockets with 1001 first (a graceful restart); ``kill()`` is a crash.
+    A restarted tracker has empty swarms, as a real one.
+    """
+
+    name = "bittorrent-tracker"
+    port_names = ("ws",)
+    ready_marker = "TRACKER_READY "
+
+    def __init__(
+        self,
+        workdir: Path | str | None = None,
+        *,
+        interval_ms: int | None = None,
+        log_frames: bool = False,
+        node: str | None = None,
+        startup_timeout: float = 15.0,
+    ) -> None:
+        found = node or shutil.which("node")
+        if found is None:
+            raise ServiceNotInstalled("node is not installed (the bittorrent-tracker service needs it)")
+        if not (INTEROP_DIR / "node_modules" / "bittorrent-tracker").is_dir():
+            raise ServiceNotInstalled(
+                "bittorrent-tracker is not installed; run `npm ci` in tests/interop (or `make` its target)"
+            )
+        self.node = found
+        self.interval_ms = interval_ms
+        self.log_frames = log_frames
+        super().__init__(workdir, startup_timeout=startup_timeout)
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.ports['ws']}"
+
+    def command(self) -> list[str]:
+        cmd = [self.node, str(INTEROP_DIR / "tracker.mjs"), "--port", str(self.ports["ws"])]
+        if self.interval_ms is not None:
+            cmd += ["--interval", str(self.interval_ms)]
+        if self.log_frames:
+            cmd += ["--log-frames", "1"]
+        return cmd
+
+    def ready(self) -> bool:
+        # The port alone is not enough: the marker must come from *this* run (the log is appended
+        # to across restarts, each run after a "--- start" line written by _spawn).
+        current_run = self.log_text().rpartition("--- start ")[2]
+        return self.ready_marker in current_run and super().ready()
+
+    def frames(self) -> list[str]:
+        """Raw frames clients sent, oldest first, across restarts (needs ``log_frames=True``)."""
+        prefix = "FRAME "
+        return [line[len(prefix) :] for line in self.log_text().splitlines() if line.startswith(prefix)]
+
+    def announces(self) -> list[dict[str, Any]]:
+        """:meth:`frames` parsed (frames that are not JSON objects are skipped)."""
+        parsed = []
+        for frame in self.frames():
+            try:
+                value = json.loads(frame)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                parsed.append(value)
+        return parsed
 
 
 S = TypeVar("S", bound=Service)
