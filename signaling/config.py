@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import ModuleType
 from typing import Any
 
@@ -91,10 +91,14 @@ class Limits:
     #: Candidates held for an offer we have not seen yet: keys (LRU) and candidates per key.
     early_candidate_keys: int = 32
     early_candidates_per_key: int = 16
-    #: Per remote peer reassembly caps (signaling.wire.v025.Decoder); passing one drops the peer.
-    max_action_bytes: int = 64 * 1024 * 1024
+    #: Per remote peer reassembly caps (signaling.wire.v025.Decoder): one message, unfinished
+    #: messages, bytes held by them. Passing one drops the peer.
+    max_action_bytes: int = 32 * 1024 * 1024
     max_pending_actions: int = 32
-    max_buffered_bytes: int = 96 * 1024 * 1024
+    max_buffered_bytes: int = 48 * 1024 * 1024
+    #: Bytes held in unfinished messages by all peers of an app together; the peer whose chunk
+    #: passes it is dropped.
+    max_total_buffered_bytes: int = 256 * 1024 * 1024
     #: Room tokens a peer may announce via presence frames (LRU).
     max_remote_tokens: int = 64
     #: Messages kept per action while nobody listens (Trystero replays them to a late handler),
@@ -102,11 +106,14 @@ class Limits:
     action_queue: int = 256
     #: Distinct unregistered action names with queued messages per room (LRU).
     unclaimed_actions: int = 16
+    #: Bytes of received messages waiting for a consumer (the queues above) per room; past it
+    #: the oldest messages of the queue being added to are dropped.
+    max_queued_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in self.__slots__:  # type: ignore[attr-defined]
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Limits.{name} must be positive")
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"Limits.{f.name} must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +135,14 @@ class Timeouts:
     ping: float = 10.0
     #: How often every active peer is pinged to keep ``PeerInfo.rtt_ms`` fresh.
     rtt_interval: float = 20.0
+    #: A connection silent this long is pinged (at most this often, via a room where the peer
+    #: is active) ...
+    keepalive: float = 5.0
+    #: ... and dropped once silent this long. aiortc has no ``disconnected`` state and its ICE
+    #: consent check needs ~30 s to notice a vanished peer (Trystero: ~5-10 s). Not shorter: a
+    #: browser whose main thread is busy (e.g. compiling WebGPU shaders) answers pings late, and
+    #: a wrongly dropped peer only comes back at its next announce (60 s).
+    peer_timeout: float = 20.0
     #: Announce warm-up delays after subscribing, then the steady interval (spec §2.3).
     announce_warmup: tuple[float, ...] = (0.233, 0.533, 1.333)
     announce_interval: float = 60.0
@@ -136,11 +151,11 @@ class Timeouts:
     offer_resend: float = 0.9 * 5.333
 
     def __post_init__(self) -> None:
-        for name in self.__slots__:  # type: ignore[attr-defined]
-            value = getattr(self, name)
+        for f in fields(self):
+            value = getattr(self, f.name)
             values = value if isinstance(value, tuple) else (value,)
             if any(v <= 0 for v in values):
-                raise ValueError(f"Timeouts.{name} must be positive")
+                raise ValueError(f"Timeouts.{f.name} must be positive")
 
 
 @dataclass(slots=True)
@@ -152,8 +167,9 @@ class RoomConfig:
     only); entries are URLs or ``{"urls", "username", "credential"}`` dicts.
     ``ice_host_addresses``: ``None`` lets aioice pick interfaces (it skips loopback); a list
     restricts host candidates to those IPs, e.g. ``["127.0.0.1"]`` in tests.
-    ``trickle``: aiortc never trickles its own candidates (its SDPs are complete, see
-    signaling.peer); this only says whether the remote's trickled candidates are used.
+    ``trickle``: Trystero's ``trickleIce``. aiortc never trickles (its SDPs carry every
+    candidate, see signaling.peer) and remote candidates are always used, so over MQTT this changes
+    nothing; it is kept for strategies where it matters (torrent: JS peers do not trickle).
     Rooms of one app id share connections, so the first room's ICE settings and limits apply
     to the app.
     """

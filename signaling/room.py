@@ -113,39 +113,67 @@ def _task_done(task: asyncio.Task[Any], tasks: set[asyncio.Task[Any]], callback:
         log.error("callback %r failed", callback, exc_info=task.exception())
 
 
-class _Inbox:
-    """Bounded FIFO for ``async for``: the oldest message is dropped when full."""
+Item = tuple[Any, str, Any]  # (payload, peer_id, metadata)
 
-    def __init__(self, size: int) -> None:
-        self.items: deque[tuple[Any, str, Any]] = deque(maxlen=size)
-        self.changed = asyncio.Event()
+
+class _Queue:
+    """Received messages waiting for a consumer: at most ``maxlen`` of them, and together with
+    the room's other queues at most ``Limits.max_queued_bytes`` (oldest dropped, counted)."""
+
+    def __init__(self, room: Room, maxlen: int) -> None:
+        self.room = room
+        self.maxlen = maxlen
+        self.items: deque[tuple[Item, int]] = deque()
+        self.changed = asyncio.Event()  # for async iteration
         self.closed = False
-        self.overflow = 0
 
-    def put(self, item: tuple[Any, str, Any]) -> None:
-        if len(self.items) == self.items.maxlen:
-            self.overflow += 1
-        self.items.append(item)
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def push(self, item: Item, size: int) -> None:
+        room = self.room
+        if len(self.items) >= self.maxlen:
+            self._drop_oldest()
+        self.items.append((item, size))
+        room.queued_bytes += size
+        while room.queued_bytes > room.config.limits.max_queued_bytes and self.items:
+            self._drop_oldest()
         self.changed.set()
 
-    async def get(self) -> tuple[Any, str, Any]:
+    def pop(self) -> Item:
+        item, size = self.items.popleft()
+        self.room.queued_bytes -= size
+        return item
+
+    def clear(self) -> int:
+        dropped = len(self.items)
+        while self.items:
+            self.pop()
+        return dropped
+
+    def _drop_oldest(self) -> None:
+        self.pop()
+        self.room.counters["dropped.queue_overflow"] += 1
+
+    async def get(self) -> Item:
         while not self.items:
             if self.closed:
                 raise StopAsyncIteration
             self.changed.clear()
             await self.changed.wait()
-        return self.items.popleft()
+        return self.pop()
 
 
 class Action:
     """A named message type in a room (Trystero's ``room.makeAction(name)``)."""
 
-    def __init__(self, room: Room, name: str, backlog: Iterable[tuple[Any, str, Any]] = ()) -> None:
+    def __init__(self, room: Room, name: str, backlog: _Queue | None = None) -> None:
         self.room = room
         self.name = name
         self._handler: ReceiveCallback | None = None
-        self._inbox: _Inbox | None = None
-        self._backlog: deque[tuple[Any, str, Any]] = deque(backlog, maxlen=room.config.limits.action_queue)
+        self._inbox: _Queue | None = None
+        # Messages that arrived before anyone listened (replayed to the first listener).
+        self._backlog = backlog if backlog is not None else _Queue(room, room.config.limits.action_queue)
 
     def __repr__(self) -> str:
         return f"<Action {self.name!r} in {self.room.room_id}>"
@@ -164,40 +192,39 @@ class Action:
         self._handler = callback
         if callback is not None:
             while self._backlog and self._handler is callback:
-                _call(callback, *self._backlog.popleft(), tasks=self.room._tasks)
+                _call(callback, *self._backlog.pop(), tasks=self.room._tasks)
         return callback
 
-    def __aiter__(self) -> AsyncIterator[tuple[Any, str, Any]]:
+    def __aiter__(self) -> AsyncIterator[Item]:
+        """``async for payload, peer_id, metadata in action`` (ends when the room is left).
+        Several iterators share one queue."""
         if self._inbox is None:
-            self._inbox = _Inbox(self.room.config.limits.action_queue)
-            if self.room.left:
-                self._inbox.closed = True
+            self._inbox = _Queue(self.room, self.room.config.limits.action_queue)
+            self._inbox.closed = self.room.left
             while self._backlog:
-                self._inbox.put(self._backlog.popleft())
+                item, size = self._backlog.items[0]
+                self._backlog.pop()
+                self._inbox.push(item, size)
         return self._iterate(self._inbox)
 
-    async def _iterate(self, inbox: _Inbox) -> AsyncIterator[tuple[Any, str, Any]]:
+    async def _iterate(self, inbox: _Queue) -> AsyncIterator[Item]:
         while True:
             try:
                 yield await inbox.get()
             except StopAsyncIteration:
                 return
 
-    def _deliver(self, payload: Any, peer_id: str, metadata: Any) -> None:
-        item = (payload, peer_id, metadata)
+    def _deliver(self, item: Item, size: int) -> None:
         if self._handler is None and self._inbox is None:
-            if len(self._backlog) == self._backlog.maxlen:
-                self.room.counters["dropped.queue_overflow"] += 1
-            self._backlog.append(item)
+            self._backlog.push(item, size)
             return
         if self._handler is not None:
             _call(self._handler, *item, tasks=self.room._tasks)
         if self._inbox is not None:
-            if len(self._inbox.items) == self._inbox.items.maxlen:
-                self.room.counters["dropped.queue_overflow"] += 1
-            self._inbox.put(item)
+            self._inbox.push(item, size)
 
     def _close(self) -> None:
+        self._backlog.clear()
         if self._inbox is not None:
             self._inbox.closed = True
             self._inbox.changed.set()
@@ -227,7 +254,9 @@ class Room:
         self._wire = app.wire
         self._actions: dict[str, Action] = {}
         # Messages for action names nobody made yet; LRU by name, each queue bounded.
-        self._unclaimed: OrderedDict[str, deque[tuple[Any, str, Any]]] = OrderedDict()
+        self._unclaimed: OrderedDict[str, _Queue] = OrderedDict()
+        #: Bytes held by all receive queues of this room (Limits.max_queued_bytes).
+        self.queued_bytes = 0
         self._join_callbacks: list[PeerCallback] = []
         self._leave_callbacks: list[PeerCallback] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -248,7 +277,7 @@ class Room:
         if name.startswith(self._wire.INTERNAL_PREFIX):
             raise ValueError(f"action names starting with {self._wire.INTERNAL_PREFIX!r} are reserved")
         self._wire.LAYOUT.name_field(name)  # ValueError if empty or too long
-        action = self._actions[name] = Action(self, name, self._unclaimed.pop(name, ()))
+        action = self._actions[name] = Action(self, name, self._unclaimed.pop(name, None))
         return action
 
     def on_peer_join(self, callback: PeerCallback) -> PeerCallback:
@@ -338,30 +367,33 @@ class Room:
         finally:
             for action in self._actions.values():
                 action._close()
+            for queue in self._unclaimed.values():
+                queue.clear()
+            self._unclaimed.clear()
 
     # ------------------------------------------------------------------ for the session
 
-    def deliver(self, name: str, payload: Any, peer_id: str, metadata: Any) -> None:
+    def deliver(self, name: str, payload: Any, peer_id: str, metadata: Any, size: int) -> None:
+        """A complete message of ``size`` wire bytes from an active peer."""
+        item = (payload, peer_id, metadata)
         action = self._actions.get(name)
         if action is not None:
-            action._deliver(payload, peer_id, metadata)
+            action._deliver(item, size)
             return
         queue = self._unclaimed.get(name)
         if queue is None:
             limits = self.config.limits
-            queue = self._unclaimed[name] = deque(maxlen=limits.action_queue)
+            queue = self._unclaimed[name] = _Queue(self, limits.action_queue)
             while len(self._unclaimed) > limits.unclaimed_actions:
-                _, dropped = self._unclaimed.popitem(last=False)
-                self.counters["dropped.unclaimed"] += len(dropped)
-        if len(queue) == queue.maxlen:
-            self.counters["dropped.unclaimed"] += 1
-        queue.append((payload, peer_id, metadata))
+                _, evicted = self._unclaimed.popitem(last=False)
+                self.counters["dropped.queue_overflow"] += evicted.clear()
+        queue.push(item, size)
 
     def peer_joined(self, peer_id: str) -> None:
         log.info("peer %s joined room %s", peer_id, self.room_id)
         for callback in list(self._join_callbacks):
             _call(callback, peer_id, tasks=self._tasks)
-        self._spawn(self._refresh_rtt(peer_id))
+        self.refresh_rtt(peer_id)
 
     def peer_left(self, peer_id: str, reason: str) -> None:
         log.info("peer %s left room %s: %s", peer_id, self.room_id, reason)
@@ -378,11 +410,12 @@ class Room:
         if not links:
             return
         if len(links) == 1:
-            await links[0].send_frames(frames)
+            delivered = int(await links[0].send_frames(frames))
         else:
-            await asyncio.gather(*(link.send_frames(frames) for link in links))
-        self.counters["bytes_out"] += sum(map(len, frames)) * len(links)
-        self.counters["actions_out"] += len(links)
+            delivered = sum(await asyncio.gather(*(link.send_frames(frames) for link in links)))
+        # A target whose channel closed mid-send is skipped silently, as Trystero does.
+        self.counters["bytes_out"] += sum(map(len, frames)) * delivered
+        self.counters["actions_out"] += delivered
 
     def _targets(self, target: str | Iterable[str] | None) -> list[PeerLink]:
         if target is None:
@@ -396,6 +429,10 @@ class Room:
                 continue
             links.append(binding.link)
         return links
+
+    def refresh_rtt(self, peer_id: str) -> None:
+        """Ping ``peer_id`` in the background (updates ``rtt_ms``; failures are ignored)."""
+        self._spawn(self._refresh_rtt(peer_id))
 
     async def _refresh_rtt(self, peer_id: str) -> None:
         with contextlib.suppress(PeerNotFound, TimeoutError, ConnectionError):

@@ -80,8 +80,14 @@ class PeerLink:
         )
         self.bindings: dict[str, Binding] = {}  # by room token
         self.remote_tokens: LruSet[str] = LruSet(limits.max_remote_tokens)
+        # Wire bytes of unfinished messages by (token, action, nonce), so a completed message's
+        # size is known for the receive queues' byte budget. Bounded like the decoder's pending
+        # set (cleared if it ever outgrows it, e.g. after the decoder dropped messages).
+        self._sizes: dict[tuple[str, str, int], int] = {}
+        self._max_sizes = 2 * limits.max_pending_actions
         self.opened_at = time.time()
         self.last_seen = self.opened_at
+        self.last_keepalive = 0.0
         self.closed = False
         self.close_reason = ""
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -92,8 +98,9 @@ class PeerLink:
         return f"<PeerLink {self.peer_id} rooms={len(self.bindings)} {'closed' if self.closed else 'open'}>"
 
     @property
-    def live(self) -> bool:
-        return not self.closed and self.peer.is_open
+    def closing(self) -> bool:
+        """Closed, or being closed by us."""
+        return self.closed or bool(self.close_reason)
 
     def send_nowait(self, frame: bytes) -> bool:
         """Queue one small frame (control messages); False if the channel is gone."""
@@ -113,20 +120,48 @@ class PeerLink:
             return False
         return True
 
+    def forget_room(self, token: str) -> None:
+        """Drop half-received messages of a room this peer is no longer in."""
+        before = self.decoder.buffered_bytes
+        self.decoder.forget_room(token)
+        self.app.buffered_total += self.decoder.buffered_bytes - before
+        for key in [k for k in self._sizes if k[0] == token]:
+            del self._sizes[key]
+
+    def release(self) -> None:
+        """Give back the reassembly memory (the link is closed)."""
+        self.app.buffered_total -= self.decoder.buffered_bytes
+        self.decoder.reset()
+        self._sizes.clear()
+
     def _on_message(self, data: bytes | str) -> None:
         self.last_seen = time.time()
+        app = self.app
+        before = self.decoder.buffered_bytes
         try:
             events = self.decoder.feed(data)
         except FramingError as exc:
-            self.app.drop_link(self, f"bad frame: {exc}")
+            app.drop_link(self, f"bad frame: {exc}")
             return
         except PayloadError as exc:
-            self.app.counters["dropped.bad_payload"] += 1
+            app.counters["dropped.bad_payload"] += 1
             log.info("peer %s: dropped one message: %s", self.peer_id, exc)
+            return
+        finally:
+            app.buffered_total += self.decoder.buffered_bytes - before
+        if app.buffered_total > app.config.limits.max_total_buffered_bytes:
+            app.drop_link(self, "unfinished messages of all peers passed the app's reassembly budget")
             return
         size = len(data)
         for event in events:
-            self.app.on_event(self, event, size)
+            if isinstance(event, app.wire.Progress):
+                key = (event.token, event.action, event.nonce)
+                if key not in self._sizes and len(self._sizes) >= self._max_sizes:
+                    self._sizes.clear()
+                self._sizes[key] = self._sizes.get(key, 0) + size
+            elif isinstance(event, app.wire.Received):
+                size += self._sizes.pop((event.token, event.action, event.nonce), 0)
+            app.on_event(self, event, size)
 
     def _on_close(self) -> None:
         self.app.link_closed(self, self.peer.close_reason or "closed")
@@ -144,14 +179,18 @@ class AppContext:
         self.rooms_by_token: dict[str, Room] = {}
         self.links: dict[str, PeerLink] = {}
         self.counters: Counter[str] = Counter()
+        #: Bytes held in unfinished messages by all links (Limits.max_total_buffered_bytes).
+        self.buffered_total = 0
         self.negotiator = Negotiator(
             self_id=session.self_id,
             links=self,
             limits=config.limits,
             timeouts=config.timeouts,
-            trickle=config.trickle,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._keepalive = asyncio.get_running_loop().create_task(
+            self._keepalive_loop(), name=f"keepalive {self.app_id}"
+        )
 
     # ------------------------------------------------------------------ rooms
 
@@ -210,6 +249,7 @@ class AppContext:
 
     async def close(self) -> None:
         """Close every connection and negotiation (the app has no rooms left)."""
+        self._keepalive.cancel()
         await self.negotiator.close()
         for link in list(self.links.values()):
             self.drop_link(link, "session closed", quiet=True)
@@ -220,12 +260,12 @@ class AppContext:
 
     def is_connected(self, peer_id: str) -> bool:
         link = self.links.get(peer_id)
-        return link is not None and not link.closed
+        return link is not None and not link.closing
 
     def on_signal_from_connected(self, peer_id: str, room: RoomSignaller) -> None:
         link = self.links.get(peer_id)
         target = self.rooms_by_token.get(room.token)
-        if link is not None and target is not None and target.token not in link.bindings:
+        if link is not None and target is not None and not target.left and target.token not in link.bindings:
             self.bind(link, target)
 
     def can_accept(self) -> bool:
@@ -242,11 +282,11 @@ class AppContext:
 
     def on_peer_open(self, peer_id: str, peer: Peer, room: RoomSignaller) -> None:
         existing = self.links.get(peer_id)
-        if existing is not None and not existing.closed:
+        if existing is not None and not existing.closing:
             # Two negotiations raced (e.g. one per room); like Trystero, the first open one wins.
             self._close_peer(peer, "duplicate connection")
             target = self.rooms_by_token.get(room.token)
-            if target is not None:
+            if target is not None and not target.left:
                 self.bind(existing, target)
             return
         if not self.can_accept():
@@ -258,7 +298,7 @@ class AppContext:
         for token in self.rooms_by_token:
             link.send_nowait(self.wire.encode_presence(token, True))
         target = self.rooms_by_token.get(room.token)
-        if target is not None:
+        if target is not None and not target.left:
             self.bind(link, target)
         if not link.bindings:
             self._schedule_idle(link)
@@ -267,12 +307,13 @@ class AppContext:
 
     def drop_link(self, link: PeerLink, reason: str, *, quiet: bool = False) -> None:
         """Close a connection on purpose (bad input, idle, shutdown)."""
-        if link.closed:
+        if link.closing:
             return
         if not quiet:
             log.warning("dropped peer %s (app %s): %s", link.peer_id, self.app_id, reason)
             self.counters["dropped_peers"] += 1
         link.close_reason = reason
+        link.peer.on_message = None  # nothing more from it, even before the close completes
         self._close_peer(link.peer, reason)  # on_close -> link_closed()
 
     def link_closed(self, link: PeerLink, reason: str) -> None:
@@ -286,8 +327,25 @@ class AppContext:
             link.idle_timer.cancel()
         for binding in list(link.bindings.values()):
             self.unbind(binding, f"disconnected ({reason})")
-        link.decoder.reset()
+        link.release()
         log.info("connection to peer %s closed (app %s): %s", link.peer_id, self.app_id, reason)
+
+    async def _keepalive_loop(self) -> None:
+        """Ping connections that went quiet; drop those that stay quiet (a vanished peer)."""
+        timeouts = self.config.timeouts
+        while True:
+            await asyncio.sleep(min(1.0, timeouts.keepalive))
+            now = time.time()
+            for link in list(self.links.values()):
+                silence = now - link.last_seen
+                active = next((b for b in link.bindings.values() if b.active), None)
+                if active is None or link.closing:
+                    continue  # pending peers do not answer pings; idle links time out anyway
+                if silence > timeouts.peer_timeout:
+                    self.drop_link(link, f"no traffic for {silence:.0f} s")
+                elif silence >= timeouts.keepalive and now - link.last_keepalive >= timeouts.keepalive:
+                    link.last_keepalive = now
+                    active.room.refresh_rtt(link.peer_id)
 
     def _schedule_idle(self, link: PeerLink) -> None:
         if link.closed or link.bindings:
@@ -326,16 +384,22 @@ class AppContext:
             self._on_presence(link, event.token, event.present)
             return
         room = self.rooms_by_token.get(event.token)
-        if room is None:
+        if room is None or room.left:
             # JS buffers frames for rooms it has not joined yet; we drop them (a peer sends
             # presence + @_hsready again when we join that room).
             self.counters["dropped.unknown_room"] += 1
             return
-        room.counters["bytes_in"] += size
         if isinstance(event, wire.Progress):
             return
-        binding = link.bindings.get(event.token) or self.bind(link, room)
+        room.counters["bytes_in"] += size
         action = event.action
+        binding = link.bindings.get(event.token)
+        if binding is None:
+            if action == wire.ACTION_LEAVE:
+                return  # leaving a room we never saw it in
+            # A room frame means the peer put us in that room on its side (Trystero binds a room
+            # before it sends anything for it), so treat it like a presence frame.
+            binding = self.bind(link, room)
         if not binding.active and action not in wire.PENDING_ACTIONS:
             room.counters["dropped.pending_peer"] += 1
             return
@@ -344,13 +408,13 @@ class AppContext:
             self._on_internal(binding, action, event.payload, event.metadata)
             return
         metadata = None if event.metadata is NO_METADATA else event.metadata
-        room.deliver(action, event.payload, link.peer_id, metadata)
+        room.deliver(action, event.payload, link.peer_id, metadata, size)
 
     def _on_presence(self, link: PeerLink, token: str, present: bool) -> None:
         if present:
             link.remote_tokens.add(token)
             room = self.rooms_by_token.get(token)
-            if room is not None:
+            if room is not None and not room.left:
                 self.bind(link, room)
             return
         link.remote_tokens.discard(token)
@@ -421,7 +485,7 @@ class AppContext:
             if not waiter.done():
                 waiter.set_exception(ConnectionError(f"peer {link.peer_id} {reason}"))
         binding.pong_waiters.clear()
-        link.decoder.forget_room(room.token)
+        link.forget_room(room.token)
         if binding.active and notify:
             room.peer_left(link.peer_id, reason)
         elif not binding.active:

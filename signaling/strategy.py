@@ -300,13 +300,11 @@ class Negotiator:
         links: LinkDirectory,
         limits: Limits,
         timeouts: Timeouts,
-        trickle: bool = True,
     ) -> None:
         self.self_id = self_id
         self._links = links
         self._limits = limits
         self._timeouts = timeouts
-        self._trickle = trickle
         self._pending: dict[str, Negotiation] = {}  # insertion order = age, for eviction
         self._seen_offers: LruSet[tuple[str, str]] = LruSet(limits.seen_offers)
         self._early: LruDict[tuple[str, str | None], list[str]] = LruDict(limits.early_candidate_keys)
@@ -489,8 +487,6 @@ class Negotiator:
             self._drop(neg, f"answer not applied: {exc}")
 
     def _on_candidate(self, room: RoomSignaller, sig: Signal, sealed: str, neg: Negotiation | None) -> None:
-        if not self._trickle:
-            return
         try:
             plain = crypto.decrypt(room.key, sealed)
         except DecryptError:

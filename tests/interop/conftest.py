@@ -17,11 +17,17 @@ import pytest
 
 import signaling
 from signaling import RoomConfig
+from signaling.crypto import gen_id
 from tests.services import Mosquitto
 
 LOOPBACK_ICE = ["127.0.0.1"]
 
 RoomConfigFactory = Callable[..., RoomConfig]
+SessionFactory = Callable[..., signaling.Session]
+
+#: selfIds that make us offer (the smaller id offers, spec §2.2) or answer against any JS peer.
+OFFERER_PREFIX = "00"
+ANSWERER_PREFIX = "zz"
 
 
 @pytest.fixture
@@ -60,3 +66,20 @@ def room_config(mosquitto: Mosquitto, app_id: str, signaling_cleanup: None) -> R
         return RoomConfig(**settings)
 
     return make
+
+
+@pytest.fixture
+async def session_factory(mosquitto: Mosquitto) -> AsyncIterator[SessionFactory]:
+    """``session_factory(role)``: a fresh session whose selfId makes it the offerer (``"offer"``),
+    the answerer (``"answer"``) or random (``None``). Closed before the broker stops."""
+    made: list[signaling.Session] = []
+
+    def make(role: str | None = None) -> signaling.Session:
+        prefix = {"offer": OFFERER_PREFIX, "answer": ANSWERER_PREFIX, None: ""}[role]
+        self_id = prefix + gen_id(20 - len(prefix)) if prefix else None
+        made.append(signaling.Session(self_id))
+        return made[-1]
+
+    yield make
+    for session in made:
+        await session.close()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +27,7 @@ import pytest
 from aiortc import RTCPeerConnection
 
 import signaling
-from signaling import Room
+from signaling import Room, Timeouts
 from signaling.framing import to_json
 from tests.interop.jspeer import (
     JsPeer,
@@ -38,7 +40,7 @@ from tests.interop.jspeer import (
 )
 from tests.services import Mosquitto
 
-from .conftest import RoomConfigFactory
+from .conftest import RoomConfigFactory, SessionFactory
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -134,7 +136,13 @@ async def js_join(js: JsPeer, room_id: str, mosquitto: Mosquitto, app_id: str, *
 
 
 async def meet(
-    js: JsPeer, room_id: str, mosquitto: Mosquitto, room_config: RoomConfigFactory, *, js_first: bool
+    js: JsPeer,
+    room_id: str,
+    mosquitto: Mosquitto,
+    room_config: RoomConfigFactory,
+    *,
+    js_first: bool,
+    session: signaling.Session | None = None,
 ) -> tuple[Room, Watch, float]:
     """JS and we join ``room_id`` in the given order; returns once both see each other."""
     app_id = room_config().app_id
@@ -142,7 +150,7 @@ async def meet(
         await js_join(js, room_id, mosquitto, app_id)
     since = js.mark()
     t0 = time.monotonic()
-    room = signaling.join_room(room_config(), room_id)
+    room = signaling.join_room(room_config(), room_id, session=session)
     watch = Watch(room, "data")
     if not js_first:
         await js_join(js, room_id, mosquitto, app_id)
@@ -155,11 +163,20 @@ async def meet(
 # --------------------------------------------------------------------------- (a) join and ping
 
 
+@pytest.mark.parametrize("role", ["offer", "answer"], ids=["we-offer", "we-answer"])
 @pytest.mark.parametrize("js_first", [True, False], ids=["js-first", "py-first"])
-async def test_join_and_ping(js_first: bool, mosquitto: Mosquitto, room_config: RoomConfigFactory) -> None:
+async def test_join_and_ping(
+    js_first: bool,
+    role: str,
+    mosquitto: Mosquitto,
+    room_config: RoomConfigFactory,
+    session_factory: SessionFactory,
+) -> None:
+    session = session_factory(role)
     async with JsPeer.start("node") as js:
+        assert (session.self_id < js.self_id) == (role == "offer")
         room_id = new_room_id("join")
-        room, _, join_ms = await meet(js, room_id, mosquitto, room_config, js_first=js_first)
+        room, _, join_ms = await meet(js, room_id, mosquitto, room_config, js_first=js_first, session=session)
         assert join_ms < JOIN_TIMEOUT * 1000
         assert set(room.peers) == {js.self_id}
         assert await js.peers(room_id) == [room.self_id]
@@ -172,6 +189,27 @@ async def test_join_and_ping(js_first: bool, mosquitto: Mosquitto, room_config: 
         assert room.relay_states == {mosquitto.ws_url: "connected"}
         with pytest.raises(signaling.PeerNotFound):
             await room.ping("nobody")
+
+        # async iteration over an action, and async peer callbacks
+        left = asyncio.Event()
+
+        async def on_leave(peer_id: str) -> None:
+            await asyncio.sleep(0)
+            left.set()
+
+        room.on_peer_leave(on_leave)
+        for n in range(3):
+            await js.send(room_id, "iter", {"n": n}, target=room.self_id)
+        got = []
+        async with asyncio.timeout(STEP):
+            async for payload, peer_id, metadata in room.make_action("iter"):
+                got.append((payload["n"], peer_id, metadata))
+                if len(got) == 3:
+                    break
+        assert got == [(n, js.self_id, None) for n in range(3)]
+        await js.leave(room_id)
+        async with asyncio.timeout(STEP):
+            await left.wait()
 
 
 # --------------------------------------------------------------------------- (b) payloads
@@ -324,7 +362,8 @@ async def test_three_js_peers(mosquitto: Mosquitto, room_config: RoomConfigFacto
         JsPeer.start("node", name="C") as c,
     ):
         peers = [a, b, c]
-        room = signaling.join_room(room_config(), room_id)
+        # short keepalive so the crashed peer below is noticed quickly
+        room = signaling.join_room(room_config(timeouts=Timeouts(keepalive=1.0, peer_timeout=3.0)), room_id)
         watch = Watch(room, "data")
         for js in peers:
             await js_join(js, room_id, mosquitto, app_id)
@@ -341,6 +380,12 @@ async def test_three_js_peers(mosquitto: Mosquitto, room_config: RoomConfigFacto
         for js in peers:
             ev = await js.wait_action(room_id, "data", peer=room.self_id, since=sinces[js.self_id])
             assert ev["value"] == {"to": "all"}
+
+        # A peer that vanishes without a word (no @_leave, no SCTP shutdown) still leaves.
+        os.killpg(c.proc.pid, signal.SIGKILL)
+        await watch.leave_of(c.self_id, timeout=10)
+        assert set(room.peers) == {a.self_id, b.self_id}
+        assert room.stats["app"]["dropped_peers"] == 1
 
 
 # --------------------------------------------------------------------------- (f) broker restart
@@ -435,15 +480,19 @@ async def test_two_rooms_one_connection(mosquitto: Mosquitto, room_config: RoomC
 # --------------------------------------------------------------------------- (h) Chromium
 
 
-async def test_chromium_peer(mosquitto: Mosquitto, room_config: RoomConfigFactory) -> None:
+@pytest.mark.parametrize("role", ["offer", "answer"], ids=["we-offer", "we-answer"])
+async def test_chromium_peer(
+    role: str, mosquitto: Mosquitto, room_config: RoomConfigFactory, session_factory: SessionFactory
+) -> None:
     if problem := loopback_only_problem():
         pytest.fail(problem, pytrace=False)
+    session = session_factory(role)
     async with JsPeer.start("browser") as js:
         room_id = new_room_id("chromium")
-        room, watch, _ = await meet(js, room_id, mosquitto, room_config, js_first=True)
+        room, watch, _ = await meet(js, room_id, mosquitto, room_config, js_first=True, session=session)
         assert 0 <= await js.ping(room_id, room.self_id) < 2000
         assert 0 < await room.ping(js.self_id) < 2000
         await exchange_payloads(js, room, watch, room_id, big_json=False)
         # Chromium without media permission signals no candidate: aioice learned it peer-reflexive.
-        link = signaling.default_session().links(room.app_id)[js.self_id]
+        link = session.links(room.app_id)[js.self_id]
         assert [c.type for c in link.peer.remote_candidates()] == ["prflx"]

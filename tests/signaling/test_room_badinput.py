@@ -52,7 +52,8 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 
 @pytest.fixture
-async def sessions() -> AsyncIterator[SessionFactory]:
+async def sessions(mosquitto: Mosquitto) -> AsyncIterator[SessionFactory]:
+    """Fresh sessions (own selfIds), closed before the broker stops."""
     made: list[Session] = []
 
     def make() -> Session:
@@ -134,7 +135,9 @@ async def test_garbage_on_room_topics(
     loop_errors: list[dict[str, Any]],
 ) -> None:
     a = sessions()
-    room = a.join(config(), "garbage")
+    # A small signal cap keeps the oversize case fast: mosquitto 2.0's WebSocket listener needs
+    # about 5 s to deliver a 200 KB message (mqtt.js sees the same).
+    room = a.join(config(limits=Limits(max_signal_bytes=16 * 1024)), "garbage")
     await eventually(lambda: room.stats["announces_out"] > 0, "first announce")
     key = crypto.derive_key("", room.app_id, "garbage")
     sealed = lambda text: crypto.encrypt(key, text)  # noqa: E731
@@ -160,7 +163,7 @@ async def test_garbage_on_room_topics(
         orjson.dumps({"peerId": "fake4", "answer": sealed("v=0")}).decode(),
         '{"peerId": "fake5", "offerId": "o5", "candidate": "junk"}',
         orjson.dumps({"peerId": "fake6", "offerId": "o6", "candidate": sealed("not a candidate")}).decode(),
-        "x" * 200_000,
+        "x" * 20_000,
     ]
     for topic in (room.signaller.root_topic, room.signaller.self_topic):
         for text in bad_messages:
@@ -341,4 +344,46 @@ async def test_malformed_frames_are_counted_not_fatal(
     assert app_dropped["bad_payload"] == 1 and app_dropped["unknown_room"] == 1
     assert len(link_ab.remote_tokens) == Limits().max_remote_tokens
     assert not link_ab.closed and set(room_a.peers) == {room_b.self_id}
+    assert loop_errors == []
+
+
+async def test_app_reassembly_budget_drops_the_peer(
+    sessions: SessionFactory, config: ConfigFactory, loop_errors: list[dict[str, Any]]
+) -> None:
+    """Each peer stays under its own caps, but the app-wide budget for unfinished messages holds."""
+    budget = 128 * 1024
+    room_a, room_b, link_ab, link_ba = await connected_pair(
+        sessions, config, "budget", limits=Limits(max_total_buffered_bytes=budget)
+    )
+    chunk = raw_chunk("slow", bytes(v025.CHUNK_PAYLOAD_SIZE), nonce=1, flags=FLAG_BINARY | FLAG_JSON)
+    with pytest.raises(ChannelNotOpen):
+        for _ in range(100):
+            await link_ba.peer.send(v025.wrap_room_frame(room_b.token, chunk))
+    await eventually(lambda: link_ab.closed, "the link to be dropped")
+    assert room_a.stats["app"]["dropped_peers"] == 1
+    assert room_a._app.buffered_total == 0
+    assert loop_errors == []
+
+
+async def test_unconsumed_messages_are_bounded_in_bytes(
+    sessions: SessionFactory, config: ConfigFactory, loop_errors: list[dict[str, Any]]
+) -> None:
+    """Messages for an action nobody listens to are kept (Trystero replays them), within budget."""
+    room_a, room_b, _, _ = await connected_pair(
+        sessions, config, "queued", limits=Limits(max_queued_bytes=1536 * 1024)
+    )
+    blob = room_b.make_action("later")
+    for i in range(8):
+        await blob.send(bytes([i]) * (512 * 1024))
+    await room_b.make_action("marker").send("done")
+    marker: list[Any] = []
+    room_a.make_action("marker").on_receive(lambda *args: marker.append(args))
+    await eventually(lambda: marker != [], "the marker message")
+    assert room_a.queued_bytes <= 1536 * 1024
+    assert room_a.stats["dropped"]["queue_overflow"] >= 5
+    late: list[bytes] = []
+    room_a.make_action("later").on_receive(lambda payload, peer_id, meta: late.append(payload))
+    # 1.5 MiB hold two 512 KiB messages plus frame headers: the two newest survive
+    assert [p[0] for p in late] == [6, 7] and late[-1] == bytes([7]) * (512 * 1024)
+    assert room_a.queued_bytes == 0
     assert loop_errors == []
