@@ -6,7 +6,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -14,9 +14,8 @@ import orjson
 from aiohttp import web
 
 from p2pdiff import validate
-from p2pdiff.config import Config
 from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
-from p2pdiff.helper import Helper, p2p_available
+from p2pdiff.helper import WIRES, Helper, p2p_available
 from p2pdiff.keys import CONFIG, EVENTS, HELPER, QUEUE, STARTED_AT
 from p2pdiff.queue import QueueManager, Room, Task
 
@@ -39,6 +38,10 @@ _HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+
+# Response headers cross-origin pages may read: the request id (for bug reports), the 429 back-off.
+EXPOSED_HEADERS = "X-Request-Id, Retry-After"
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -68,8 +71,8 @@ async def read_json(request: web.Request, *, optional: bool = False) -> Any:
 # -- middlewares ------------------------------------------------------------------------------------
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Run a handler, turning domain errors and HTTP errors into the JSON error shape."""
     try:
         return await handler(request)
     except AppError as exc:
@@ -92,50 +95,53 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "internal_error", "internal server error")
 
 
-def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    any_origin = "*" in origins
-    allowed = frozenset(origins)
+class Cors:
+    """CORS for the configured origins: preflight answers and headers on every other response."""
 
-    def allow_origin(origin: str | None) -> str | None:
-        if any_origin:
+    def __init__(self, origins: list[str]) -> None:
+        self.any_origin = "*" in origins
+        self.allowed = frozenset(origins)
+
+    def _granted(self, origin: str | None) -> str | None:
+        if self.any_origin:
             return "*"
-        return origin if origin in allowed else None
+        return origin if origin in self.allowed else None
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def preflight(self, request: web.Request) -> web.Response | None:
+        """The answer to a CORS preflight, or None when ``request`` is not one."""
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return None
         origin = request.headers.get("Origin")
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            granted = allow_origin(origin)
-            if granted is None:
-                return error_response(403, "origin_not_allowed", f"origin '{origin}' is not allowed")
-            return web.Response(
-                status=204,
-                headers={
-                    "Access-Control-Allow-Origin": granted,
-                    "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
-                    "Access-Control-Allow-Headers": request.headers.get(
-                        "Access-Control-Request-Headers", "Content-Type, Authorization"
-                    ),
-                    "Access-Control-Max-Age": "600",
-                    "Vary": "Origin",
-                },
-            )
-        response = await handler(request)
-        if origin is not None:
-            granted = allow_origin(origin)
-            if granted is not None:
-                response.headers["Access-Control-Allow-Origin"] = granted
-            if not any_origin:
-                response.headers["Vary"] = "Origin"
-        return response
+        granted = self._granted(origin)
+        if granted is None:
+            return error_response(403, "origin_not_allowed", f"origin '{origin}' is not allowed")
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": granted,
+                "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get(
+                    "Access-Control-Request-Headers", "Content-Type, Authorization"
+                ),
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin",
+            },
+        )
 
-    return middleware
+    def decorate(self, request: web.Request, headers: MutableMapping[str, str]) -> None:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return
+        granted = self._granted(origin)
+        if granted is not None:
+            headers["Access-Control-Allow-Origin"] = granted
+            # Not CORS-safelisted: without this, a page on another origin cannot read them.
+            headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+        if not self.any_origin:
+            headers["Vary"] = "Origin"
 
 
-def middlewares(config: Config, *, inner: Sequence[Any] = ()) -> list[Any]:
-    # CORS outermost, so error responses (and refusals from ``inner`` middlewares, e.g. a missing
-    # admin token) carry CORS headers and browsers can read them.
-    return [cors_middleware(config.server.cors_origins), *inner, error_middleware]
+CORS = web.AppKey("cors", Cors)
 
 
 # -- handlers -----------------------------------------------------------------------------------
@@ -176,6 +182,8 @@ def _room_stats(room: Room, helper: Helper) -> dict[str, Any]:
     data = room.stats()
     helper_room = helper.room(room.id)
     data["peers"] = helper_room.peers() if helper_room else []
+    if helper_room:
+        data.update(helper_room.extra_stats())  # P2P: gpuPeers, dispatch, protocol counters
     return data
 
 
@@ -201,17 +209,30 @@ async def stats(request: web.Request) -> web.Response:
 
 async def get_queue(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
-    statuses = validate.status_filter(request.query.get("status"))
-    limit = validate.limit(request.query.get("limit"))
+    statuses: frozenset[str] | None = None
+    limit: int | None = None
+    if request.query_string:  # parsing an empty query still costs a few µs on the hot path
+        statuses = validate.status_filter(request.query.get("status"))
+        limit = validate.limit(request.query.get("limit"))
     queue, helper = request.app[QUEUE], request.app[HELPER]
-    key = (None if statuses is None else tuple(sorted(statuses)), limit)
-    tasks = queue.cached_view(room_id, key, lambda: orjson.dumps(queue.list_tasks(room_id, statuses, limit)))
-    room = queue.get_room(room_id) or Room(id=room_id)
-    helper_room = helper.room(room_id)
-    # The task list is the costly part and is reused until the room changes; peers change on their own.
-    rest = orjson.dumps({"stats": room.stats(), "peers": helper_room.peers() if helper_room else []})
-    body = b'{"roomId":' + orjson.dumps(room_id) + b',"queue":' + tasks + b"," + rest[1:]
-    return web.Response(body=body, content_type="application/json")
+
+    def render() -> bytes:
+        room = queue.get_room(room_id) or Room(id=room_id)
+        helper_room = helper.room(room_id)
+        return orjson.dumps(
+            {
+                "roomId": room_id,
+                "queue": queue.list_tasks(room_id, statuses, limit),
+                "stats": room.stats(),
+                "peers": helper_room.peers() if helper_room else [],
+            }
+        )
+
+    # GET is the hot path: the body is reused until the room changes. Peers (rtt, lastSeen) change
+    # on their own, so the key also carries the current second: they are at most 1 s stale here
+    # (/api/events has them live).
+    key = (None if statuses is None else tuple(sorted(statuses)), limit, int(time.monotonic()))
+    return web.Response(body=queue.cached_view(room_id, key, render), content_type="application/json")
 
 
 async def _add_task(request: web.Request, room_id: str | None) -> web.Response:
@@ -280,17 +301,28 @@ async def join_room(request: web.Request) -> web.Response:
     body = await read_json(request, optional=True)
     if body is not None and not isinstance(body, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
+    dispatch = body.get("dispatch") if body else None
+    if dispatch is not None and not isinstance(dispatch, bool):
+        raise BadRequest("dispatch must be true or false", code="invalid_dispatch")
+    wire = body.get("wire") if body else None
+    if wire is not None and wire not in WIRES:
+        raise BadRequest(f"wire must be one of {', '.join(WIRES)}", code="invalid_wire")
     helper, queue = request.app[HELPER], request.app[QUEUE]
-    await helper.join(room_id)
+    joined = await helper.join(room_id, wire)
+    if dispatch is not None:
+        helper.set_dispatch(room_id, dispatch)
     queue.set_helper_joined(room_id, True)
+    if wire is not None:
+        queue.set_helper_wire(room_id, wire)  # rejoined with it after a restart
     await queue.flush()
-    log.info("helper joined room %s (%s)", room_id, helper.mode)
+    log.info("helper joined room %s (%s, wire %s)", room_id, helper.mode, joined.wire)
     return json_response(
         {
             "success": True,
             "message": f"server joined room {room_id} as helper ({helper.mode})",
             "roomId": room_id,
             "mode": helper.mode,
+            "wire": joined.wire,
         },
         202,
     )

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from p2pdiff import api, dashboard, metrics, observe, openapi, security, sse
+from p2pdiff import api, dashboard, metrics, observe, openapi, results, security, sse
 from p2pdiff.config import Config
 from p2pdiff.errors import Unavailable
 from p2pdiff.events import EventBus
@@ -42,7 +42,9 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
     # Rooms from the config plus those joined over REST before the last restart, in that order.
     wanted = dict.fromkeys([*config.p2p.rooms, *queue.helper_rooms()])
     for room_id in wanted:
-        await helper.join(room_id)
+        # A wire chosen over REST sticks (NULL: follow [p2p] wire, which may have changed).
+        stored = queue.get_room(room_id)
+        await helper.join(room_id, stored.helper_wire if stored is not None else None)
         queue.set_helper_joined(room_id, True)
     await queue.flush()
     if wanted:
@@ -96,24 +98,56 @@ async def _log_shutdown(app: web.Application) -> None:
     log.info("shutting down: no new connections; finishing open requests, then leaving rooms")
 
 
+def _referenced_results(app: web.Application) -> set[str]:
+    """Result files still in use: named by a task, or held by the helper for a running one."""
+    names = app[HELPER].referenced_results()
+    for room in app[QUEUE].rooms.values():
+        for task in room.tasks.values():
+            image = results.task_image(task.result)
+            if image is not None:
+                names.add(image.path)
+            if isinstance(task.result, dict) and isinstance(task.result.get("chunks"), list):
+                for chunk in task.result["chunks"]:
+                    chunk_image = results.task_image(chunk)
+                    if chunk_image is not None:
+                        names.add(chunk_image.path)
+    return names
+
+
 def create_app(config: Config, *, helper: Helper | None = None) -> web.Application:
     guard = security.Guard(config.server)
     http_metrics = metrics.HttpMetrics()
+    cors = api.Cors(config.server.cors_origins)
     app = web.Application(
         client_max_size=api.MAX_BODY_BYTES,
-        middlewares=api.middlewares(config, inner=[observe.request_middleware(http_metrics, guard)]),
+        middlewares=[observe.request_middleware(http_metrics, guard, cors)],
     )
     store = Store(config.store.path, synchronous=config.store.synchronous)
     bus = EventBus(backlog=config.server.sse_backlog, max_subscribers=config.server.sse_max_clients)
     app[CONFIG] = config
+    app[api.CORS] = cors
     app[STORE] = store
     app[EVENTS] = bus
     app[QUEUE] = QueueManager(store, lease_seconds=config.queue.lease_seconds, publish=bus.publish)
     app[HELPER] = helper if helper is not None else make_helper(config.p2p)
     app[HELPER].attach(bus.publish)
+    # Result images from peers: files next to the store, served at /api/queue/{room}/{task}/result.
+    result_store = results.ResultStore(
+        results.results_dir(config),
+        max_bytes=config.p2p.max_result_bytes,
+        fsync=config.store.synchronous == "full",
+    )
+    app[HELPER].connect(app[QUEUE], result_store)
+    bus.add_listener(app[HELPER].on_event)
     app[STARTED_AT] = time.time()
     app.cleanup_ctx.extend([_store_ctx, _helper_ctx, _background_ctx])
     api.add_routes(app)
+    results.setup(
+        app,
+        result_store,
+        interval=config.queue.sweep_interval_seconds,
+        referenced=lambda: _referenced_results(app),
+    )
     sse.setup(app)
     dashboard.setup(app)
     openapi.add_routes(app)

@@ -66,6 +66,8 @@ class StoreConfig:
     path: str = "./data/p2pdiff.sqlite3"
     # "full" fsyncs every group commit (survives power loss); "normal" survives a process crash only.
     synchronous: str = "full"
+    # Where result images from peers are stored; empty = "results/" next to the store file.
+    results_dir: str = ""
 
 
 @dataclass(slots=True)
@@ -78,7 +80,9 @@ class QueueConfig:
 @dataclass(slots=True)
 class P2PConfig:
     enabled: bool = True
-    strategy: str = "mqtt"
+    # Trystero strategy: "nostr" (the app's default; its public relays are picked per app id),
+    # "mqtt" or "torrent". Empty relay_urls = the strategy's public defaults for this app id.
+    strategy: str = "nostr"
     app_id: str = "p2p-webgpu-diffusion-v1"
     relay_urls: list[str] = field(default_factory=list)
     password: str = ""
@@ -87,6 +91,13 @@ class P2PConfig:
     # which skips loopback). Tests set ["127.0.0.1"].
     ice_host_addresses: list[str] = field(default_factory=list)
     rooms: list[str] = field(default_factory=list)
+    # Hand pending tasks to GPU peers (the app's `task` action) in every room the helper joins;
+    # POST /api/join/{room} with {"dispatch": true|false} sets it per room.
+    dispatch: bool = False
+    # Largest result image accepted from a peer (chunk bytes or a data: URL); over it the task fails.
+    max_result_bytes: int = 16 * 1024 * 1024
+    # The Trystero wire the helper speaks: "0.25" (Trystero 0.25.x) or "0.22" (the app's own).
+    wire: str = "0.25"
 
 
 @dataclass(slots=True)
@@ -102,6 +113,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "log_format"): ("json", "text"),
     ("store", "synchronous"): ("full", "normal"),
     ("p2p", "strategy"): ("mqtt", "nostr", "torrent"),
+    ("p2p", "wire"): ("0.25", "0.22"),
 }
 
 
@@ -215,6 +227,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("[queue] retention_hours: must be > 0")
     if config.queue.sweep_interval_seconds <= 0:
         raise ConfigError("[queue] sweep_interval_seconds: must be > 0")
+    if not 0 < config.p2p.max_result_bytes <= MAX_RESULT_BYTES_LIMIT:
+        raise ConfigError(f"[p2p] max_result_bytes: must be > 0 and <= {MAX_RESULT_BYTES_LIMIT}")
     for key in ("sse_heartbeat_seconds", "sse_backlog", "sse_client_buffer", "sse_max_clients"):
         if getattr(config.server, key) <= 0:
             raise ConfigError(f"[server] {key}: must be > 0")
@@ -233,6 +247,9 @@ def _validate(config: Config) -> None:
 
 
 MIN_ADMIN_TOKEN_CHARS = 16
+# A Trystero message is reassembled in memory before the helper sees it; signaling drops a peer
+# whose message passes 32 MiB, so a bigger cap could never be reached.
+MAX_RESULT_BYTES_LIMIT = 32 * 1024 * 1024
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 

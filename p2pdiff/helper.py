@@ -6,6 +6,10 @@ Trystero-compatible peer through the ``signaling`` library.
 
 A helper publishes what it sees (peers joining and leaving, their RTT, relay states) through the
 publisher that ``attach`` gives it; the queue publishes the task and room changes itself.
+
+In P2P mode each room also gets a :class:`~p2pdiff.room_agent.RoomAgent` (``connect`` gives the
+helper the queue and the result store): the helper registers the browser app's six actions in
+the room and routes what arrives, peers coming and going, and the bus's queue events to it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdiff import events
+from p2pdiff import room_protocol as rp
 from p2pdiff.config import P2PConfig
+from p2pdiff.errors import BadRequest, Conflict
+from p2pdiff.queue import QueueManager
+from p2pdiff.results import ResultStore
+from p2pdiff.room_agent import RoomAgent
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,21 @@ log = logging.getLogger(__name__)
 # signaling library has no public change callbacks for these, and a dict comparison per room per
 # second costs nothing.
 WATCH_INTERVAL = 1.0
+
+
+#: Trystero wires a room can be joined with ("0.22": the published browser app; see README).
+WIRES = ("0.25", "0.22")
+DEFAULT_WIRE = "0.25"
+
+
+def check_wire(room: HelperRoom, wire: str | None) -> None:
+    """Conflict if a room the helper is in runs another wire than the one asked for: switching
+    means new connections for every peer, so it is an explicit leave and join, not a side effect."""
+    if wire is not None and wire != room.wire:
+        raise Conflict(
+            f"the helper is in room '{room.room_id}' with wire {room.wire}; leave it first to use {wire}",
+            code="wire_mismatch",
+        )
 
 
 def p2p_available() -> bool:
@@ -39,12 +63,23 @@ def p2p_available() -> bool:
 class HelperRoom:
     room_id: str
     joined_at: float = field(default_factory=time.time)
+    #: The Trystero wire the helper speaks in this room ("0.25" or "0.22").
+    wire: str = DEFAULT_WIRE
 
     def peers(self) -> list[dict[str, Any]]:
         return []
 
     def to_json(self) -> dict[str, Any]:
-        return {"roomId": self.room_id, "joinedAt": int(self.joined_at * 1000), "peers": self.peers()}
+        return {
+            "roomId": self.room_id,
+            "joinedAt": int(self.joined_at * 1000),
+            "wire": self.wire,
+            "peers": self.peers(),
+        }
+
+    def extra_stats(self) -> dict[str, Any]:
+        """More per-room numbers for /api/stats (P2P: GPU peers, protocol counters)."""
+        return {}
 
 
 class Helper(ABC):
@@ -62,8 +97,25 @@ class Helper(ABC):
             self._publish(type, room_id, data)
 
     @abstractmethod
-    async def join(self, room_id: str) -> HelperRoom:
-        """Join (or stay in) a room; idempotent."""
+    async def join(self, room_id: str, wire: str | None = None) -> HelperRoom:
+        """Join (or stay in) a room; idempotent. ``wire``: the Trystero wire for this room, None
+        for the configured default; Conflict if the helper is already in it with another wire."""
+
+    def connect(self, queue: QueueManager, results: ResultStore) -> None:
+        """The queue and result store the helper's rooms work with (P2P mode only uses them)."""
+        return  # API-only: no room to speak in
+
+    def on_event(self, event: events.Event) -> None:
+        """Every event of the app's bus (the helper tells its rooms about queue changes)."""
+        return  # API-only: no room to speak in
+
+    def set_dispatch(self, room_id: str, enabled: bool) -> None:
+        """Whether the helper hands this room's pending tasks to GPU peers (P2P mode)."""
+        return  # API-only: no room to speak in
+
+    def referenced_results(self) -> set[str]:
+        """Result files the helper holds for tasks not finished yet (kept by the results gc)."""
+        return set()
 
     @abstractmethod
     async def leave(self, room_id: str) -> bool:
@@ -86,13 +138,15 @@ class Helper(ABC):
 class ApiOnlyHelper(Helper):
     mode = "api-only"
 
-    def __init__(self) -> None:
+    def __init__(self, default_wire: str = DEFAULT_WIRE) -> None:
         self._rooms: dict[str, HelperRoom] = {}
+        self._default_wire = default_wire
 
-    async def join(self, room_id: str) -> HelperRoom:
+    async def join(self, room_id: str, wire: str | None = None) -> HelperRoom:
         room = self._rooms.get(room_id)
         if room is None:
-            room = self._rooms[room_id] = HelperRoom(room_id)
+            room = self._rooms[room_id] = HelperRoom(room_id, wire=wire or self._default_wire)
+        check_wire(room, wire)
         return room
 
     async def leave(self, room_id: str) -> bool:
@@ -115,12 +169,22 @@ def peer_json(info: Any) -> dict[str, Any]:
 @dataclass(slots=True)
 class P2PRoom(HelperRoom):
     handle: Any = None  # the signaling.Room
+    agent: RoomAgent | None = None  # None until the helper is connected to a queue
     # What the watcher last published, to publish changes only.
     seen_relays: dict[str, str] = field(default_factory=dict)
     seen_rtts: dict[str, float | None] = field(default_factory=dict)
 
+    def peer(self, info: Any) -> dict[str, Any]:
+        data = peer_json(info)
+        if self.agent is not None:
+            data.update(self.agent.peer_info(info.id))
+        return data
+
     def peers(self) -> list[dict[str, Any]]:
-        return [peer_json(info) for info in self.handle.peers.values()]
+        return [self.peer(info) for info in self.handle.peers.values()]
+
+    def extra_stats(self) -> dict[str, Any]:
+        return self.agent.stats() if self.agent is not None else {}
 
     def to_json(self) -> dict[str, Any]:
         data = HelperRoom.to_json(self)
@@ -138,44 +202,131 @@ class P2PHelper(Helper):
         import signaling  # here, so an api-only server never imports aiortc
 
         self._signaling = signaling
-        self._room_config = signaling.RoomConfig(
-            app_id=config.app_id,
-            strategy=config.strategy,
-            relay_urls=list(config.relay_urls),
-            password=config.password,
-            ice_servers=list(config.ice_servers),
-            ice_host_addresses=list(config.ice_host_addresses) or None,
-        )
+        self._room_settings: dict[str, Any] = {
+            "app_id": config.app_id,
+            "strategy": config.strategy,
+            "relay_urls": list(config.relay_urls),
+            "password": config.password,
+            "ice_servers": list(config.ice_servers),
+            "ice_host_addresses": list(config.ice_host_addresses) or None,
+        }
+        self._room_config = signaling.RoomConfig(**self._room_settings, wire=config.wire)
+        # One RoomConfig per wire (validated once); the default one above is made at start-up so
+        # a bad [p2p] section fails there, not at the first join.
+        self._room_configs: dict[str, Any] = {config.wire: self._room_config}
+        self._dispatch = config.dispatch
+        self._queue: QueueManager | None = None
+        self._results: ResultStore | None = None
         self._rooms: dict[str, P2PRoom] = {}
         self._session: Any = None  # created on first join: it needs the running loop
         self._watcher: asyncio.Task[None] | None = None
 
-    async def join(self, room_id: str) -> HelperRoom:
+    async def join(self, room_id: str, wire: str | None = None) -> HelperRoom:
         room = self._rooms.get(room_id)
         if room is not None:
+            check_wire(room, wire)
             return room
         if self._session is None:
             self._session = self._signaling.Session()
-        handle = self._signaling.join_room(self._room_config, room_id, session=self._session)
-        room = self._rooms[room_id] = P2PRoom(room_id, handle=handle)
+        wire = wire or self._room_config.wire
+        room_config = self._room_configs.get(wire)
+        if room_config is None:
+            try:
+                room_config = self._signaling.RoomConfig(**self._room_settings, wire=wire)
+            except ValueError as exc:  # e.g. a strategy that does not support this wire
+                raise BadRequest(f"cannot join with wire {wire}: {exc}", code="invalid_wire") from None
+            self._room_configs[wire] = room_config
+        # One session for both wires: its 0.22 rooms get their own connections (signaling.legacy).
+        handle = self._signaling.join_room(room_config, room_id, session=self._session)
+        room = self._rooms[room_id] = P2PRoom(room_id, wire=wire, handle=handle)
+        if self._queue is not None and self._results is not None:
+            room.agent = self._make_agent(room)
         handle.on_peer_join(lambda peer_id: self._peer_joined(room, peer_id))
         handle.on_peer_leave(lambda peer_id: self._peer_left(room, peer_id))
-        log.info("helper joining room %s as %s over %s", room_id, handle.self_id, self._room_config.strategy)
+        log.info(
+            "helper joining room %s as %s over %s (Trystero wire %s)",
+            room_id,
+            handle.self_id,
+            self._room_config.strategy,
+            wire,
+        )
         self.watch_once(room)
         if self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(), name="helper-watch")
         return room
+
+    def connect(self, queue: QueueManager, results: ResultStore) -> None:
+        self._queue = queue
+        self._results = results
+
+    def _make_agent(self, room: P2PRoom) -> RoomAgent:
+        assert self._queue is not None and self._results is not None
+        handle = room.handle
+        # Every action the app uses is registered at once: Trystero 0.22 drops messages for
+        # actions nobody registered, and 0.25 would queue them unread.
+        actions = {name: handle.make_action(name) for name in rp.ACTIONS}
+
+        async def send(action: str, payload: Any, target: str | None, metadata: Any) -> None:
+            await actions[action].send(payload, target=target, metadata=metadata)
+
+        def emit(type: str, data: dict[str, Any]) -> None:
+            peer = data.get("peer")
+            info = handle.peers.get(peer["id"]) if isinstance(peer, dict) else None
+            if info is not None:  # the API's full view of the peer, capabilities included
+                data = {**data, "peer": room.peer(info)}
+            self.emit(type, room.room_id, data)
+
+        agent = RoomAgent(
+            room.room_id,
+            self._queue,
+            self._results,
+            send=send,
+            self_id=handle.self_id,
+            active_peers=lambda: handle.peers.keys(),
+            emit=emit,
+            dispatch=self._dispatch,
+        )
+        for name, action in actions.items():
+            action.on_receive(
+                lambda payload, peer_id, metadata, name=name: agent.on_message(
+                    name, payload, peer_id, metadata
+                )
+            )
+        return agent
+
+    def on_event(self, event: events.Event) -> None:
+        room = self._rooms.get(event.room) if event.room is not None else None
+        targets = [room] if room is not None else list(self._rooms.values()) if event.room is None else []
+        for target in targets:
+            if target.agent is not None:
+                target.agent.on_event(event)
+
+    def set_dispatch(self, room_id: str, enabled: bool) -> None:
+        room = self._rooms.get(room_id)
+        if room is not None and room.agent is not None:
+            room.agent.set_dispatch(enabled)
+
+    def referenced_results(self) -> set[str]:
+        names: set[str] = set()
+        for room in self._rooms.values():
+            if room.agent is not None:
+                names |= room.agent.referenced_results()
+        return names
 
     def _peer_joined(self, room: P2PRoom, peer_id: str) -> None:
         log.info("room %s: peer %s joined", room.room_id, peer_id)
         info = room.handle.peers.get(peer_id)
         peer = peer_json(info) if info is not None else {"id": peer_id}
         self.emit(events.PEER_JOINED, room.room_id, {"peer": peer})
+        if room.agent is not None:
+            room.agent.on_peer_join(peer_id)
 
     def _peer_left(self, room: P2PRoom, peer_id: str) -> None:
         log.info("room %s: peer %s left", room.room_id, peer_id)
         room.seen_rtts.pop(peer_id, None)
         self.emit(events.PEER_LEFT, room.room_id, {"peer": {"id": peer_id}})
+        if room.agent is not None:
+            room.agent.on_peer_leave(peer_id)
 
     def watch_once(self, room: P2PRoom) -> None:
         """Publish relay state and peer RTT changes since the last look."""
@@ -193,7 +344,7 @@ class P2PHelper(Helper):
             first = peer_id not in room.seen_rtts
             room.seen_rtts[peer_id] = rtt
             if not (first and rtt is None):
-                self.emit(events.PEER_RTT, room.room_id, {"peer": peer_json(info)})
+                self.emit(events.PEER_RTT, room.room_id, {"peer": room.peer(info)})
         # Bounded by the room's active peers: forget the ones that are gone.
         for gone in room.seen_rtts.keys() - peers.keys():
             del room.seen_rtts[gone]
@@ -211,6 +362,8 @@ class P2PHelper(Helper):
         room = self._rooms.pop(room_id, None)
         if room is None:
             return False
+        if room.agent is not None:
+            await room.agent.close()
         await room.handle.leave()
         return True
 
@@ -233,8 +386,8 @@ def make_helper(config: P2PConfig) -> Helper:
     """The P2P helper when enabled and importable, else API-only (and a log line saying why)."""
     if not config.enabled:
         log.info("p2p disabled in config: running api-only")
-        return ApiOnlyHelper()
+        return ApiOnlyHelper(config.wire)
     if not p2p_available():
         log.warning("aiortc is not importable: running api-only")
-        return ApiOnlyHelper()
+        return ApiOnlyHelper(config.wire)
     return P2PHelper(config)

@@ -153,7 +153,7 @@ class StateCollector(Collector):
                 relay = mask_url(url)
                 for candidate in RELAY_STATES:
                     relays.add_metric([room.room_id, relay, candidate], 1 if state == candidate else 0)
-            stats = handle.stats
+            stats = getattr(handle, "stats", None) or {}
             traffic.add_metric([room.room_id, "in"], stats.get("bytes_in", 0))
             traffic.add_metric([room.room_id, "out"], stats.get("bytes_out", 0))
         yield peers

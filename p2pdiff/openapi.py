@@ -41,6 +41,7 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
 ID = {"type": "string", "pattern": f"^{validate.ID_RE.pattern}$"}
 STATUS = {"type": "string", "enum": list(validate.STATUSES)}
 MILLIS = {"type": "integer", "description": "milliseconds since the epoch, like Date.now()"}
+WIRE = {"type": "string", "enum": ["0.25", "0.22"], "description": "Trystero wire of the helper's room"}
 _STATUS_ALT = "|".join(validate.STATUSES)
 
 SCHEMAS: dict[str, Any] = {
@@ -178,6 +179,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "roomId": ID,
             "joinedAt": MILLIS,
+            "wire": WIRE,
             "peers": {"type": "array", "items": ref("Peer")},
             "selfId": {"type": "string", "description": "p2p mode: the helper's peer id"},
             "relays": {
@@ -283,6 +285,7 @@ SCHEMAS: dict[str, Any] = {
             "message": {"type": "string"},
             "roomId": ID,
             "mode": {"type": "string"},
+            "wire": WIRE,
         },
     },
     "Left": {
@@ -424,7 +427,7 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
             "joinRoom",
             "The helper joins the room (remembered across restarts); the body is optional",
             {202: (JSON, ref("Joined"))},
-            (400,),
+            (400, 409),
             params=(ROOM,),
             body="JoinOptions",
             body_required=False,
@@ -488,7 +491,47 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-SCHEMAS["JoinOptions"] = {"type": ["object", "null"], "description": "reserved; send {} (or null) or nothing"}
+SCHEMAS["JoinOptions"] = {
+    "type": ["object", "null"],
+    "description": "optional; send {} (or null) or nothing for the defaults",
+    "properties": {
+        "dispatch": {
+            **nullable({"type": "boolean"}),
+            "description": "hand this room's pending tasks to GPU peers (null or absent: [p2p] dispatch)",
+        },
+        "wire": {
+            **nullable(WIRE),
+            "description": "Trystero wire for this room (null or absent: [p2p] wire; 0.22 = the published "
+            "browser app), kept across restarts; 409 if the helper is in the room with the other one",
+        },
+    },
+}
+
+# The helper's view of the browser app's room (P2P mode; see docs/protocol.md).
+SCHEMAS["Peer"]["properties"]["capabilities"] = {
+    "type": "object",
+    "description": "what the peer announced: hasGPU, gpuName, memory, cores, gpuArchitecture?, ...",
+}
+SCHEMAS["RoomStats"]["properties"].update(
+    {
+        "gpuPeers": {"type": "integer", "minimum": 0, "description": "P2P: peers that announced hasGPU"},
+        "dispatch": {"type": "boolean", "description": "P2P: the helper hands tasks to GPU peers"},
+        "protocol": {
+            "type": "object",
+            "description": "P2P: messages by action, ignored ones by `<action>.<reason>`, dispatch counts",
+        },
+    }
+)
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+PATHS["/api/queue/{room_id}/{task_id}/result"] = {
+    "get": _op(
+        "getTaskResult",
+        "The task's result image (PNG, JPEG or WebP, as a peer delivered it); 404 if it has none",
+        {200: (IMAGE_TYPES, {"description": "the image bytes"})},
+        (400, 404),
+        params=(ROOM, TASK),
+    )
+}
 
 HEADERS = {
     "X-Request-Id": {

@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +121,8 @@ class Room:
     generated: int = 0
     last_activity: int = 0
     helper_joined: bool = False
+    # The Trystero wire the helper was asked to use here (None: the [p2p] default).
+    helper_wire: str | None = None
     # Insertion order is queue order: tasks are created in seq order and never re-inserted.
     tasks: dict[str, Task] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
@@ -203,6 +205,7 @@ class QueueManager:
                 generated=row.generated,
                 last_activity=row.last_activity,
                 helper_joined=row.helper_joined,
+                helper_wire=row.helper_wire,
             )
         for task in tasks:
             room = self._room(task.room_id)
@@ -229,10 +232,12 @@ class QueueManager:
         if self.publish is not None:
             self.publish(type, room_id, data)
 
-    def _emit_task(self, action: str, task: Task, position: int | None = None) -> None:
+    def _emit_task(
+        self, action: str, task: Task, position: int | None = None, reason: str | None = None
+    ) -> None:
         data: dict[str, Any] = {"task": task.to_json(position)}
         if action in ("requeue", "expire"):
-            data["reason"] = "lease_expired" if action == "expire" else "requeue"
+            data["reason"] = reason or ("lease_expired" if action == "expire" else "requeue")
         self._emit(ACTION_EVENT[action], task.room_id, data)
 
     def _room(self, room_id: str) -> Room:
@@ -338,6 +343,13 @@ class QueueManager:
             "runSeconds": _timing(runs),
         }
 
+    def pending_tasks(self, room_id: str) -> Iterator[Task]:
+        """A room's pending tasks in queue order (what the helper's dispatcher hands out)."""
+        room = self.rooms.get(room_id)
+        if room is None or not room.counts[PENDING]:
+            return iter(())
+        return (task for task in room.tasks.values() if task.status == PENDING)
+
     def helper_rooms(self) -> list[str]:
         return [room.id for room in self.rooms.values() if room.helper_joined]
 
@@ -376,7 +388,9 @@ class QueueManager:
         self._emit(events.TASK_CREATED, room_id, {"task": task.to_json(room.counts[PENDING])})
         return AddResult(task, room.counts[PENDING], created=True)
 
-    def update(self, room_id: str, task_id: str, update: TaskUpdate) -> Task:
+    def update(self, room_id: str, task_id: str, update: TaskUpdate, *, reason: str | None = None) -> Task:
+        """Apply one worker action. ``reason`` names why a requeue happened in its event (default
+        ``requeue``; the helper says ``worker_left`` when a peer holding the task leaves)."""
         room = self.rooms.get(room_id)
         task = self.get_task(room_id, task_id)
         assert room is not None
@@ -402,7 +416,83 @@ class QueueManager:
             task.error = update.error
         self._touch(room, now)
         self.store.save_task(task)
-        self._emit_task(update.action, task, room.position(task) if task.status == PENDING else None)
+        self._emit_task(update.action, task, room.position(task) if task.status == PENDING else None, reason)
+        return task
+
+    # -- writes on behalf of peers (the helper; see p2pdiff/room_agent.py) ------------------------
+    # The same transitions as REST, through update()/cancel(): peers get no rule of their own.
+
+    def upsert_from_peer(
+        self, room_id: str, new: NewTask, status: str = PENDING, worker: str | None = None
+    ) -> AddResult:
+        """A task a peer announced (the app's ``queue`` action). A new task is added and carried
+        forward to the state the peer reports (claim, then complete/fail; or cancel). A task we
+        know already is left alone: its state moves by progress and results, never backwards
+        because an older snapshot says so. The same id with another prompt or options is a
+        Conflict, as over REST."""
+        room = self.rooms.get(room_id)
+        existing = room.tasks.get(new.id) if room is not None and new.id is not None else None
+        if existing is not None:
+            if existing.prompt != new.prompt or existing.options != new.options:
+                raise Conflict(
+                    f"task '{new.id}' already exists in room '{room_id}' with a different prompt or options",
+                    code="task_exists",
+                )
+            return AddResult(existing, self.position(existing), created=False)
+        added = self.add(room_id, new)
+        task = added.task
+        if status in (PROCESSING, COMPLETE, FAILED):
+            self.update(room_id, task.id, TaskUpdate("claim", worker, None, None, None))
+            if status == COMPLETE:
+                self.update(room_id, task.id, TaskUpdate("complete", None, None, None, None))
+            elif status == FAILED:
+                self.update(room_id, task.id, TaskUpdate("fail", None, None, None, "failed on a peer"))
+        elif status == CANCELLED:
+            self.cancel(room_id, task.id)
+        return AddResult(task, self.position(task), created=True)
+
+    def _adopt(self, task: Task, worker: str) -> None:
+        # A processing task with no known worker (a peer announced it as processing without
+        # naming one) belongs to the first worker that reports on it. Not a state change.
+        if task.status == PROCESSING and task.claimed_by is None:
+            task.claimed_by = worker
+
+    def worker_progress(self, room_id: str, task_id: str, worker: str, progress: float) -> Task:
+        """Progress from a worker peer: a pending task is claimed by it first (a browser handed it
+        out); another worker's task is a Conflict (worker_mismatch), a finished one invalid."""
+        task = self.get_task(room_id, task_id)
+        if task.status == PENDING:
+            self.update(room_id, task_id, TaskUpdate("claim", worker, None, None, None))
+        self._adopt(task, worker)
+        return self.update(room_id, task_id, TaskUpdate("progress", worker, progress, None, None))
+
+    def worker_complete(self, room_id: str, task_id: str, worker: str, result: Any) -> Task:
+        """A worker's result: only a processing task it holds completes (pending: invalid)."""
+        self._adopt(self.get_task(room_id, task_id), worker)
+        return self.update(room_id, task_id, TaskUpdate("complete", worker, None, result, None))
+
+    def attach_result(self, room_id: str, task_id: str, worker: str, fields: dict[str, Any]) -> Task:
+        """Add ``fields`` (the stored image) to the result of a complete task, for the worker that
+        completed it (image bytes may come after the ``result`` message). Not a state change;
+        published as ``task.result``."""
+        room = self.rooms.get(room_id)
+        task = self.get_task(room_id, task_id)
+        assert room is not None
+        if task.status != COMPLETE:
+            raise InvalidTransition("attach a result to", task.status, COMPLETE)
+        if task.claimed_by != worker:
+            raise Conflict(
+                f"task '{task_id}' was completed by '{task.claimed_by}', not '{worker}'",
+                code="worker_mismatch",
+            )
+        result = dict(task.result) if isinstance(task.result, dict) else {"data": task.result}
+        result.update(fields)
+        task.result = result
+        now = now_ms(self.clock)
+        task.updated_at = now
+        self._touch(room, now)
+        self.store.save_task(task)
+        self._emit(events.TASK_RESULT, room_id, {"task": task.to_json()})
         return task
 
     def cancel(self, room_id: str, task_id: str) -> Task:
@@ -463,5 +553,14 @@ class QueueManager:
         if room.helper_joined == joined:
             return
         room.helper_joined = joined
+        if not joined:
+            room.helper_wire = None  # a wire choice lasts until the helper leaves the room
         self._touch(room, now_ms(self.clock))
         self._emit(events.HELPER_JOINED if joined else events.HELPER_LEFT, room_id, {"roomId": room_id})
+
+    def set_helper_wire(self, room_id: str, wire: str | None) -> None:
+        """Remember the wire the helper was asked to use in the room, for rejoining after a restart."""
+        room = self._room(room_id)
+        if room.helper_wire != wire:
+            room.helper_wire = wire
+            self._touch(room, now_ms(self.clock))

@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from p2pdiff import events, validate
+from p2pdiff.api import CORS
 from p2pdiff.errors import BadRequest, Unavailable
 from p2pdiff.keys import CONFIG, EVENTS
 
@@ -46,20 +47,6 @@ def _last_event_id(request: web.Request) -> int | None:
     except ValueError:
         message = f"Last-Event-ID must be an integer, got {raw[:40]!r}"
         raise BadRequest(message, code="invalid_event_id") from None
-
-
-def _cors_headers(request: web.Request) -> dict[str, str]:
-    """The CORS middleware adds its headers after the handler returns, which for a stream is after the
-    headers went out; so the stream sets them itself, by the same rule."""
-    origin = request.headers.get("Origin")
-    origins = request.app[CONFIG].server.cors_origins
-    if origin is None:
-        return {}
-    if "*" in origins:
-        return {"Access-Control-Allow-Origin": "*"}
-    if origin in origins:
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-    return {"Vary": "Origin"}
 
 
 def _frame(cursor: int, type: str, room: str | None, data: dict[str, Any]) -> bytes:
@@ -108,9 +95,11 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache, no-transform",
             "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
-            **_cors_headers(request),
         }
     )
+    # The middleware adds CORS headers after the handler returns, which for a stream is after the
+    # headers went out; so the stream sets them itself, by the same rule.
+    request.app[CORS].decorate(request, resp.headers)
     try:
         await resp.prepare(request)
         head = b"retry: %d\n\n" % RETRY_MS

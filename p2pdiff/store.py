@@ -57,6 +57,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         ],
     ),
+    (
+        2,
+        [
+            # The Trystero wire the helper was asked to use in the room (POST /api/join body);
+            # NULL = follow [p2p] wire, so changing the config still moves rooms joined without one.
+            "ALTER TABLE rooms ADD COLUMN helper_wire TEXT",
+        ],
+    ),
 ]
 
 TASK_COLUMNS = (
@@ -70,9 +78,11 @@ _UPSERT_TASK = (
     "progress=excluded.progress, result=excluded.result, error=excluded.error, requeues=excluded.requeues"
 )
 _UPSERT_ROOM = (
-    "INSERT INTO rooms (room_id, generated, last_activity, helper_joined) VALUES (?, ?, ?, ?) "
+    "INSERT INTO rooms (room_id, generated, last_activity, helper_joined, helper_wire) "
+    "VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (room_id) DO UPDATE SET generated=excluded.generated, "
-    "last_activity=excluded.last_activity, helper_joined=excluded.helper_joined"
+    "last_activity=excluded.last_activity, helper_joined=excluded.helper_joined, "
+    "helper_wire=excluded.helper_wire"
 )
 
 
@@ -86,6 +96,7 @@ class RoomRow:
     generated: int
     last_activity: int
     helper_joined: bool
+    helper_wire: str | None = None
 
 
 def _json_or_none(value: Any) -> str | None:
@@ -160,8 +171,10 @@ class Store:
         from p2pdiff.queue import Task
 
         rooms = [
-            RoomRow(id=r[0], generated=r[1], last_activity=r[2], helper_joined=bool(r[3]))
-            for r in self.db.execute("SELECT room_id, generated, last_activity, helper_joined FROM rooms")
+            RoomRow(id=r[0], generated=r[1], last_activity=r[2], helper_joined=bool(r[3]), helper_wire=r[4])
+            for r in self.db.execute(
+                "SELECT room_id, generated, last_activity, helper_joined, helper_wire FROM rooms"
+            )
         ]
         tasks = [
             Task(
@@ -227,7 +240,10 @@ class Store:
         )
 
     def save_room(self, room: Room) -> None:
-        self._write(_UPSERT_ROOM, (room.id, room.generated, room.last_activity, int(room.helper_joined)))
+        self._write(
+            _UPSERT_ROOM,
+            (room.id, room.generated, room.last_activity, int(room.helper_joined), room.helper_wire),
+        )
 
     def save_counter(self, name: str, value: int) -> None:
         self._write(

@@ -1,4 +1,4 @@
-"""A Trystero-compatible peer for Python (aiortc), wire 0.25, MQTT signalling.
+"""A Trystero-compatible peer for Python (aiortc): wire 0.25 or 0.22, MQTT, nostr or torrent signalling.
 
 ::
 
@@ -10,9 +10,11 @@
     await chat.send("hello")
 
 Layers (each module's docstring has the details): ``relays`` move signalling text;
-``strategy`` is Trystero's announce/offer/answer logic; ``peer`` is one RTCPeerConnection;
+``strategy`` is Trystero's announce/offer/answer logic (``pacing`` its announce schedule,
+``torrent_strategy`` the tracker flavour); ``peer`` is one RTCPeerConnection;
 ``wire`` holds the data-channel byte formats; ``session`` shares one connection per remote peer
-between the rooms of an app id and runs admission; ``room`` is the public API.
+between the rooms of an app id and runs admission; ``legacy`` is what ``wire="0.22"`` rooms do
+differently (and ``strangers`` spots peers of the other wire); ``room`` is the public API.
 """
 
 from signaling.config import DEFAULT_ICE_SERVERS, DEFAULT_RELAY_URLS, JoinConfig, Limits, RoomConfig, Timeouts

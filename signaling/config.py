@@ -7,11 +7,12 @@ wait on a remote party has a timer in :class:`Timeouts` (defaults are Trystero's
 Pluggable parts are looked up by name, so adding a transport or a wire version adds an entry
 here instead of a copy of the room code:
 
-- ``strategy`` selects the relay class (``RELAY_FACTORIES``; ``"mqtt"`` today, nostr/torrent later)
-  and its default relay list;
-- ``wire`` selects the data-channel wire module (``wire_module()``; ``"0.25"`` today, ``"0.22"``
-  later). Room and session code only use the names a wire module exports (``Decoder``,
-  ``RoomEncoder``, ``encode_presence``, ``ACTION_*``, ``PENDING_ACTIONS``, password helpers).
+- ``strategy`` selects the relay class (``RELAY_FACTORIES``: ``"mqtt"``, ``"nostr"``, ``"torrent"``)
+  and its default relay list (:meth:`RoomConfig.effective_relay_urls`);
+- ``wire`` selects the data-channel wire module (``wire_module()``: ``"0.25"`` or ``"0.22"``;
+  what the session and strategy do differently for 0.22 is in :mod:`signaling.legacy`). Room and
+  session code only use the names a wire module exports (``Decoder``, ``RoomEncoder``,
+  ``ACTION_*``, ...) and its capability flags (no presence frames, no admission in 0.22).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from dataclasses import dataclass, field, fields
 from types import ModuleType
 from typing import Any
 
-from signaling.relays import MqttRelay, Relay
-from signaling.wire import v025
+from signaling.relays import MqttRelay, NostrRelay, Relay
+from signaling.relays.nostr import default_relays
+from signaling.relays.torrent import default_trackers
+from signaling.wire import v022, v025
 
 __all__ = [
     "DEFAULT_ICE_SERVERS",
@@ -39,9 +42,23 @@ __all__ = [
 
 RelayFactory = Callable[[str], Relay]
 
-#: strategy name -> relay class. nostr and torrent plug in here (torrent also needs its own
-#: adapter in strategy.py: it announces offers instead of topics).
-RELAY_FACTORIES: dict[str, RelayFactory] = {"mqtt": MqttRelay}
+
+def _tracker_factory(url: str) -> Relay:
+    # A tracker client speaks as the session's selfId, which a URL alone does not carry, and it
+    # announces offers instead of topics: signaling.torrent_strategy creates its relays itself
+    # (RelayHub.acquire(..., factory=...)). The entry only makes "torrent" a known strategy.
+    raise TypeError(f"{url}: torrent relays are created by signaling.torrent_strategy")
+
+
+#: strategy name -> relay class. Topic strategies (mqtt, nostr) run on the generic RoomSignaller;
+#: torrent has its own signaller (signaling.torrent_strategy) on the same Negotiator.
+RELAY_FACTORIES: dict[str, RelayFactory] = {
+    "mqtt": MqttRelay,
+    # One key pair per process (Trystero: one per JS realm); per-relay event-id dedupe, as the
+    # strategy sends offers on every relay where it heard a peer.
+    "nostr": NostrRelay,
+    "torrent": _tracker_factory,
+}
 
 #: Trystero 0.25.4's default MQTT brokers, first 4 (its default redundancy), spec §3.
 DEFAULT_RELAY_URLS: dict[str, tuple[str, ...]] = {
@@ -57,7 +74,9 @@ DEFAULT_RELAY_URLS: dict[str, tuple[str, ...]] = {
 #: first STUN URL it is given, so one is all that matters.
 DEFAULT_ICE_SERVERS: tuple[str, ...] = ("stun:stun.l.google.com:19302",)
 
-_WIRES: dict[str, ModuleType] = {"0.25": v025}
+#: Wire version name -> module. What the session does differently per wire is read from the
+#: module's capability flags (signaling.legacy.traits), so a wire is one entry here.
+_WIRES: dict[str, ModuleType] = {"0.25": v025, "0.22": v022}
 
 
 def wire_module(name: str) -> ModuleType:
@@ -146,6 +165,9 @@ class Timeouts:
     #: Announce warm-up delays after subscribing, then the steady interval (spec §2.3).
     announce_warmup: tuple[float, ...] = (0.233, 0.533, 1.333)
     announce_interval: float = 60.0
+    #: ... stretched to this while the room has active peers and no negotiation (relay etiquette;
+    #: why this is safe and why not longer: signaling.pacing). Equal to announce_interval = off.
+    announce_interval_stable: float = 120.0
     #: A pending offer is re-sent on a relay only if it was last sent there this long ago
     #: (Trystero: 0.9 x 5333 ms).
     offer_resend: float = 0.9 * 5.333
@@ -192,6 +214,10 @@ class RoomConfig:
             known = ", ".join(RELAY_FACTORIES)
             raise ValueError(f"strategy {self.strategy!r} is not available (known: {known})")
         wire_module(self.wire)
+        if self.strategy == "torrent" and self.wire != "0.25":
+            # 0.22's torrent logic differs above the tracker (fresh offers per announce, every
+            # offer answered; spec §9.5); only the relay's TORRENT_022 policy exists so far.
+            raise ValueError(f"strategy 'torrent' supports wire 0.25 only, not {self.wire}")
         if isinstance(self.relay_urls, str):
             raise TypeError("relay_urls must be a list of URLs, not a string")
         self.relay_urls = tuple(dict.fromkeys(self.relay_urls))
@@ -205,7 +231,21 @@ class RoomConfig:
 
     @property
     def effective_relay_urls(self) -> tuple[str, ...]:
-        return tuple(self.relay_urls) or DEFAULT_RELAY_URLS.get(self.strategy, ())
+        """``relay_urls``, or the relays a Trystero browser of this app and wire picks by default.
+
+        Like Trystero's ``getRelays``, explicit URLs are used as given (its redundancy only trims
+        the default list). Nostr's defaults depend on the app id (a seeded shuffle of the public
+        relay list, spec §5), so every browser of the app meets on the same five relays.
+        """
+        if self.relay_urls:
+            return tuple(self.relay_urls)
+        if self.strategy == "nostr":
+            return tuple(default_relays(self.app_id, wire=self.wire))
+        if self.strategy == "torrent":
+            return tuple(default_trackers(wire=self.wire))
+        if self.strategy == "mqtt" and self.wire == "0.22":
+            return v022.PROFILE.mqtt.default_urls  # 0.22 has its own broker list (spec §9.3)
+        return DEFAULT_RELAY_URLS.get(self.strategy, ())
 
     @property
     def effective_ice_servers(self) -> tuple[Any, ...]:

@@ -39,12 +39,15 @@ class RelayHub:
         self._by_relay: dict[Relay, _Entry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def acquire(self, strategy: str, url: str) -> Relay:
-        """The relay for ``url`` (created and started in the background on first use)."""
+    def acquire(self, strategy: str, url: str, factory: RelayFactory | None = None) -> Relay:
+        """The relay for ``url`` (created and started in the background on first use).
+
+        ``factory`` overrides the strategy's registered one, for relays that need more than a URL
+        (the torrent signaller's tracker clients speak as the session's selfId)."""
         key = (strategy, url)
         entry = self._entries.get(key)
         if entry is None:
-            relay = self._factories[strategy](url)
+            relay = (factory or self._factories[strategy])(url)
             entry = self._entries[key] = self._by_relay[relay] = _Entry(relay)
             relay.on_message = lambda topic, text, e=entry: self._dispatch(e, topic, text)
             relay.on_state = lambda state, e=entry: self._state(e, state)

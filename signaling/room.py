@@ -20,8 +20,10 @@ Messages for an action nobody listens to yet are kept (bounded) and replayed to 
 listener, as Trystero does.
 
 Only peers that passed admission (``@_hsready``, and the password check if the room has a
-password) are *active*: they appear in ``peers``, fire ``on_peer_join`` and are the default
-targets. The connection, presence and admission machinery lives in :mod:`signaling.session`.
+password; on ``wire="0.22"``, which has no admission, an open channel) are *active*: they appear
+in ``peers``, fire ``on_peer_join`` and are the default targets. The connection, presence and
+admission machinery lives in :mod:`signaling.session`. On 0.22, action names are at most 12
+bytes and ``metadata`` is only allowed with binary payloads (ValueError otherwise, as JS throws).
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ Structure (spec §2.4, §6.3, §7):
     ``@_ping`` is answered with ``@_pong``; ``@_leave`` or presence(0) = the peer left the room; the
     connection closing = the peer left every room.
 
+Wire 0.22 (:mod:`signaling.legacy`): a 0.22 room gets an AppContext of its own, so its links are
+per (room, peer); the context skips presence frames, activates a peer as soon as its channel
+opens (no ``@_hsready``), closes a link as soon as its peer left the room, and finishes every
+chunk run it starts. Everything else (keepalive, ping, leave, caps) is the code above.
+
 Bad input from a peer never raises out of here: a frame the decoder cannot take (FramingError,
 e.g. a never-ending chunk stream past the reassembly caps) drops the connection; a bad JSON
 payload (PayloadError) drops that one message. Both are counted.
@@ -38,7 +43,7 @@ from collections import Counter
 from types import ModuleType
 from typing import Any
 
-from signaling import crypto
+from signaling import crypto, legacy
 from signaling.bounded import LruSet
 from signaling.config import RoomConfig, wire_module
 from signaling.errors import FramingError, HandshakeError, PayloadError
@@ -46,7 +51,8 @@ from signaling.framing import NO_METADATA
 from signaling.peer import ChannelNotOpen, MessageTooLarge, Peer
 from signaling.relay_hub import RelayHub
 from signaling.room import Binding, Room
-from signaling.strategy import Negotiator, RoomSignaller
+from signaling.strategy import RoomSignaller
+from signaling.torrent_strategy import signaller_class
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +74,19 @@ PROCESS_SELF_ID = crypto.gen_id(SELF_ID_LENGTH)
 class PeerLink:
     """The one connection to one remote peer of one app id, and which of our rooms use it."""
 
-    def __init__(self, app: AppContext, peer_id: str, peer: Peer) -> None:
+    def __init__(self, app: AppContext, peer_id: str, peer: Peer, token: str = "") -> None:
         self.app = app
         self.peer_id = peer_id
         self.peer = peer
         limits = app.config.limits
+        # Without room frames (0.22) the link serves one room: its decoder stamps that token on
+        # every event, so dispatch by token below works for both wires.
+        room_scope = {} if app.traits.room_frames else {"token": token}
         self.decoder = app.wire.Decoder(
             max_action_bytes=limits.max_action_bytes,
             max_pending=limits.max_pending_actions,
             max_buffered_bytes=limits.max_buffered_bytes,
+            **room_scope,
         )
         self.bindings: dict[str, Binding] = {}  # by room token
         self.remote_tokens: LruSet[str] = LruSet(limits.max_remote_tokens)
@@ -112,6 +122,13 @@ class PeerLink:
 
     async def send_frames(self, frames: list[bytes]) -> bool:
         """All frames of one send(), in order, with back-pressure; False if the channel closed."""
+        if self.app.traits.complete_runs and len(frames) > 1:
+            # A 0.22 receiver never purges a half-received run: finish it even if our caller is
+            # cancelled (bounded: this one send's frames), or it would corrupt a later send.
+            return await asyncio.shield(self._send_all(frames))
+        return await self._send_all(frames)
+
+    async def _send_all(self, frames: list[bytes]) -> bool:
         peer = self.peer
         try:
             for frame in frames:
@@ -175,13 +192,16 @@ class AppContext:
         self.app_id = config.app_id
         self.config = config  # the first room's: ICE settings and limits are per app (shared PCs)
         self.wire: ModuleType = wire_module(config.wire)
+        self.traits = legacy.traits(self.wire)
+        #: Key in Session.apps (legacy.context_key): the app id, or per room for 0.22.
+        self.key: legacy.ContextKey = config.app_id
         self.rooms: dict[str, Room] = {}
         self.rooms_by_token: dict[str, Room] = {}
         self.links: dict[str, PeerLink] = {}
         self.counters: Counter[str] = Counter()
         #: Bytes held in unfinished messages by all links (Limits.max_total_buffered_bytes).
         self.buffered_total = 0
-        self.negotiator = Negotiator(
+        self.negotiator = legacy.negotiator_class(self.wire)(
             self_id=session.self_id,
             links=self,
             limits=config.limits,
@@ -198,7 +218,7 @@ class AppContext:
         if config.wire != self.config.wire:
             raise ValueError(f"app {self.app_id!r} already uses wire {self.config.wire}, not {config.wire}")
         counters: Counter[str] = Counter()
-        signaller = RoomSignaller(
+        signaller = (legacy.signaller_class(self.wire) or signaller_class(config))(
             app_id=self.app_id,
             room_id=room_id,
             self_id=self.session.self_id,
@@ -212,14 +232,16 @@ class AppContext:
             counters=counters,
         )
         room = Room(self, config, room_id, signaller, counters)
+        signaller.has_active_peers = lambda: any(b.active for b in room.bindings.values())
         self.rooms[room_id] = room
         self.rooms_by_token[room.token] = room
         signaller.start()
-        presence = self.wire.encode_presence(room.token, True)
-        for link in list(self.links.values()):
-            link.send_nowait(presence)
-            if room.token in link.remote_tokens:
-                self.bind(link, room)
+        if self.traits.room_frames:
+            presence = self.wire.encode_presence(room.token, True)
+            for link in list(self.links.values()):
+                link.send_nowait(presence)
+                if room.token in link.remote_tokens:
+                    self.bind(link, room)
         log.info("joined room %s of app %s as %s", room_id, self.app_id, self.session.self_id)
         return room
 
@@ -237,9 +259,10 @@ class AppContext:
             self.unbind(binding, "we left", notify=False)
         del self.rooms[room.room_id]
         self.rooms_by_token.pop(room.token, None)
-        presence = self.wire.encode_presence(room.token, False)
+        presence = self.wire.encode_presence(room.token, False) if self.traits.room_frames else None
         for link in list(self.links.values()):
-            link.send_nowait(presence)
+            if presence is not None:
+                link.send_nowait(presence)
             if not link.bindings:
                 self._schedule_idle(link)
         await room.signaller.stop()
@@ -293,10 +316,11 @@ class AppContext:
             self.counters["dropped.connection_cap"] += 1
             self._close_peer(peer, "connection cap")
             return
-        link = self.links[peer_id] = PeerLink(self, peer_id, peer)
+        link = self.links[peer_id] = PeerLink(self, peer_id, peer, room.token)
         log.info("connected to peer %s (app %s, via room %s)", peer_id, self.app_id, room.room_id)
-        for token in self.rooms_by_token:
-            link.send_nowait(self.wire.encode_presence(token, True))
+        if self.traits.room_frames:
+            for token in self.rooms_by_token:
+                link.send_nowait(self.wire.encode_presence(token, True))
         target = self.rooms_by_token.get(room.token)
         if target is not None and not target.left:
             self.bind(link, target)
@@ -350,7 +374,9 @@ class AppContext:
     def _schedule_idle(self, link: PeerLink) -> None:
         if link.closed or link.bindings:
             return
-        if not self.rooms:
+        if not self.rooms or not self.traits.shared_connections:
+            # 0.22: a connection serves one room; once the peer left it, it is done (JS closes
+            # its side too).
             self.drop_link(link, "no rooms left", quiet=True)
             return
         if link.idle_timer is None:
@@ -433,13 +459,16 @@ class AppContext:
                 if not waiter.done():
                     waiter.set_result(None)
                     break
+        elif action == wire.ACTION_LEAVE:
+            self.unbind(binding, "left the room")
+        elif not self.traits.admission:
+            # 0.22 has no handshake actions; @_signal/@_stream/@_track are unsupported below.
+            room.counters["dropped.unsupported_internal"] += 1
         elif action == wire.ACTION_HSREADY:
             binding.remote_ready = True
             self._maybe_activate(binding)
         elif action == wire.ACTION_HSDATA:
             self._on_hsdata(binding, payload)
-        elif action == wire.ACTION_LEAVE:
-            self.unbind(binding, "left the room")
         else:
             # @_signal (media renegotiation), @_stream, @_track, @_response: nothing to do for a
             # data-only peer without request actions.
@@ -458,6 +487,11 @@ class AppContext:
         if link.idle_timer is not None:
             link.idle_timer.cancel()
             link.idle_timer = None
+        if not self.traits.admission:
+            # 0.22: active as soon as the channel is open; nothing to send (spec §9.6).
+            binding.local_passed = binding.remote_ready = True
+            self._maybe_activate(binding)
+            return binding
         loop = asyncio.get_running_loop()
         binding.timer = loop.call_later(room.config.timeouts.handshake, self._handshake_expired, binding)
         wire = self.wire
@@ -556,7 +590,9 @@ class Session:
     def __init__(self, self_id: str | None = None) -> None:
         self.self_id = self_id or crypto.gen_id(SELF_ID_LENGTH)
         self.hub = RelayHub()
-        self.apps: dict[str, AppContext] = {}
+        #: By legacy.context_key: the app id (0.25: connections shared by the app's rooms), or
+        #: (app id, wire, room id) for a wire without shared connections (0.22).
+        self.apps: dict[legacy.ContextKey, AppContext] = {}
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
@@ -569,25 +605,38 @@ class Session:
             raise RuntimeError("session is closed")
         if not isinstance(room_id, str) or not room_id:
             raise ValueError("room_id must be a non-empty string")
-        app = self.apps.get(config.app_id)
-        if app is None:
-            app = self.apps[config.app_id] = AppContext(self, config)
-        room = app.rooms.get(room_id)
+        key = legacy.context_key(config, room_id, wire_module(config.wire))
+        app = self.apps.get(key)
+        room = app.rooms.get(room_id) if app is not None else None
         if room is not None:
             return room
+        for other in self.apps.values():
+            # Both wires use the same topics for a room: one session cannot be in it twice.
+            if other.app_id == config.app_id and room_id in other.rooms:
+                raise ValueError(
+                    f"room {room_id!r} of app {config.app_id!r} is already joined"
+                    f" with wire {other.config.wire}"
+                )
+        if app is None:
+            app = self.apps[key] = AppContext(self, config)
+            app.key = key
         return app.add_room(config, room_id)
 
     def rooms(self) -> list[Room]:
         return [room for app in self.apps.values() for room in app.rooms.values()]
 
-    def links(self, app_id: str) -> dict[str, PeerLink]:
-        """Open connections of an app id by remote peer id (diagnostics and tests)."""
-        app = self.apps.get(app_id)
+    def links(self, app_id: str, room_id: str | None = None) -> dict[str, PeerLink]:
+        """Open connections of an app id by remote peer id (diagnostics and tests); with
+        ``room_id``, those of the context serving that room (a 0.22 room has its own)."""
+        if room_id is None:
+            app = self.apps.get(app_id)
+        else:
+            app = next((a for a in self.apps.values() if a.app_id == app_id and room_id in a.rooms), None)
         return dict(app.links) if app is not None else {}
 
     async def app_done(self, app: AppContext) -> None:
-        if self.apps.get(app.app_id) is app and not app.rooms:
-            del self.apps[app.app_id]
+        if self.apps.get(app.key) is app and not app.rooms:
+            del self.apps[app.key]
             await app.close()
 
     async def close(self) -> None:

@@ -5,8 +5,10 @@ Two classes, split along what is shared:
 :class:`RoomSignaller` (one per joined room)
     Subscribes the room's self topic, then its root topic, on every relay of the room; announces
     ``{"peerId":S}`` on the root topic right after subscribing, then after 233, 533 and 1333 ms,
-    then every 60 s (spec §2.3), and again at once after a relay reconnects. Parses and validates
-    every relay message exactly as JS does (§2.1) and hands valid ones to the app's negotiator.
+    then every 60 s (spec §2.3), and again at once after a relay reconnects (cadence, relay
+    rate-limit pauses and the stretch in stable rooms: :mod:`signaling.pacing`). Parses and
+    validates every relay message exactly as JS does (§2.1) and hands valid ones to the app's
+    negotiator.
     Knows the room's topics and AES key; sends signals to a peer's self topic on one relay.
 
 :class:`Negotiator` (one per app id, shared by its rooms)
@@ -34,7 +36,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -44,9 +46,11 @@ from signaling import crypto
 from signaling.bounded import LruDict, LruSet, TokenBucket
 from signaling.config import Limits, Timeouts
 from signaling.errors import DecryptError
+from signaling.pacing import AnnouncePacer
 from signaling.peer import InvalidDescription, Peer, PeerError
 from signaling.relay_hub import RelayHub
 from signaling.relays import Relay, RelayState
+from signaling.strangers import ForeignWireWatch
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +146,20 @@ class RoomSignaller:
         limits: Limits,
         timeouts: Timeouts,
         counters: Counter[str],
+        wire: str = "0.25",
     ) -> None:
         self.app_id = app_id
         self.room_id = room_id
         self.self_id = self_id
+        #: Peers heard here that speak another Trystero wire (signaling.strangers): logged once,
+        #: then ignored, and any negotiation with them is abandoned.
+        self.strangers = ForeignWireWatch(
+            wire=wire,
+            room_id=room_id,
+            counters=counters,
+            on_stranger=lambda peer_id: negotiator.drop_peer(peer_id, self),
+            max_peer_id_length=limits.max_peer_id_length,
+        )
         self.token = crypto.room_token(app_id, room_id)
         self.key = crypto.derive_key(password, app_id, room_id)
         self.root_topic = crypto.root_topic(app_id, room_id)
@@ -164,6 +178,8 @@ class RoomSignaller:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self._peer_topics: LruDict[str, str] = LruDict(256)
+        #: Whether the room has an active peer (set by the session); stretches announces (pacing).
+        self.has_active_peers: Callable[[], bool] = lambda: False
 
     def __repr__(self) -> str:
         return f"<RoomSignaller {self.app_id}/{self.room_id}>"
@@ -231,28 +247,47 @@ class RoomSignaller:
         await asyncio.gather(*acks)
         wakeup = self._wakeups[url]
         wakeup.clear()
-        warmup = self._timeouts.announce_warmup
-        attempt = 0
+        pacer = AnnouncePacer(
+            warmup=self._timeouts.announce_warmup,
+            interval=self._timeouts.announce_interval,
+            stable_interval=self._timeouts.announce_interval_stable,
+            stable=self._is_stable,
+            # nostr relays pause announces after a rate-limit answer; other relays never do
+            backoff=lambda: float(getattr(relay, "announce_backoff", 0.0)),
+            counters=self.counters,
+        )
         while True:
             delay: float | None = None
             if relay.state == "connected":
-                relay.publish(self.root_topic, self._announce_text)
-                self.counters["announces_out"] += 1
-                delay = warmup[attempt] if attempt < len(warmup) else self._timeouts.announce_interval
-                attempt += 1
+                delay = pacer.due_in()
+                if delay <= 0:
+                    relay.publish(self.root_topic, self._announce_text)
+                    self.counters["announces_out"] += 1
+                    pacer.sent()
+                    delay = pacer.due_in()
             try:
                 async with asyncio.timeout(delay):
                     await wakeup.wait()
             except TimeoutError:
                 continue
             wakeup.clear()
-            attempt = 0
+            pacer.restart()
+
+    def _is_stable(self) -> bool:
+        """Active peers and no negotiation running over this room (signaling.pacing)."""
+        if not self.has_active_peers():
+            return False
+        return not any(n.room is self for n in self._negotiator.pending.values())
 
     def _on_text(self, url: str, topic: str, text: str) -> None:
         if self._stopped:
             return
         self.counters["signals_in"] += 1
         parsed = parse_signal(text, self.self_id, self._limits)
+        # A 0.22 peer's object-shaped offer/answer fails parse_signal as a bad field.
+        peer_id = None if isinstance(parsed, str) else parsed.peer_id
+        if self.strangers.screen(text, peer_id, suspicious=parsed == "relay_bad_field"):
+            return
         if isinstance(parsed, str):
             if parsed != "relay_own":
                 self.counters[f"dropped.{parsed}"] += 1
@@ -345,6 +380,12 @@ class Negotiator:
         """Abandon negotiations that run over ``room``'s topics (the room is being left)."""
         for neg in [n for n in self._pending.values() if n.room is room]:
             self._drop(neg, "room left")
+
+    def drop_peer(self, peer_id: str, room: RoomSignaller) -> None:
+        """Abandon a negotiation with ``peer_id`` found via ``room`` (it speaks another wire)."""
+        neg = self._pending.get(peer_id)
+        if neg is not None and neg.room is room:
+            self._drop(neg, "speaks another Trystero wire")
 
     async def close(self) -> None:
         self._closed = True
@@ -497,10 +538,66 @@ class Negotiator:
             return
         # Its offer (or our negotiation) is not there yet: relays may reorder; keep a few.
         held = self._early.setdefault((sig.peer_id, sig.offer_id), list)
+        if plain in held:
+            return  # the same candidate via another relay (JS trickles on every relay it heard us on)
         if len(held) < self._limits.early_candidates_per_key:
             held.append(plain)
         else:
             room.counters["dropped.early_candidate_overflow"] += 1
+
+    # ------------------------------------------------------------------ pooled offers (torrent)
+
+    def busy_with(self, peer_id: str) -> bool:
+        """A live connection to ``peer_id`` exists, or a negotiation with it runs."""
+        return self._links.is_connected(peer_id) or peer_id in self._pending
+
+    def new_offer_peer(self) -> Peer:
+        """An initiator Peer for an offer that names no remote peer yet (torrent's offer pool)."""
+        return self._links.make_peer(True, "offer-pool")  # renamed once an answer names the peer
+
+    def adopt_answer(
+        self,
+        room: RoomSignaller,
+        peer_id: str,
+        offer_id: str,
+        sealed: str,
+        claim: Callable[[], Peer | None],
+    ) -> bool:
+        """``peer_id`` answered one of ``room``'s pooled offers (torrent announces offers before
+        anyone is chosen to get them, so only the answer names the peer).
+
+        ``claim()`` takes the offer's Peer out of the pool; it is called only once the answer is
+        known to be wanted: decryptable (so a forged answer cannot burn our offers), from a peer
+        we are not connected to or negotiating with, and admitted by the caps. The Peer then
+        becomes that peer's negotiation, as if we had offered to it directly. Returns whether
+        the answer was taken.
+        """
+        if self._closed:
+            return False
+        if self._links.is_connected(peer_id):
+            self._links.on_signal_from_connected(peer_id, room)
+            return False
+        if peer_id in self._pending:
+            # e.g. it answered one of ours while we answer one of its (possible only when our
+            # pool was empty): the negotiation already running goes on.
+            room.counters["dropped.duplicate_negotiation"] += 1
+            return False
+        try:
+            sdp = crypto.decrypt(room.key, sealed)
+        except DecryptError as exc:
+            self._decrypt_failed(room, peer_id, "answer", exc)
+            return False
+        if not self._admit_new(room):
+            return False
+        peer = claim()
+        if peer is None:
+            room.counters["dropped.unexpected_answer"] += 1  # claimed or expired meanwhile
+            return False
+        neg = Negotiation(peer_id, "offerer", peer, room, offer_id, answered=True)
+        self._register(neg, self._timeouts.connect)
+        self._spawn(neg, self._apply_answer(neg, sdp))
+        log.debug("room %s: %s answered pooled offer %s", room.room_id, peer_id, offer_id)
+        return True
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -14,8 +14,25 @@ from p2pdiff.config import P2PConfig
 RELAY = "mqtt://127.0.0.1:1883"
 
 
+class FakeAction:
+    """``signaling.Action``: records what is sent; ``deliver`` plays a message from a peer."""
+
+    def __init__(self, room: FakeRoom, name: str) -> None:
+        self.room = room
+        self.name = name
+        self.handler: Any = None
+        self.sent: list[tuple[Any, Any, Any]] = []  # (payload, target, metadata)
+
+    async def send(self, payload: Any, target: Any = None, metadata: Any = None) -> None:
+        self.sent.append((payload, target, metadata))
+
+    def on_receive(self, callback: Any) -> Any:
+        self.handler = callback
+        return callback
+
+
 class FakeRoom:
-    """What P2PHelper uses of ``signaling.Room``: peers, relay states, join/leave callbacks."""
+    """What P2PHelper uses of ``signaling.Room``: peers, relay states, join/leave callbacks, actions."""
 
     self_id = "helper-self-id"
 
@@ -24,6 +41,22 @@ class FakeRoom:
         self.relay_states: dict[str, str] = {RELAY: "connecting"}
         self.joins: list[Any] = []
         self.leaves: list[Any] = []
+        self.actions: dict[str, FakeAction] = {}
+
+    def make_action(self, name: str) -> FakeAction:
+        if name not in self.actions:
+            self.actions[name] = FakeAction(self, name)
+        return self.actions[name]
+
+    def deliver(self, name: str, payload: Any, peer_id: str, metadata: Any = None) -> None:
+        """A message from ``peer_id`` on action ``name`` (dropped if nobody registered it, as 0.22 does)."""
+        action = self.actions.get(name)
+        if action is not None and action.handler is not None:
+            action.handler(payload, peer_id, metadata)
+
+    def sent(self, name: str) -> list[tuple[Any, Any, Any]]:
+        action = self.actions.get(name)
+        return list(action.sent) if action is not None else []
 
     def on_peer_join(self, cb: Any) -> Any:
         self.joins.append(cb)

@@ -283,6 +283,7 @@ async def test_join_is_remembered_across_restart(make_client: ClientFactory, con
         "message": data["message"],
         "roomId": "room1",
         "mode": "api-only",
+        "wire": "0.25",
     }
     resp = await client.post("/api/join/room2", json={})
     assert resp.status == 202
@@ -301,6 +302,36 @@ async def test_join_is_remembered_across_restart(make_client: ClientFactory, con
     assert_error(await resp.json(), "room_not_joined")
     resp = await client.post("/api/join/r", data=b"[1]", headers={"Content-Type": "application/json"})
     assert resp.status == 400
+
+
+async def test_join_with_a_wire(make_client: ClientFactory, config: Config) -> None:
+    """A per-room Trystero wire: validated, shown in /api/health, kept across restarts."""
+    client = await make_client(config)
+    resp = await client.post("/api/join/old", json={"wire": "0.22"})
+    assert resp.status == 202 and (await resp.json())["wire"] == "0.22"
+    assert (await client.post("/api/join/new")).status == 202
+    assert (await client.post("/api/join/old", json={"wire": None})).status == 202  # stays 0.22
+    for bad in ("0.23", 0.22, "", ["0.22"]):
+        resp = await client.post("/api/join/x", json={"wire": bad})
+        assert resp.status == 400
+        assert_error(await resp.json(), "invalid_wire")
+    resp = await client.post("/api/join/old", json={"wire": "0.25"})
+    assert resp.status == 409
+    assert_error(await resp.json(), "wire_mismatch")
+    health = await (await client.get("/api/health")).json()
+    assert {r["roomId"]: r["wire"] for r in health["p2p"]["rooms"]} == {"old": "0.22", "new": "0.25"}
+    await client.close()
+
+    # After a restart the explicit choice sticks; the room joined without one follows the config.
+    config.p2p.wire = "0.22"
+    client = await make_client(config)
+    health = await (await client.get("/api/health")).json()
+    assert {r["roomId"]: r["wire"] for r in health["p2p"]["rooms"]} == {"old": "0.22", "new": "0.22"}
+    # leaving forgets the choice; joining again picks anew
+    assert (await client.delete("/api/join/old")).status == 200
+    resp = await client.post("/api/join/old", json={"wire": "0.25"})
+    assert resp.status == 202 and (await resp.json())["wire"] == "0.25"
+    await client.close()
 
 
 async def test_rooms_from_config_are_joined_at_start(make_client: ClientFactory, config: Config) -> None:

@@ -231,6 +231,14 @@ async def test_dashboard_shows_peers_rtt_and_relays(
     room.relay_states["mqtt://127.0.0.1:1883"] = "connected"
     helper.watch_once(helper.room("mesh"))
     await expect(peer.first.locator(".rtt")).to_have_text("23.5 ms")
+    # What a browser of the app announces (`capabilities` action) shows up on its row, live.
+    room.deliver(
+        "capabilities",
+        {"hasGPU": True, "gpuName": "Apple M2", "memory": 8, "cores": 8},
+        "peer-b81e55d0c3aa4f7e8d02",
+    )
+    caps = card.locator('.peer:has(code[title="peer-b81e55d0c3aa4f7e8d02"]) .cap')
+    await expect(caps).to_have_text(["hasGPU", "gpuName: Apple M2", "memory: 8", "cores: 8"])
     await expect(card.locator(".relay")).to_have_text("127.0.0.1:1883: connected")
     await expect(page.locator('[data-total="peers"]')).to_have_text("2")
 

@@ -4,6 +4,7 @@ import pytest
 
 from p2pdiff import helper as helper_module
 from p2pdiff.config import P2PConfig
+from p2pdiff.errors import BadRequest, Conflict
 from p2pdiff.helper import ApiOnlyHelper, make_helper
 
 
@@ -28,3 +29,24 @@ async def test_api_only_helper_remembers_rooms() -> None:
     assert helper.peer_count() == 0
     assert await helper.leave("r1") is True
     assert await helper.leave("r1") is False
+
+
+async def test_api_only_helper_keeps_a_room_on_its_wire() -> None:
+    helper = ApiOnlyHelper(default_wire="0.22")
+    assert (await helper.join("r1")).wire == "0.22"
+    assert (await helper.join("r2", "0.25")).to_json()["wire"] == "0.25"
+    assert await helper.join("r2") is helper.room("r2")  # no wire: whatever it runs
+    with pytest.raises(Conflict) as err:
+        await helper.join("r2", "0.22")
+    assert err.value.code == "wire_mismatch"
+
+
+async def test_p2p_helper_refuses_a_wire_its_strategy_lacks() -> None:
+    """Torrent has no 0.22 strategy yet: a 400 for that join, not a crash."""
+    helper = make_helper(P2PConfig(strategy="torrent", relay_urls=["ws://127.0.0.1:9"]))
+    try:
+        with pytest.raises(BadRequest) as err:
+            await helper.join("r", "0.22")
+        assert err.value.code == "invalid_wire" and helper.rooms() == []
+    finally:
+        await helper.close()

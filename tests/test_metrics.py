@@ -31,10 +31,10 @@ class FakeHandle:
 class FakeP2PHelper(ApiOnlyHelper):
     mode = "p2p"
 
-    async def join(self, room_id: str) -> HelperRoom:
+    async def join(self, room_id: str, wire: str | None = None) -> HelperRoom:
         room = self._rooms.get(room_id)
         if room is None:
-            room = self._rooms[room_id] = P2PRoom(room_id, handle=FakeHandle())
+            room = self._rooms[room_id] = P2PRoom(room_id, wire=wire or "0.25", handle=FakeHandle())
         return room
 
 

@@ -101,7 +101,11 @@ def _document() -> dict[str, Any]:
 # Loaded at import from the app itself (schemathesis' lazy fixture loader does not run on pytest 9).
 DOCUMENT = _document()
 schema = schemathesis.openapi.from_dict(DOCUMENT).exclude(path=NOT_FUZZED)
-schema.config.generation.update(max_examples=FUZZ_EXAMPLES, modes=["positive", "negative"])
+# Deterministic: CI runs the same examples every time (a failure reproduces); more with FUZZ_EXAMPLES.
+# No example database: nothing written to the work tree.
+schema.config.generation.update(
+    max_examples=FUZZ_EXAMPLES, modes=["positive", "negative"], deterministic=True, database="none"
+)
 
 
 # (operation, status) -> count over the whole run, checked by the last test: the fuzz must have

@@ -231,6 +231,7 @@ async def test_cors_preflight_allows_the_authorization_header(
     # A refusal still carries CORS headers, so the page can read the 401.
     resp = await client.patch("/api/queue/r/t1", json={}, headers={"Origin": "https://app.example"})
     assert resp.status == 401 and resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "X-Request-Id" in resp.headers["Access-Control-Expose-Headers"]
 
 
 # -- secrets never leave the process ------------------------------------------------------------

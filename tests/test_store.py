@@ -42,15 +42,50 @@ async def test_migration_path_keeps_data(tmp_path: Path, monkeypatch: pytest.Mon
     queue.add("r", new("t1"))
     await queue.flush()
     store.close()
-    v2 = (2, ["ALTER TABLE tasks ADD COLUMN note TEXT", "UPDATE tasks SET note = 'migrated'"])
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, v2])
+    following = store_module.MIGRATIONS[-1][0] + 1
+    step = (following, ["ALTER TABLE tasks ADD COLUMN note TEXT", "UPDATE tasks SET note = 'migrated'"])
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, step])
     store = Store(path)
     store.open()
-    assert store.schema_version() == 2
+    assert store.schema_version() == following
     assert store.db.execute("SELECT id, note FROM tasks").fetchall() == [("t1", "migrated")]
     again = QueueManager(store, lease_seconds=10)
     again.load()
     assert [t["id"] for t in again.list_tasks("r")] == ["t1"]
+
+
+async def test_v1_store_gains_the_helper_wire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Schema 2 adds rooms.helper_wire: rooms of a v1 store keep everything and follow the default."""
+    path = tmp_path / "s.sqlite3"
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+    v1 = Store(path)
+    v1.open()
+    v1.db.execute(
+        "INSERT INTO rooms (room_id, generated, last_activity, helper_joined) VALUES ('old', 3, 7, 1)"
+    )
+    v1.close()
+    monkeypatch.undo()
+
+    store = Store(path)
+    store.open()
+    assert store.schema_version() == 2
+    queue = QueueManager(store, lease_seconds=10)
+    queue.load()
+    room = queue.get_room("old")
+    assert room is not None and (room.generated, room.helper_joined, room.helper_wire) == (3, True, None)
+    queue.set_helper_wire("old", "0.22")
+    await queue.flush()
+    store.close()
+
+    store = Store(path)
+    store.open()
+    queue = QueueManager(store, lease_seconds=10)
+    queue.load()
+    assert queue.get_room("old").helper_wire == "0.22"  # type: ignore[union-attr]
+    queue.set_helper_joined("old", False)  # leaving forgets the choice
+    await queue.flush()
+    assert store.db.execute("SELECT helper_wire FROM rooms").fetchall() == [(None,)]
+    store.close()
 
 
 async def test_concurrent_commits_share_one_transaction(tmp_path: Path) -> None:

@@ -183,7 +183,7 @@ function applyEvent(ev) {
   const d = ev.data || {};
   switch (ev.type) {
     case 'task.created': case 'task.claimed': case 'task.progress': case 'task.complete':
-    case 'task.failed': case 'task.cancelled': case 'task.requeued': {
+    case 'task.failed': case 'task.cancelled': case 'task.requeued': case 'task.result': {
       const r = room(d.task.roomId);
       if (r.loading) r.touched.add(d.task.id);
       upsertTask(d.task);
@@ -198,7 +198,7 @@ function applyEvent(ev) {
       r.helperJoined = false; r.relays = {}; r.peers.clear();
       break;
     }
-    case 'peer.joined': case 'peer.rtt':
+    case 'peer.joined': case 'peer.rtt': case 'peer.capabilities':
       room(ev.room).peers.set(d.peer.id, { ...(room(ev.room).peers.get(d.peer.id) || {}), ...d.peer });
       break;
     case 'peer.left':

@@ -69,6 +69,20 @@ async def test_rest_join_meets_a_trystero_peer_and_leave_is_seen(
         stats = await (await client.get("/api/stats")).json()
         assert stats["peers"] == 1 and stats["helperRooms"] == ["lobby"]
         assert [p["id"] for p in stats["rooms"]["lobby"]["peers"]] == [js.self_id]
+        # /metrics reads the real signaling.Room: peers, relay state, data-channel traffic (the ping).
+        metrics = await (await client.get("/metrics")).text()
+        assert 'p2pdiff_peers{room="lobby"} 1.0' in metrics
+        relay = mosquitto.ws_url
+        assert f'p2pdiff_relay_state{{relay="{relay}",room="lobby",state="connected"}} 1.0' in metrics
+        traffic = {
+            direction: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('p2pdiff_datachannel_bytes_total{direction="')
+            for direction in ("in", "out")
+            if f'direction="{direction}"' in line
+        }
+        # In: the ping's frames; out counts app actions only (the helper has sent none yet).
+        assert traffic["in"] > 0 and traffic["out"] >= 0, traffic
 
         resp = await client.delete("/api/join/lobby")
         assert resp.status == 200

@@ -1,0 +1,229 @@
+"""Result images: files under the data directory, referenced from their task, served over REST.
+
+Peers deliver a finished image as ``chunk`` bytes or as a ``data:`` URL in ``result.data`` (see
+``room_protocol``). The helper stores the bytes here and puts a small reference into the task's
+result (``image: {path, sha256, size, contentType, url}``); the task row stays small, and
+``GET /api/queue/{room}/{task}/result`` serves the file.
+
+Files are named by their SHA-256 (``<sha256>.png``): no name a peer chooses ever reaches the file
+system (room and task ids may contain ``..``), identical images are stored once, and a half-written
+file is never visible under its final name (written to a temporary name, then renamed). With
+``[store] synchronous = "full"`` the file is fsynced before the task that references it commits,
+so a committed reference survives a power cut like the task does.
+
+Files no task references any more (their tasks were pruned by retention) are removed by ``gc``,
+run on the retention sweep's schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from p2pdiff import validate
+from p2pdiff.config import Config
+from p2pdiff.errors import NotFound
+from p2pdiff.room_protocol import IMAGE_EXTENSIONS, NOT_AN_IMAGE, TOO_LARGE, ProtocolError, sniff_image
+
+log = logging.getLogger(__name__)
+
+# The only names this module ever opens: what save() writes.
+FILE_RE = re.compile(r"[0-9a-f]{64}\.(?:png|jpg|webp)")
+# gc keeps files younger than this even if nothing references them yet: an image can arrive
+# before the result message that attaches it to its task.
+GC_MIN_AGE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    path: str  # the file's name under the results directory
+    sha256: str
+    size: int
+    content_type: str
+
+    def to_json(self, room_id: str, task_id: str) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "size": self.size,
+            "contentType": self.content_type,
+            "url": f"/api/queue/{room_id}/{task_id}/result",
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> StoredImage | None:
+        """The reference in a task's result (None if absent or not one of ours)."""
+        if not isinstance(data, dict):
+            return None
+        path, sha, size, ctype = (data.get(k) for k in ("path", "sha256", "size", "contentType"))
+        if not (isinstance(path, str) and FILE_RE.fullmatch(path) and isinstance(sha, str)):
+            return None
+        if not (isinstance(size, int) and ctype in IMAGE_EXTENSIONS):
+            return None
+        return cls(path, sha, size, ctype)
+
+
+def task_image(result: Any) -> StoredImage | None:
+    """The stored image a task result references, if any."""
+    return StoredImage.from_json(result.get("image")) if isinstance(result, dict) else None
+
+
+def results_dir(config: Config) -> Path:
+    """``[store] results_dir``, or ``results/`` next to the store file when it is empty."""
+    if config.store.results_dir:
+        return Path(config.store.results_dir)
+    return Path(config.store.path).parent / "results"
+
+
+class ResultStore:
+    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.saved = 0
+        self.saved_bytes = 0
+        self.removed = 0
+
+    def check(self, data: bytes) -> str:
+        """The content type of acceptable image bytes; ProtocolError (too_large, not_an_image) else."""
+        if len(data) > self.max_bytes:
+            raise ProtocolError(
+                TOO_LARGE, f"result of {len(data)} bytes is over max_result_bytes ({self.max_bytes})"
+            )
+        ctype = sniff_image(data)
+        if ctype is None:
+            raise ProtocolError(NOT_AN_IMAGE, "not PNG, JPEG or WebP")
+        return ctype
+
+    def save(self, data: bytes) -> StoredImage:
+        """Store image bytes (idempotent for the same bytes). Blocking file I/O, like the SQLite
+        store: at most max_bytes, written once per result."""
+        ctype = self.check(data)
+        digest = hashlib.sha256(data).hexdigest()
+        name = f"{digest}.{IMAGE_EXTENSIONS[ctype]}"
+        path = self.root / name
+        image = StoredImage(name, digest, len(data), ctype)
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == len(data):
+                os.utime(path)  # fresh again for gc's age check
+                return image
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        if self.fsync:
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the rename itself
+            finally:
+                os.close(fd)
+        self.saved += 1
+        self.saved_bytes += len(data)
+        return image
+
+    def resolve(self, name: str) -> Path | None:
+        return self.root / name if FILE_RE.fullmatch(name) else None
+
+    def gc(self, keep: Iterable[str], min_age: float = GC_MIN_AGE_SECONDS) -> int:
+        """Remove result files (and stale temporary files) that nothing in ``keep`` names."""
+        keep = set(keep)
+        cutoff = time.time() - min_age
+        removed = 0
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            ours = FILE_RE.fullmatch(entry.name) or (
+                entry.name.startswith(".") and entry.name.endswith(".tmp")
+            )
+            if not ours or entry.name in keep:
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        self.removed += removed
+        return removed
+
+    def stats(self) -> dict[str, int]:
+        return {"saved": self.saved, "savedBytes": self.saved_bytes, "removed": self.removed}
+
+
+RESULTS = web.AppKey("results", ResultStore)
+
+
+async def get_result(request: web.Request) -> web.StreamResponse:
+    from p2pdiff.keys import QUEUE  # keys imports the helper, which imports this module
+
+    room_id = validate.room_id(request.match_info["room_id"])
+    task = request.app[QUEUE].get_task(room_id, request.match_info["task_id"])
+    image = task_image(task.result)
+    if image is None:
+        raise NotFound(f"task '{task.id}' has no stored result image", code="result_not_found")
+    path = request.app[RESULTS].resolve(image.path)
+    if path is None or not path.is_file():
+        raise NotFound(f"the result file of task '{task.id}' is gone", code="result_missing")
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": image.content_type,
+            "Content-Disposition": f'inline; filename="{task.id}.{IMAGE_EXTENSIONS[image.content_type]}"',
+            "X-Content-Type-Options": "nosniff",
+            # An image may be replaced (the task requeued and run again): revalidate each time.
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        },
+    )
+
+
+def setup(
+    app: web.Application,
+    store: ResultStore,
+    *,
+    interval: float,
+    referenced: Callable[[], Iterable[str]],
+) -> None:
+    """Register the route, and the periodic gc of files that ``referenced()`` no longer names."""
+    app[RESULTS] = store
+    app.router.add_get("/api/queue/{room_id}/{task_id}/result", get_result)
+
+    async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    removed = store.gc(referenced())
+                except Exception:
+                    log.exception("result file gc failed; will retry")
+                    continue
+                if removed:
+                    log.info("results: removed %d files no task references", removed)
+
+        task = asyncio.create_task(loop(), name="results-gc")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(gc_ctx)

@@ -1,0 +1,511 @@
+"""Our rooms on ``wire="0.22"`` against real ``trystero@0.22.0`` Node peers (and 0.25.4 ones).
+
+Mirrors test_room_mqtt.py (the 0.25 cases) over a local mosquitto and a local NIP-01 nostr relay,
+without STUN, plus what only a dual-wire helper has: a 0.22 and a 0.25 room in one session, and
+peers of the other wire landing in a room (not admitted, logged once, harmless). Run it in a
+loopback-only network namespace:
+
+    scripts/netns.sh .venv/bin/pytest -q tests/interop/test_room_wire022.py
+
+Who offers on 0.22 (signaling.legacy): the larger id offers, the smaller asks for an offer, so
+"we-offer" sessions get a ``zz`` selfId prefix and "we-answer" ones ``00`` (the reverse of 0.25).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pdiff.app import create_app
+from p2pdiff.config import Config
+from signaling import Room, RoomConfig, Session
+from signaling.crypto import gen_id
+from signaling.framing import to_json
+from tests.interop.jspeer import JsPeer, action_bytes, js_json, pattern_bytes, pattern_text, sha256_hex
+from tests.services import Mosquitto, NostrRelay, ServiceNotInstalled
+
+from .conftest import LOOPBACK_ICE
+from .test_room_mqtt import JOIN_TIMEOUT, Watch, eventually, new_room_id
+
+HERE = Path(__file__).resolve().parent
+MIB = 1 << 20
+STRANGER_LOG = "seems to speak Trystero wire"
+
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.skipif(
+        not (HERE / "node_modules" / "trystero022").is_dir(),
+        reason="tests/interop/node_modules missing: run `npm ci` in tests/interop",
+    ),
+]
+
+#: selfId prefixes that make us offer or answer against any JS 0.22 peer (larger id offers).
+PREFIX = {"offer": "zz", "answer": "00"}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def nostr_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay]:
+    """One local NIP-01 relay for the module (a start costs ~1.5 s); rooms are unique per test."""
+    try:
+        relay = NostrRelay(tmp_path_factory.mktemp("nostr-relay"))
+    except ServiceNotInstalled as exc:  # pragma: no cover - the test extra installs it
+        pytest.skip(str(exc))
+    relay.start()
+    yield relay
+    relay.cleanup()
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[Any]:
+    """``sessions(role)``: a fresh Session that offers ("offer") or answers ("answer") on 0.22,
+    or has a random id (None). Closed after the test, before the services stop."""
+    made: list[Session] = []
+
+    def make(role: str | None = None) -> Session:
+        prefix = PREFIX[role] if role else ""
+        made.append(Session(prefix + gen_id(20 - len(prefix)) if prefix else None))
+        return made[-1]
+
+    yield make
+    for session in made:
+        await session.close()
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Unhandled exceptions reported to the event loop during the test (must stay empty)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(previous)
+
+
+class Relays:
+    """Where the rooms of one test meet: ``strategy`` plus the one local relay URL."""
+
+    def __init__(self, strategy: str, url: str, app_id: str) -> None:
+        self.strategy = strategy
+        self.url = url
+        self.app_id = app_id
+
+    def config(self, wire: str = "0.22", **overrides: Any) -> RoomConfig:
+        settings: dict[str, Any] = {
+            "app_id": self.app_id,
+            "strategy": self.strategy,
+            "relay_urls": [self.url],
+            "ice_servers": [],
+            "ice_host_addresses": LOOPBACK_ICE,
+            "wire": wire,
+        }
+        settings.update(overrides)
+        return RoomConfig(**settings)
+
+    async def js_join(self, js: JsPeer, room_id: str, **kwargs: Any) -> None:
+        await js.join(room_id, app_id=self.app_id, relay_urls=[self.url], strategy=self.strategy, **kwargs)
+        await js.make_action(room_id, "data")
+
+
+@pytest.fixture(params=["mqtt", "nostr"])
+def relays(request: pytest.FixtureRequest, mosquitto: Mosquitto, app_id: str) -> Relays:
+    if request.param == "mqtt":
+        return Relays("mqtt", mosquitto.ws_url, app_id)
+    return Relays("nostr", request.getfixturevalue("nostr_relay").url, app_id)
+
+
+@pytest.fixture
+def mqtt(mosquitto: Mosquitto, app_id: str) -> Relays:
+    return Relays("mqtt", mosquitto.ws_url, app_id)
+
+
+async def meet(
+    js: JsPeer, room_id: str, relays: Relays, session: Session, *, js_first: bool, **config: Any
+) -> tuple[Room, Watch, float]:
+    """JS and we join ``room_id`` in the given order; returns once both see each other."""
+    if js_first:
+        await relays.js_join(js, room_id)
+    since = js.mark()
+    t0 = time.monotonic()
+    room = session.join(relays.config(**config), room_id)
+    watch = Watch(room, "data")
+    if not js_first:
+        await relays.js_join(js, room_id)
+    await watch.join_of(js.self_id)
+    join_ms = (time.monotonic() - t0) * 1000
+    await js.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT, since=since)
+    return room, watch, join_ms
+
+
+def no_js_errors(*peers: JsPeer) -> None:
+    for js in peers:
+        assert js.events("error") == [], js.describe()
+
+
+# --------------------------------------------------------------------------- (a) join and ping
+
+
+@pytest.mark.parametrize("role", ["offer", "answer"], ids=["we-offer", "we-answer"])
+@pytest.mark.parametrize("js_first", [True, False], ids=["js-first", "py-first"])
+async def test_join_and_ping(js_first: bool, role: str, relays: Relays, sessions: Any) -> None:
+    session = sessions(role)
+    async with JsPeer.start("node", wire="0.22") as js:
+        assert (session.self_id > js.self_id) == (role == "offer")
+        room_id = new_room_id("join22")
+        room, _, join_ms = await meet(js, room_id, relays, session, js_first=js_first)
+        assert join_ms < JOIN_TIMEOUT * 1000
+        assert set(room.peers) == {js.self_id}
+        assert await js.peers(room_id) == [room.self_id]
+        link = session.links(relays.app_id, room_id)[js.self_id]
+        if role == "answer":
+            assert not link.peer.initiator  # the smaller id never offers (it asks for an offer)
+        elif not js_first:
+            assert link.peer.initiator  # we heard JS's first announce and offered at once
+
+        # @_ping / @_pong both ways, same names as 0.25
+        assert 0 <= await js.ping(room_id, room.self_id) < 2000
+        assert 0 < await room.ping(js.self_id) < 2000
+        assert room.relay_states == {relays.url: "connected"}
+        # no admission, no presence: nothing pending, nothing dropped
+        stats = room.stats
+        assert stats["pending_peers"] == 0 and stats["dropped"] == {} and stats["app"]["dropped"] == {}
+        no_js_errors(js)
+
+
+# --------------------------------------------------------------------------- (b) payloads
+
+
+async def exchange_payloads(js: JsPeer, room: Room, watch: Watch, room_id: str) -> None:
+    """JSON, text, small binary + metadata, 1 MiB binary and ~300 KB JSON/text both ways."""
+    me, other = room.self_id, js.self_id
+    data = room.make_action("data")
+
+    # JS -> us (0.22 only allows metadata with binary data)
+    value = {"n": 1, "s": "héllo ✓", "list": [1, 2.5, None, True], "nested": {"a": []}}
+    await js.send(room_id, "data", value, target=me)
+    assert await watch.next_action("data", other) == (value, other, None)
+    await js.send(room_id, "data", "plain text ✓", target=me)
+    assert await watch.next_action("data", other) == ("plain text ✓", other, None)
+    small = bytes(range(256)) * 5
+    await js.send(room_id, "data", small, meta={"k": "bin"}, target=me)
+    assert await watch.next_action("data", other) == (small, other, {"k": "bin"})
+    sent = await js.send(room_id, "data", size=MIB, seed=7, target=me)
+    payload, _, meta = await watch.next_action("data", other)
+    assert isinstance(payload, bytes) and meta is None
+    assert hashlib.sha256(payload).hexdigest() == sent["sha256"] == sha256_hex(pattern_bytes(MIB, 7))
+
+    # us -> JS
+    with pytest.raises(ValueError, match="only with binary"):
+        await data.send(value, metadata={"seq": 2})  # JS 0.22 would throw too; nothing is sent
+    since = js.mark()
+    await data.send(value, target=other)
+    ev = await js.wait_action(room_id, "data", peer=me, since=since)
+    assert (ev["kind"], ev["value"], "meta" in ev) == ("json", value, False)
+    assert ev["sha256"] == sha256_hex(js_json(value)) == sha256_hex(to_json(value))
+    since = js.mark()
+    await data.send("plain text ✓")
+    ev = await js.wait_action(room_id, "data", peer=me, since=since)
+    assert (ev["kind"], ev["value"]) == ("text", "plain text ✓")
+    since = js.mark()
+    await data.send(small, metadata={"k": "bin"})
+    ev = await js.wait_action(room_id, "data", peer=me, since=since)
+    assert (ev["kind"], action_bytes(ev), ev["meta"]) == ("binary", small, {"k": "bin"})
+    blob = pattern_bytes(MIB, 8)
+    since = js.mark()
+    await data.send(blob, target=[other])
+    ev = await js.wait_action(room_id, "data", peer=me, since=since, timeout=60)
+    assert (ev["kind"], ev["bytes"], ev["sha256"]) == ("binary", MIB, sha256_hex(blob))
+
+    # ~300 KB of JSON (19 chunks of 16369 bytes) and of text, both ways
+    doc = {"rows": [{"i": i, "name": f"row {i} ✓", "tags": ["a", "b"], "v": i / 7} for i in range(4200)]}
+    encoded = to_json(doc)
+    since = js.mark()
+    await data.send(doc)
+    ev = await js.wait_action(room_id, "data", peer=me, since=since, timeout=60)
+    assert (ev["kind"], ev["len"], ev["sha256"]) == ("json", len(encoded), sha256_hex(encoded))
+    await js.send(room_id, "data", doc, target=me)
+    assert (await watch.next_action("data", other))[0] == doc
+    await js.send(room_id, "data", kind="text", size=300_000, seed=9, target=me)
+    assert (await watch.next_action("data", other))[0] == pattern_text(300_000, 9)
+
+
+async def test_payloads_both_ways(relays: Relays, sessions: Any) -> None:
+    async with JsPeer.start("node", wire="0.22") as js:
+        room_id = new_room_id("data22")
+        room, watch, _ = await meet(js, room_id, relays, sessions(), js_first=True)
+        await exchange_payloads(js, room, watch, room_id)
+        assert room.stats["dropped"] == {}
+        assert room.stats["bytes_in"] > MIB + 500_000 and room.stats["bytes_out"] > MIB + 250_000
+        no_js_errors(js)
+
+
+# --------------------------------------------------------------------------- (c) password
+
+
+@pytest.mark.parametrize("role", ["offer", "answer"], ids=["we-offer", "we-answer"])
+async def test_password_room(role: str, mqtt: Relays, sessions: Any) -> None:
+    room_id = new_room_id("pw22")
+    session = sessions(role)
+    async with (
+        JsPeer.start("node", wire="0.22", name="good") as good,
+        JsPeer.start("node", wire="0.22", name="bad") as bad,
+    ):
+        await mqtt.js_join(good, room_id, password="s3cret")
+        room = session.join(mqtt.config(password="s3cret"), room_id)
+        watch = Watch(room, "data")
+        await watch.join_of(good.self_id)
+        await good.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT)
+        since = good.mark()
+        await room.make_action("data").send({"secret": True})
+        ev = await good.wait_action(room_id, "data", peer=room.self_id, since=since)
+        assert ev["value"] == {"secret": True}
+        await good.send(room_id, "data", "back", target=room.self_id)
+        assert (await watch.next_action("data", good.self_id))[0] == "back"
+
+        # 0.22 has no password handshake: a wrong password only fails SDP decryption, on our
+        # side (we count it) or on JS's (join-error), whoever received the offer.
+        await mqtt.js_join(bad, room_id, password="wrong")
+        await eventually(
+            lambda: room.stats["dropped"].get("decrypt_failed", 0) > 0 or bool(bad.events("join-error")),
+            "a decrypt failure on either side",
+        )
+        await asyncio.sleep(3)
+        assert set(room.peers) == {good.self_id}
+        assert bad.self_id not in watch.joined
+        assert room.self_id not in await bad.peers(room_id)
+        assert bad.self_id not in session.links(mqtt.app_id, room_id)
+        assert 0 < await room.ping(good.self_id) < 2000  # the good peer is unaffected
+
+
+# --------------------------------------------------------------------------- (d) leave
+
+
+async def test_leave_both_ways(relays: Relays, sessions: Any) -> None:
+    session = sessions()
+    async with JsPeer.start("node", wire="0.22") as js:
+        room_id = new_room_id("leave22")
+        room, watch, _ = await meet(js, room_id, relays, session, js_first=False)
+        first_link = session.links(relays.app_id, room_id)[js.self_id]
+
+        # JS leaves: @_leave makes it gone at once, and its connection with it (one per room).
+        t0 = time.monotonic()
+        await js.leave(room_id)
+        await watch.leave_of(js.self_id, timeout=5)
+        assert time.monotonic() - t0 < 5
+        assert room.peers == {}
+        await eventually(lambda: first_link.closed, "the connection to close")
+        assert session.links(relays.app_id, room_id) == {}
+
+        # JS comes back: a new connection (0.22 keeps no idle connection to reuse).
+        since = js.mark()
+        await relays.js_join(js, room_id)
+        await watch.until(lambda: watch.joined.count(js.self_id) == 2, "second join", JOIN_TIMEOUT)
+        await js.wait_peer_join(room_id, room.self_id, since=since, timeout=JOIN_TIMEOUT)
+        assert session.links(relays.app_id, room_id)[js.self_id] is not first_link
+
+        # We leave: JS sees us go at once (@_leave, then we close after 99 ms).
+        since = js.mark()
+        await room.leave()
+        await js.wait_peer_leave(room_id, room.self_id, since=since, timeout=5)
+        assert room.left and room.peers == {}
+        assert session.links(relays.app_id, room_id) == {} and session.apps == {}
+        with pytest.raises(RuntimeError):
+            await room.make_action("data").send("too late")
+        no_js_errors(js)
+
+
+# --------------------------------------------------------------------------- (e) both wires
+
+
+async def test_two_wires_one_session(mqtt: Relays, sessions: Any) -> None:
+    """A 0.22 room and a 0.25 room of the same app id at once, on one session (one selfId)."""
+    session = sessions()
+    old_room, new_room = new_room_id("old"), new_room_id("new")
+    async with (
+        JsPeer.start("node", wire="0.22", name="js022") as js022,
+        JsPeer.start("node", wire="0.25", name="js025") as js025,
+    ):
+        await mqtt.js_join(js022, old_room)
+        await mqtt.js_join(js025, new_room)
+        room022 = session.join(mqtt.config(wire="0.22"), old_room)
+        room025 = session.join(mqtt.config(wire="0.25"), new_room)
+        w022, w025 = Watch(room022, "data"), Watch(room025, "data")
+        await w022.join_of(js022.self_id)
+        await w025.join_of(js025.self_id)
+        await js022.wait_peer_join(old_room, session.self_id, timeout=JOIN_TIMEOUT)
+        await js025.wait_peer_join(new_room, session.self_id, timeout=JOIN_TIMEOUT)
+        assert set(room022.peers) == {js022.self_id} and set(room025.peers) == {js025.self_id}
+        # the 0.25 room shares connections per app id, the 0.22 room has its own context
+        assert set(session.apps) == {mqtt.app_id, (mqtt.app_id, "0.22", old_room)}
+        with pytest.raises(ValueError, match=r"already joined with wire 0\.22"):
+            session.join(mqtt.config(wire="0.25"), old_room)
+
+        for js, room, watch, room_id in ((js022, room022, w022, old_room), (js025, room025, w025, new_room)):
+            since = js.mark()
+            await room.make_action("data").send({"wire": room.config.wire})
+            ev = await js.wait_action(room_id, "data", peer=session.self_id, since=since)
+            assert ev["value"] == {"wire": room.config.wire}
+            blob = pattern_bytes(200_000, 3)
+            await js.send(room_id, "data", blob, target=session.self_id)
+            assert (await watch.next_action("data", js.self_id))[0] == blob
+            assert 0 < await room.ping(js.self_id) < 2000
+
+        # leaving the 0.22 room leaves the 0.25 one alone
+        await room022.leave()
+        assert set(session.apps) == {mqtt.app_id}
+        assert 0 < await room025.ping(js025.self_id) < 2000
+        no_js_errors(js022, js025)
+
+
+# --------------------------------------------------------------------------- (f) strangers
+
+
+def stranger_lines(caplog: pytest.LogCaptureFixture, peer_id: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "signaling.strangers" and STRANGER_LOG in r.getMessage() and peer_id in r.getMessage()
+    ]
+
+
+async def test_022_peer_in_025_room(
+    mqtt: Relays, sessions: Any, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    """A 0.22 browser lands in our 0.25 room: not admitted, logged once, the room carries on."""
+    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    room_id = new_room_id("mix25")
+    session = sessions()
+    async with (
+        JsPeer.start("node", wire="0.25", name="member") as member,
+        JsPeer.start("node", wire="0.22", name="stranger") as stranger,
+    ):
+        room, watch, _ = await meet(member, room_id, mqtt, session, js_first=True, wire="0.25")
+        await mqtt.js_join(stranger, room_id)
+        # Every 0.22 peer offers to every peer it hears (object-shaped): that gives it away.
+        await eventually(lambda: bool(stranger_lines(caplog, stranger.self_id)), "the stranger log line")
+        line = stranger_lines(caplog, stranger.self_id)[0]
+        assert f"room {room_id} (Trystero wire 0.25)" in line and "wire 0.22 (object-shaped offer)" in line
+        await asyncio.sleep(7)  # more than one 0.22 announce period: it keeps offering
+        assert len(stranger_lines(caplog, stranger.self_id)) == 1
+        stats = room.stats
+        assert stats["foreign_wire_peers"] == 1 and stats["dropped"]["foreign_wire"] >= 1
+        assert set(room.peers) == {member.self_id}
+        assert stranger.self_id not in session.links(mqtt.app_id) and stranger.self_id not in watch.joined
+        assert await stranger.peers(room_id) == []
+
+        # the member is undisturbed: same connection, data and pings both ways
+        assert 0 < await room.ping(member.self_id) < 2000
+        since = member.mark()
+        await room.make_action("data").send({"still": "here"})
+        ev = await member.wait_action(room_id, "data", peer=session.self_id, since=since)
+        assert ev["value"] == {"still": "here"}
+        await member.send(room_id, "data", "and back", target=session.self_id)
+        assert (await watch.next_action("data", member.self_id))[0] == "and back"
+        assert watch.left == []
+        no_js_errors(member, stranger)
+    assert loop_errors == []
+
+
+async def test_025_peer_in_022_room(
+    mqtt: Relays, sessions: Any, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
+) -> None:
+    """A 0.25 browser lands in our 0.22 room: not admitted, logged once, the room carries on.
+
+    The 0.25 peer reveals its wire only when it leads (its id is smaller than ours): it then
+    sends string-shaped offers with an offerId. Our ``zz`` selfId makes sure it does.
+    """
+    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    room_id = new_room_id("mix22")
+    session = sessions("offer")
+    async with (
+        JsPeer.start("node", wire="0.22", name="member") as member,
+        JsPeer.start("node", wire="0.25", name="stranger") as stranger,
+    ):
+        assert stranger.self_id < session.self_id
+        room, watch, _ = await meet(member, room_id, mqtt, session, js_first=True)
+        await mqtt.js_join(stranger, room_id)
+        await eventually(lambda: bool(stranger_lines(caplog, stranger.self_id)), "the stranger log line")
+        line = stranger_lines(caplog, stranger.self_id)[0]
+        assert f"room {room_id} (Trystero wire 0.22)" in line and "wire 0.25 (string-shaped offer" in line
+        await asyncio.sleep(7)
+        assert len(stranger_lines(caplog, stranger.self_id)) == 1
+        stats = room.stats
+        assert stats["foreign_wire_peers"] == 1 and stats["dropped"]["foreign_wire"] >= 1
+        assert set(room.peers) == {member.self_id}
+        assert stranger.self_id not in session.links(mqtt.app_id, room_id)
+        assert stats["app"]["negotiations"] == 0  # our offer to it was abandoned when it was found
+        assert await stranger.peers(room_id) == []
+
+        assert 0 < await room.ping(member.self_id) < 2000
+        since = member.mark()
+        await room.make_action("data").send({"still": "here"})
+        ev = await member.wait_action(room_id, "data", peer=session.self_id, since=since)
+        assert ev["value"] == {"still": "here"}
+        await member.send(room_id, "data", "and back", target=session.self_id)
+        assert (await watch.next_action("data", member.self_id))[0] == "and back"
+        assert watch.left == []
+        no_js_errors(member, stranger)
+    assert loop_errors == []
+
+
+# --------------------------------------------------------------------------- (g) the helper
+
+
+async def test_helper_serves_both_wires_and_keeps_them_across_restart(
+    aiohttp_client: Any, tmp_path: Path, mqtt: Relays
+) -> None:
+    """p2pdiff over REST: one room joined with wire 0.22, one with the default 0.25; a restart
+    rejoins each with its wire (stored), and real peers of each version meet the helper."""
+    config = Config()
+    config.store.path = str(tmp_path / "db.sqlite3")
+    config.p2p.strategy = "mqtt"  # the default is nostr now
+    config.p2p.app_id = mqtt.app_id
+    config.p2p.relay_urls = [mqtt.url]
+    config.p2p.ice_servers = []
+    config.p2p.ice_host_addresses = LOOPBACK_ICE
+
+    async def helper_rooms(client: Any) -> dict[str, Any]:
+        health = await (await client.get("/api/health")).json()
+        return {room["roomId"]: room for room in health["p2p"]["rooms"]}
+
+    async with (
+        JsPeer.start("node", wire="0.22", name="js022") as js022,
+        JsPeer.start("node", wire="0.25", name="js025") as js025,
+    ):
+        await mqtt.js_join(js022, "old")
+        await mqtt.js_join(js025, "new")
+        for restart in (False, True):
+            client = await aiohttp_client(create_app(config))
+            since022, since025 = js022.mark(), js025.mark()
+            if not restart:
+                resp = await client.post("/api/join/old", json={"wire": "0.22"})
+                assert resp.status == 202 and (await resp.json())["wire"] == "0.22"
+                assert (await client.post("/api/join/new")).status == 202
+            helper_id = (await js022.wait_peer_join("old", since=since022, timeout=JOIN_TIMEOUT))["peer"]
+            assert (await js025.wait_peer_join("new", since=since025, timeout=JOIN_TIMEOUT))[
+                "peer"
+            ] == helper_id
+            deadline = time.monotonic() + JOIN_TIMEOUT
+            while True:
+                rooms = await helper_rooms(client)
+                peers = {rid: [p["id"] for p in room["peers"]] for rid, room in rooms.items()}
+                if peers == {"old": [js022.self_id], "new": [js025.self_id]}:
+                    break
+                assert time.monotonic() < deadline, rooms
+                await asyncio.sleep(0.1)
+            assert {rid: room["wire"] for rid, room in rooms.items()} == {"old": "0.22", "new": "0.25"}
+            assert await js022.ping("old", helper_id) < 2000 and await js025.ping("new", helper_id) < 2000
+            since022 = js022.mark()
+            await client.close()  # the helper leaves its rooms: @_leave to each peer
+            await js022.wait_peer_leave("old", helper_id, since=since022, timeout=10)
+        no_js_errors(js022, js025)
