@@ -34,16 +34,11 @@ from tests.services import Mosquitto, NostrRelay, ServiceNotInstalled
 from .conftest import LOOPBACK_ICE
 from .test_room_mqtt import JOIN_TIMEOUT, Watch, eventually, new_room_id
 
-HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 STRANGER_LOG = "seems to speak Trystero wire"
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(
-        not (HERE / "node_modules" / "trystero022").is_dir(),
-        reason="tests/interop/node_modules missing: run `npm ci` in tests/interop",
-    ),
 ]
 
 #: selfId prefixes that make us offer or answer against any JS 0.22 peer (larger id offers).
@@ -58,8 +53,8 @@ def nostr_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay
     """One local NIP-01 relay for the module (a start costs ~1.5 s); rooms are unique per test."""
     try:
         relay = NostrRelay(tmp_path_factory.mktemp("nostr-relay"))
-    except ServiceNotInstalled as exc:  # pragma: no cover - the test extra installs it
-        pytest.skip(str(exc))
+    except ServiceNotInstalled as exc:
+        pytest.fail(f"{exc} (make test installs it)")
     relay.start()
     yield relay
     relay.cleanup()
