@@ -38,6 +38,8 @@ test: $(STAMP) system-deps $(NODE_STAMP)
 	scripts/netns.sh $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) system-deps $(NODE_STAMP)
+	@command -v wrk >/dev/null || { if [ "$$(id -u)" -eq 0 ]; then apt-get install -y -qq wrk; \
+	  else sudo apt-get install -y -qq wrk; fi; }
 	scripts/netns.sh $(PY) -m benchmarks
 
 lint: $(STAMP)
