@@ -71,6 +71,10 @@ SELF_ID_LENGTH = 20
 PROCESS_SELF_ID = crypto.gen_id(SELF_ID_LENGTH)
 
 
+# Seconds a 0.22 connection stays open after its peer left (the leaver closes after 0.099 s).
+PEER_LEAVE_GRACE = 0.3
+
+
 class PeerLink:
     """The one connection to one remote peer of one app id, and which of our rooms use it."""
 
@@ -374,13 +378,14 @@ class AppContext:
     def _schedule_idle(self, link: PeerLink) -> None:
         if link.closed or link.bindings:
             return
-        if not self.rooms or not self.traits.shared_connections:
-            # 0.22: a connection serves one room; once the peer left it, it is done (JS closes
-            # its side too).
+        if not self.rooms:
             self.drop_link(link, "no rooms left", quiet=True)
             return
+        # 0.22: a connection serves one room, so once the peer left it is done; but the leaver
+        # sends @_leave and closes 99 ms later, and closing before it does makes its last sends
+        # fail in JS with an unhandled "DataChannel is closed". So close just after it would.
+        delay = self.config.timeouts.idle_connection if self.traits.shared_connections else PEER_LEAVE_GRACE
         if link.idle_timer is None:
-            delay = self.config.timeouts.idle_connection
             link.idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_expired, link)
 
     def _idle_expired(self, link: PeerLink) -> None:
