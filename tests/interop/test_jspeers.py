@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -28,16 +27,11 @@ from tests.interop.jspeer import (
 )
 from tests.services import Mosquitto, running
 
-HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 JOIN_TIMEOUT = 30.0  # joins take 0.2-1.4 s; Trystero retries a failed attempt after a few seconds
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(
-        not (HERE / "node_modules" / "@trystero-p2p" / "mqtt").is_dir(),
-        reason="tests/interop/node_modules missing: run `npm ci` in tests/interop",
-    ),
 ]
 
 

@@ -37,11 +37,6 @@ CHUNK = 16 << 10
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(NODE is None, reason="node is not installed"),
-    pytest.mark.skipif(
-        not (HERE / "node_modules" / "node-datachannel").is_dir(),
-        reason="tests/interop/node_modules missing: run `npm ci` in tests/interop",
-    ),
 ]
 
 

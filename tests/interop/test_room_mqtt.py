@@ -20,7 +20,6 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,17 +41,12 @@ from tests.services import Mosquitto
 
 from .conftest import RoomConfigFactory, SessionFactory
 
-HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 JOIN_TIMEOUT = 20.0  # joins take 0.1-1.4 s; a failed attempt is retried within seconds
 STEP = 15.0
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(
-        not (HERE / "node_modules" / "@trystero-p2p" / "mqtt").is_dir(),
-        reason="tests/interop/node_modules missing: run `npm ci` in tests/interop",
-    ),
 ]
 
 

@@ -172,8 +172,8 @@ async def make_relay() -> AsyncIterator[RelayFactory]:
 def _tracker(workdir: Path, **kwargs: Any) -> Tracker:
     try:
         return Tracker(workdir, **kwargs)
-    except ServiceNotInstalled as exc:  # pragma: no cover - `npm ci` in tests/interop provides it
-        pytest.skip(str(exc))
+    except ServiceNotInstalled as exc:
+        pytest.fail(f"{exc} (make test installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -1101,7 +1101,7 @@ async def test_real_trystero_torrent_peer(tmp_path: Path, make_relay: RelayFacto
     aiortc offer reaches it and its answer comes back by offer_id, the data channel opens, and
     both sides' frames are byte-identical to what our builders write."""
     if not js_peers_available(wire):
-        pytest.skip("tests/interop/node_modules missing: run `npm ci` in tests/interop")
+        pytest.fail("tests/interop/node_modules missing: run `npm ci` in tests/interop (make test does)")
     from signaling.peer import Peer
     from tests.interop.jspeer import JsPeer
 

@@ -80,7 +80,6 @@ def test_default_mqtt_brokers_per_wire() -> None:
     assert RoomConfig(app_id=APP, wire="0.22", relay_urls=["ws://x"]).effective_relay_urls == ("ws://x",)
 
 
-@pytest.mark.skipif("nostr" not in RELAY_FACTORIES, reason="nostr strategy not registered")
 def test_default_nostr_relays_per_wire_do_not_overlap() -> None:
     """Spec §9.4: for this app the two five-relay picks are disjoint, so each wire's rooms must
     join their own set (a helper serving both joins both)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -601,7 +600,6 @@ def _js_default_urls(module: str) -> list[str]:
     return ["wss://" + u for u in re.findall(r"'([^']+)'", block)]
 
 
-@pytest.mark.skipif(not JS_SRC.is_dir(), reason="tests/interop/node_modules/trystero022 needed")
 def test_profile_default_urls_match_js_source() -> None:
     from signaling.relays.nostr import DEFAULT_RELAY_URLS_022
     from signaling.relays.torrent import DEFAULT_TRACKER_URLS_022
@@ -819,9 +817,6 @@ def test_detect_wire_version(message: str, expected: str | None) -> None:
 # --- live cross-checks against trystero@0.22.0 in Node ---------------------------------------------
 
 
-def node_available() -> bool:
-    return shutil.which("node") is not None and JS_SRC.is_dir()
-
 
 def run_node(script: str, stdin: str) -> str:
     done = subprocess.run(
@@ -896,7 +891,6 @@ def _to_js(value: object) -> dict[str, object]:
     return {"bin": bytes(value).hex()} if isinstance(value, bytes | bytearray) else {"json": value}
 
 
-@pytest.mark.skipif(not node_available(), reason="node and tests/interop/node_modules/trystero022 needed")
 def test_live_frames_match_trystero_022() -> None:
     enc = RoomEncoder()
     ours: list[list[bytes] | None] = []
@@ -978,7 +972,6 @@ process.exit(0);
 """
 
 
-@pytest.mark.skipif(not node_available(), reason="node and tests/interop/node_modules/trystero022 needed")
 def test_live_relay_payloads_match_trystero_022() -> None:
     """Our announce and offer make real 0.22 code offer and answer with exactly our shapes."""
     js_id = SELF
