@@ -104,6 +104,9 @@ class PeerLink:
         self.last_keepalive = 0.0
         self.closed = False
         self.close_reason = ""
+        # 0.22: the connection served one room and the peer is out of it; JS 0.22 drops its end
+        # then, so nothing on it counts any more (not even a pong still in flight).
+        self.finished = False
         self.idle_timer: asyncio.TimerHandle | None = None
         peer.on_close = self._on_close
         peer.on_message = self._on_message  # also delivers what arrived before this point
@@ -287,7 +290,7 @@ class AppContext:
 
     def is_connected(self, peer_id: str) -> bool:
         link = self.links.get(peer_id)
-        return link is not None and not link.closing
+        return link is not None and not link.closing and not link.finished
 
     def on_signal_from_connected(self, peer_id: str, room: RoomSignaller) -> None:
         link = self.links.get(peer_id)
@@ -309,7 +312,9 @@ class AppContext:
 
     def on_peer_open(self, peer_id: str, peer: Peer, room: RoomSignaller) -> None:
         existing = self.links.get(peer_id)
-        if existing is not None and not existing.closing:
+        if existing is not None and existing.finished:
+            self.drop_link(existing, "replaced by a new connection", quiet=True)
+        elif existing is not None and not existing.closing:
             # Two negotiations raced (e.g. one per room); like Trystero, the first open one wins.
             self._close_peer(peer, "duplicate connection")
             target = self.rooms_by_token.get(room.token)
@@ -428,6 +433,9 @@ class AppContext:
         if binding is None:
             if action == wire.ACTION_LEAVE:
                 return  # leaving a room we never saw it in
+            if link.finished:
+                room.counters["dropped.after_leave"] += 1
+                return
             # A room frame means the peer put us in that room on its side (Trystero binds a room
             # before it sends anything for it), so treat it like a presence frame.
             binding = self.bind(link, room)
@@ -525,6 +533,8 @@ class AppContext:
                 waiter.set_exception(ConnectionError(f"peer {link.peer_id} {reason}"))
         binding.pong_waiters.clear()
         link.forget_room(room.token)
+        if not self.traits.shared_connections:
+            link.finished = True
         if binding.active and notify:
             room.peer_left(link.peer_id, reason)
         elif not binding.active:

@@ -550,3 +550,26 @@ async def test_strangers_injected_on_the_relay(
     assert room_a.stats["foreign_wire_peers"] == 1 and stranger not in room_a.peers
     assert room_a.stats["app"]["negotiations"] == 0
     assert 0 < await room_a.ping(b.self_id) < 2000
+
+
+async def test_frames_after_leave_do_not_bring_the_peer_back(
+    sessions: Callable[[str], Session], config: Callable[..., RoomConfig]
+) -> None:
+    """JS 0.22 keeps answering pings for the 99 ms between its @_leave and closing, so a pong can
+    arrive after the leave; the peer stays gone and a rejoin gets a new connection."""
+    a, b = sessions("00"), sessions("zz")
+    room_a, room_b = a.join(config(), "late"), b.join(config(), "late")
+    joins: list[str] = []
+    leaves: list[str] = []
+    room_a.on_peer_join(joins.append)
+    room_a.on_peer_leave(leaves.append)
+    await eventually(lambda: b.self_id in room_a.peers and a.self_id in room_b.peers, "the pair to join")
+    link_b = b.links(room_b.app_id, "late")[a.self_id]
+    link_a = a.links(room_a.app_id, "late")[b.self_id]
+    for action in (v022.ACTION_LEAVE, v022.ACTION_PONG, "chat"):
+        for frame in room_b.encoder.encode(action, ""):
+            assert link_b.send_nowait(frame)
+    await eventually(lambda: room_a.stats["dropped"].get("after_leave", 0) == 2, "the late frames")
+    assert joins == leaves == [b.self_id] and room_a.peers == {}
+    assert link_a.finished
+    await eventually(lambda: link_a.closed, "the left connection to close", 5)
