@@ -214,10 +214,6 @@ class RoomConfig:
             known = ", ".join(RELAY_FACTORIES)
             raise ValueError(f"strategy {self.strategy!r} is not available (known: {known})")
         wire_module(self.wire)
-        if self.strategy == "torrent" and self.wire != "0.25":
-            # 0.22's torrent logic differs above the tracker (fresh offers per announce, every
-            # offer answered; spec §9.5); only the relay's TORRENT_022 policy exists so far.
-            raise ValueError(f"strategy 'torrent' supports wire 0.25 only, not {self.wire}")
         if isinstance(self.relay_urls, str):
             raise TypeError("relay_urls must be a list of URLs, not a string")
         self.relay_urls = tuple(dict.fromkeys(self.relay_urls))

@@ -50,7 +50,7 @@ from signaling import crypto
 from signaling.config import Timeouts
 from signaling.errors import DecryptError
 from signaling.peer import InvalidDescription, PeerError
-from signaling.strategy import Negotiation, Negotiator, RoomSignaller
+from signaling.strategy import Negotiation, Negotiator, RoomSignaller, Signal
 from signaling.wire import v022
 
 if TYPE_CHECKING:
@@ -199,11 +199,15 @@ class Negotiator022(Negotiator):
         self._answer_ttl = min(self._timeouts.connect, profile.pending_offer_ttl + ANSWER_GRACE)
         self._offer_ttl = min(self._timeouts.offer, OFFER_WAIT)
 
-    def handle(self, room: RoomSignaller, url: str, sig: Any) -> None:
-        """Base entry point; 0.22 signals come through :meth:`handle_022` (they need the topic)."""
-        self.handle_022(room, url, sig, on_root=True)
+    def handle(self, room: RoomSignaller, url: str, sig: Signal) -> None:
+        """Base entry point, used by the torrent signaller (a tracker-forwarded offer, which has
+        an id to answer to); topic relays' signals come through :meth:`handle_022`."""
+        relay_signal = v022.RelaySignal(sig.peer_id, sig.offer, sig.answer)
+        self.handle_022(room, url, relay_signal, on_root=True, offer_id=sig.offer_id or "")
 
-    def handle_022(self, room: RoomSignaller, url: str, sig: v022.RelaySignal, *, on_root: bool) -> None:
+    def handle_022(
+        self, room: RoomSignaller, url: str, sig: v022.RelaySignal, *, on_root: bool, offer_id: str = ""
+    ) -> None:
         if self._closed:
             return
         peer_id = sig.peer_id
@@ -213,7 +217,7 @@ class Negotiator022(Negotiator):
             return
         neg = self._pending.get(peer_id)
         if sig.offer is not None:
-            self._on_offer_022(room, url, peer_id, sig.offer, neg)
+            self._on_offer_022(room, url, peer_id, sig.offer, neg, offer_id)
         elif sig.answer is not None:
             self._on_answer_022(room, peer_id, sig.answer, neg)
         else:
@@ -286,7 +290,7 @@ class Negotiator022(Negotiator):
     # ------------------------------------------------------------------ offers and answers
 
     def _on_offer_022(
-        self, room: RoomSignaller, url: str, peer_id: str, sealed: str, neg: Negotiation | None
+        self, room: RoomSignaller, url: str, peer_id: str, sealed: str, neg: Negotiation | None, offer_id: str
     ) -> None:
         if neg is not None:
             if neg.role == "answerer" or neg.answered:
@@ -305,7 +309,8 @@ class Negotiator022(Negotiator):
         if not self._admit_new(room):
             return
         peer = self._links.make_peer(False, peer_id)
-        neg = Negotiation(peer_id, "answerer", peer, room, "", answer_relay=url)
+        # Topic relays' offers carry no id; a tracker-forwarded one does, and the answer names it.
+        neg = Negotiation(peer_id, "answerer", peer, room, offer_id, answer_relay=url)
         # JS drops its offer 4.8 s after sending it unless the channel is open by then.
         self._register(neg, self._answer_ttl)
         self._spawn(neg, self._answer(neg, sdp))
@@ -336,7 +341,9 @@ class Negotiator022(Negotiator):
             )
         sealed = crypto.encrypt(neg.room.key, v022.strip_trickle_option(answer))
         neg.answered = True
-        payload = {"peerId": self.self_id, "answer": _sdp("answer", sealed)}
+        payload: dict[str, Any] = {"peerId": self.self_id, "answer": _sdp("answer", sealed)}
+        if neg.offer_id:
+            payload["offerId"] = neg.offer_id
         neg.room.signal(neg.answer_relay, neg.peer_id, payload)
         log.debug("room %s: answered the 0.22 offer of %s", neg.room.room_id, neg.peer_id)
 

@@ -52,7 +52,7 @@ from signaling.peer import ChannelNotOpen, MessageTooLarge, Peer
 from signaling.relay_hub import RelayHub
 from signaling.room import Binding, Room
 from signaling.strategy import RoomSignaller
-from signaling.torrent_strategy import signaller_class
+from signaling.torrent_strategy import signaller_class as torrent_signaller_class
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,8 @@ class AppContext:
         if config.wire != self.config.wire:
             raise ValueError(f"app {self.app_id!r} already uses wire {self.config.wire}, not {config.wire}")
         counters: Counter[str] = Counter()
-        signaller = (legacy.signaller_class(self.wire) or signaller_class(config))(
+        signaller_cls = torrent_signaller_class(config) or legacy.signaller_class(self.wire) or RoomSignaller
+        signaller = signaller_cls(
             app_id=self.app_id,
             room_id=room_id,
             self_id=self.session.self_id,

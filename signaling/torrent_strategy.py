@@ -33,6 +33,18 @@ Trackers are shared by all rooms of a session, one :class:`SharedTracker` per UR
 session's :class:`~signaling.relay_hub.RelayHub` (reference counted, closed with the last room);
 it routes offers and answers to rooms by info_hash.
 
+0.22 (:class:`TorrentRoomSignaller022`, spec §9.5)
+    Trystero 0.22 announces **10 fresh offers** at every announce, on every tracker separately,
+    uses only answers to its latest announce's offers, and answers **every** forwarded offer (no
+    tie-break). Its signaller differs from the 0.25 one only there: :class:`OfferBatches`
+    instead of the pool (one batch per tracker, replaced at each announce, the previous batch
+    closed), SDPs without the ``a=ice-options:trickle`` line, offers always handed to the
+    negotiator (the 0.22 one: it answers one offer per peer at a time and, while it answers, an
+    answer to one of our offers from the same peer is dropped, so a pair that crosses offers
+    still ends up with one connection), and its own trackers (policy ``TORRENT_022``: numwant
+    10, every 33.333 s raised by the tracker's interval, dedupe by offer id forever) that are
+    not shared with 0.25 rooms.
+
 Bounds: offers per room (``size``); Peers made per room are bounded by the tracker's announce
 rate (at most one ``announce_now`` per second, otherwise the tracker interval) times ``size``;
 answers only take an offer once they decrypt and the negotiator admits them (caps and rate limit,
@@ -52,17 +64,27 @@ from typing import Any
 from signaling import crypto
 from signaling.config import RoomConfig
 from signaling.peer import Peer, PeerError
-from signaling.relays.torrent import ID_LENGTH, TorrentOffer, TorrentRelay
+from signaling.relays.torrent import (
+    ID_LENGTH,
+    TORRENT_022,
+    TORRENT_025,
+    TorrentOffer,
+    TorrentPolicy,
+    TorrentRelay,
+)
 from signaling.strategy import RoomSignaller, Signal
+from signaling.wire import v022
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "OFFER_POOL_SIZE",
     "OFFER_RETENTION_S",
+    "OfferBatches",
     "OfferPool",
     "SharedTracker",
     "TorrentRoomSignaller",
+    "TorrentRoomSignaller022",
     "signaller_class",
 ]
 
@@ -74,9 +96,11 @@ OFFER_RETENTION_S = 120.0
 POOL_PEER_NAME = "offer-pool"
 
 
-def signaller_class(config: RoomConfig) -> type[RoomSignaller]:
-    """The signaller for a room's strategy: torrent has its own, topic strategies share one."""
-    return TorrentRoomSignaller if config.strategy == TORRENT else RoomSignaller
+def signaller_class(config: RoomConfig) -> type[RoomSignaller] | None:
+    """The torrent signaller for the room's wire, or None for topic strategies."""
+    if config.strategy != TORRENT:
+        return None
+    return TorrentRoomSignaller022 if config.wire == v022.WIRE_VERSION else TorrentRoomSignaller
 
 
 def _is_trystero_id(value: str) -> bool:
@@ -95,71 +119,30 @@ class _Offer:
     created: float = field(default_factory=time.monotonic)
 
 
-class OfferPool:
-    """A room's outstanding offers (see the module docstring)."""
+class _OfferMaker:
+    """Makes sealed offers (an initiator Peer each) and closes the ones no longer wanted."""
 
     def __init__(
-        self,
-        *,
-        make_peer: Callable[[], Peer],
-        seal: Callable[[str], str],
-        size: int = OFFER_POOL_SIZE,
-        retention: float = OFFER_RETENTION_S,
-        name: str = "",
+        self, *, make_peer: Callable[[], Peer], seal: Callable[[str], str], size: int, name: str
     ) -> None:
-        if size < 1 or retention <= 0:
-            raise ValueError("need size >= 1 and retention > 0")
+        if size < 1:
+            raise ValueError("need size >= 1")
         self._make_peer = make_peer
         self._seal = seal
         self._size = size
-        self._retention = retention
         self._name = name
-        self._offers: dict[str, _Offer] = {}  # by offer id, oldest first
-        # One refill at a time: every tracker of the room asks at about the same moment (after a
-        # start or a reconnect), and they must all announce the same offers, as in Trystero.
-        self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self.made = 0  # Peers created so far (diagnostics and tests)
 
-    @property
-    def outstanding(self) -> int:
-        return len(self._offers)
-
-    def __contains__(self, offer_id: object) -> bool:
-        return offer_id in self._offers
-
-    async def current(self) -> list[TorrentOffer]:
-        """The offers to announce now: expired ones replaced, missing ones made (the tracker
-        relay bounds this call with its offers timeout)."""
-        async with self._lock:
-            if self._closed:
-                return []
-            self._expire()
-            missing = self._size - len(self._offers)
-            if missing > 0:
-                made = await asyncio.gather(*(self._make() for _ in range(missing)))
-                for offer in made:
-                    if offer is None:
-                        continue
-                    if self._closed:
-                        self._release(offer.peer, "pool closed")
-                    else:
-                        self._offers[offer.offer_id] = offer
-            return [TorrentOffer(o.offer_id, o.sealed) for o in self._offers.values()]
-
-    def claim(self, offer_id: str) -> Peer | None:
-        """Take an answered offer's Peer out of the pool (the next announce replaces it)."""
-        offer = self._offers.pop(offer_id, None)
-        return offer.peer if offer is not None else None
-
-    async def close(self) -> None:
-        self._closed = True
-        offers, self._offers = list(self._offers.values()), {}
-        for offer in offers:
-            self._release(offer.peer, "room left")
-        if self._closing:
-            await asyncio.wait(list(self._closing), timeout=5)
+    async def _make_many(self, count: int) -> list[_Offer]:
+        made = await asyncio.gather(*(self._make() for _ in range(count)))
+        offers = [offer for offer in made if offer is not None]
+        if self._closed:
+            for offer in offers:
+                self._release(offer.peer, "pool closed")
+            return []
+        return offers
 
     async def _make(self) -> _Offer | None:
         peer = self._make_peer()
@@ -174,23 +157,139 @@ class OfferPool:
             raise
         return _Offer(crypto.gen_id(ID_LENGTH), peer, self._seal(sdp))
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for offer in [o for o in self._offers.values() if now - o.created > self._retention]:
-            del self._offers[offer.offer_id]
-            self._release(offer.peer, "offer expired unanswered")
+    def _release_all(self, offers: list[_Offer], reason: str) -> None:
+        for offer in offers:
+            self._release(offer.peer, reason)
 
     def _release(self, peer: Peer, reason: str) -> None:
         task = asyncio.ensure_future(peer.close(reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    async def _wait_closed(self) -> None:
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=5)
+
+
+class OfferPool(_OfferMaker):
+    """A room's outstanding offers, shared by its trackers (0.25; see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        make_peer: Callable[[], Peer],
+        seal: Callable[[str], str],
+        size: int = OFFER_POOL_SIZE,
+        retention: float = OFFER_RETENTION_S,
+        name: str = "",
+    ) -> None:
+        if retention <= 0:
+            raise ValueError("need retention > 0")
+        super().__init__(make_peer=make_peer, seal=seal, size=size, name=name)
+        self._retention = retention
+        self._offers: dict[str, _Offer] = {}  # by offer id, oldest first
+        # One refill at a time: every tracker of the room asks at about the same moment (after a
+        # start or a reconnect), and they must all announce the same offers, as in Trystero.
+        self._lock = asyncio.Lock()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._offers)
+
+    def __contains__(self, offer_id: object) -> bool:
+        return offer_id in self._offers
+
+    async def current(self, tracker_url: str = "") -> list[TorrentOffer]:
+        """The offers to announce now on any tracker: expired ones replaced, missing ones made
+        (the tracker relay bounds this call with its offers timeout)."""
+        async with self._lock:
+            if self._closed:
+                return []
+            self._expire()
+            missing = self._size - len(self._offers)
+            if missing > 0:
+                for offer in await self._make_many(missing):
+                    self._offers[offer.offer_id] = offer
+            return [TorrentOffer(o.offer_id, o.sealed) for o in self._offers.values()]
+
+    def claim(self, offer_id: str) -> Peer | None:
+        """Take an answered offer's Peer out of the pool (the next announce replaces it)."""
+        offer = self._offers.pop(offer_id, None)
+        return offer.peer if offer is not None else None
+
+    async def close(self) -> None:
+        self._closed = True
+        offers, self._offers = list(self._offers.values()), {}
+        self._release_all(offers, "room left")
+        await self._wait_closed()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        expired = [o for o in self._offers.values() if now - o.created > self._retention]
+        for offer in expired:
+            del self._offers[offer.offer_id]
+        self._release_all(expired, "offer expired unanswered")
+
+
+class OfferBatches(_OfferMaker):
+    """0.22: a fresh batch of ``size`` offers per announce and tracker (see the module docstring).
+
+    Only each tracker's latest batch can be answered, as in Trystero 0.22; the batch it replaces
+    is closed when the new one is ready. Peers alive at once: at most two batches per tracker
+    (the old one while the new one is made).
+    """
+
+    def __init__(
+        self,
+        *,
+        make_peer: Callable[[], Peer],
+        seal: Callable[[str], str],
+        size: int = v022.PROFILE.torrent.offers_per_announce,
+        name: str = "",
+    ) -> None:
+        super().__init__(make_peer=make_peer, seal=seal, size=size, name=name)
+        self._batches: dict[str, dict[str, _Offer]] = {}  # by tracker URL, then offer id
+
+    @property
+    def outstanding(self) -> int:
+        return sum(len(batch) for batch in self._batches.values())
+
+    def __contains__(self, offer_id: object) -> bool:
+        return any(offer_id in batch for batch in self._batches.values())
+
+    async def current(self, tracker_url: str = "") -> list[TorrentOffer]:
+        """A new batch for ``tracker_url``'s announce; that tracker's previous batch is closed."""
+        if self._closed:
+            return []
+        made = await self._make_many(self._size)
+        if self._closed:
+            return []
+        previous = self._batches.pop(tracker_url, {})
+        self._release_all(list(previous.values()), "offer superseded by a newer announce")
+        self._batches[tracker_url] = {offer.offer_id: offer for offer in made}
+        return [TorrentOffer(o.offer_id, o.sealed) for o in made]
+
+    def claim(self, offer_id: str) -> Peer | None:
+        for batch in self._batches.values():
+            offer = batch.pop(offer_id, None)
+            if offer is not None:
+                return offer.peer
+        return None
+
+    async def close(self) -> None:
+        self._closed = True
+        batches, self._batches = list(self._batches.values()), {}
+        for batch in batches:
+            self._release_all(list(batch.values()), "room left")
+        await self._wait_closed()
+
 
 # ---------------------------------------------------------------------- shared tracker
 
 
 class SharedTracker(TorrentRelay):
-    """A tracker connection shared by the rooms of one session; routes signals by info_hash."""
+    """A tracker connection shared by the rooms of one session and wire; routes signals by
+    info_hash."""
 
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
@@ -215,38 +314,46 @@ class SharedTracker(TorrentRelay):
 
 
 class TorrentRoomSignaller(RoomSignaller):
-    """Tracker side of one room (see the module docstring)."""
+    """Tracker side of one room on wire 0.25 (see the module docstring)."""
+
+    #: Tracker cadence and dedupe of this wire's JS peers.
+    POLICY: TorrentPolicy = TORRENT_025
+    #: Key of this wire's trackers in the session's RelayHub (one tracker client per policy).
+    HUB_KEY = TORRENT
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.info_hash = crypto.torrent_info_hash(self.root_topic)
-        self.pool = OfferPool(
+        self.pool = self._make_pool()
+        self._trackers: dict[str, SharedTracker] = {}
+
+    def _make_pool(self) -> OfferPool | OfferBatches:
+        return OfferPool(
             make_peer=self._negotiator.new_offer_peer,
             seal=functools.partial(crypto.encrypt, self.key),
             name=f"room {self.room_id}",
         )
-        self._trackers: dict[str, SharedTracker] = {}
 
     def __repr__(self) -> str:
         return f"<TorrentRoomSignaller {self.app_id}/{self.room_id}>"
 
     def start(self) -> None:
         """Announce the room with its offers on every tracker (returns at once)."""
-        factory = functools.partial(SharedTracker, peer_id=self.self_id)
+        factory = functools.partial(SharedTracker, peer_id=self.self_id, policy=self.POLICY)
         for url in self._urls:
             # RelayHub's type is the topic Relay; a tracker only uses its lifecycle and on_state.
-            relay = self._hub.acquire(TORRENT, url, factory=factory)  # type: ignore[arg-type]
+            relay = self._hub.acquire(self.HUB_KEY, url, factory=factory)  # type: ignore[arg-type]
             tracker: SharedTracker = relay  # type: ignore[assignment]
             tracker.signallers[self.info_hash] = self
-            tracker.set_announce(self.info_hash, self._offers_for_announce)
+            tracker.set_announce(self.info_hash, functools.partial(self._offers_for_announce, url))
             self._trackers[url] = tracker
             self._relays[url] = relay
             self._unwatch.append(self._hub.watch(relay, self._on_state))
 
-    async def _offers_for_announce(self) -> list[TorrentOffer]:
+    async def _offers_for_announce(self, url: str) -> list[TorrentOffer]:
         # The tracker relay calls this once per announce (only while connected).
         self.counters["announces_out"] += 1
-        return await self.pool.current()
+        return await self.pool.current(url)
 
     async def stop(self) -> None:
         """Leave every swarm (``stopped`` announce), release the trackers, close the offers."""
@@ -259,7 +366,7 @@ class TorrentRoomSignaller(RoomSignaller):
             if tracker.signallers.get(self.info_hash) is self:
                 del tracker.signallers[self.info_hash]
                 tracker.remove(self.info_hash)
-            self._hub.release(TORRENT, url)
+            self._hub.release(self.HUB_KEY, url)
         self._trackers.clear()
         self._relays.clear()
         await self.pool.close()
@@ -269,6 +376,8 @@ class TorrentRoomSignaller(RoomSignaller):
         signal a torrent room sends; there are no announce-replies or candidates)."""
         tracker = self._trackers.get(url)
         answer, offer_id = payload.get("answer"), payload.get("offerId")
+        if isinstance(answer, dict):
+            answer = answer.get("sdp")  # 0.22's description object; the tracker frame wraps it anyway
         if tracker is None or self._stopped or not isinstance(answer, str) or not isinstance(offer_id, str):
             self.counters["dropped.unsendable_signal"] += 1
             return
@@ -289,7 +398,7 @@ class TorrentRoomSignaller(RoomSignaller):
             self.counters["dropped.relay_bad_peer_id"] += 1
             return
         negotiator = self._negotiator
-        if not negotiator.busy_with(peer_id) and self.self_id < peer_id and self.pool.outstanding:
+        if not negotiator.busy_with(peer_id) and self._leaves_offer_to_peer(peer_id):
             # It answers one of ours instead (spec §4); make sure one reaches it soon.
             self.counters["offers_left_to_peer"] += 1
             tracker.announce_now(self.info_hash)
@@ -299,6 +408,11 @@ class TorrentRoomSignaller(RoomSignaller):
         except Exception:
             self.counters["dropped.internal_error"] += 1
             log.exception("room %s: error handling an offer from %s", self.room_id, peer_id)
+
+    def _leaves_offer_to_peer(self, peer_id: str) -> bool:
+        """Whether an offer from ``peer_id`` is left unanswered because it answers ours: JS 0.25
+        always has outstanding offers, so it answers only offers from smaller ids (spec §4)."""
+        return self.self_id < peer_id and self.pool.outstanding > 0
 
     def _claim(self, offer_id: str, peer_id: str) -> Peer | None:
         peer = self.pool.claim(offer_id)
@@ -325,3 +439,33 @@ class TorrentRoomSignaller(RoomSignaller):
         except Exception:
             self.counters["dropped.internal_error"] += 1
             log.exception("room %s: error handling an answer from %s", self.room_id, peer_id)
+
+
+class TorrentRoomSignaller022(TorrentRoomSignaller):
+    """Tracker side of one room on wire 0.22 (see the module docstring)."""
+
+    POLICY = TORRENT_022
+    HUB_KEY = f"{TORRENT}/{v022.WIRE_VERSION}"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["wire"] = v022.WIRE_VERSION
+        super().__init__(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"<TorrentRoomSignaller022 {self.app_id}/{self.room_id}>"
+
+    def _make_pool(self) -> OfferBatches:
+        return OfferBatches(
+            make_peer=self._negotiator.new_offer_peer,
+            seal=self._seal_022,
+            name=f"room {self.room_id}",
+        )
+
+    def _seal_022(self, sdp: str) -> str:
+        # JS 0.22 drops this line from every SDP it sends (spec §9.2); look the same.
+        return crypto.encrypt(self.key, v022.strip_trickle_option(sdp))
+
+    def _leaves_offer_to_peer(self, peer_id: str) -> bool:
+        # JS 0.22 answers every forwarded offer (spec §9.5), so an unanswered one may never be
+        # matched by an answer to ours; the negotiator answers one offer per peer at a time.
+        return False

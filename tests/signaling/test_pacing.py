@@ -147,8 +147,11 @@ def test_torrent_defaults_and_wire() -> None:
         "wss://tracker.webtorrent.dev",
         "wss://tracker.openwebtorrent.com",
     )
-    with pytest.raises(ValueError):
-        RoomConfig(app_id="a", strategy="torrent", wire="0.22")
+    assert RoomConfig(app_id="a", strategy="torrent", wire="0.22").effective_relay_urls == (
+        "wss://tracker.webtorrent.dev",
+        "wss://tracker.openwebtorrent.com",
+        "wss://tracker.btorrent.xyz",
+    )
 
 
 def test_stable_interval_is_a_timeout() -> None:

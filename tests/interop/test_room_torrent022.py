@@ -1,0 +1,321 @@
+"""Our rooms on ``wire="0.22"`` over a WebTorrent tracker, against real ``trystero@0.22.0``
+torrent peers (Node, node-datachannel) and a real npm ``bittorrent-tracker`` on 127.0.0.1.
+
+Trystero 0.22's torrent strategy (spec §9.5) announces 10 fresh offers per announce and answers
+every offer the tracker forwards, whatever the ids; we answer too (one offer per peer at a time),
+so both join orders connect at the first announce of whoever joins second. Cases: meet in either
+order and id order, payloads, password, leave both ways, the announce frames on the tracker, and a
+0.22 and a 0.25 torrent room in one session. Run in a loopback-only namespace (scripts/netns.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from signaling import Room, RoomConfig, Session, crypto
+from signaling.crypto import gen_id
+from signaling.relays.torrent import TORRENT_022, TORRENT_025, TorrentRelay
+from signaling.torrent_strategy import OfferBatches, TorrentRoomSignaller022
+from tests.interop.jspeer import JsPeer
+from tests.services import ServiceNotInstalled, Tracker
+
+from .conftest import LOOPBACK_ICE
+from .test_room_mqtt import JOIN_TIMEOUT, MIB, Watch, eventually, new_room_id
+from .test_room_wire022 import exchange_payloads
+
+pytestmark = [
+    pytest.mark.interop,
+]
+
+#: bittorrent-tracker tells WebSocket clients ceil(interval_ms / 5000) s; 0.22 never announces
+#: faster than every 33.333 s anyway.
+INTERVAL_MS = 200_000
+#: Joins happen at the joiner's first announce; JS gathers for up to 5 s before it answers.
+FAST_JOIN_S = 8.0
+PREFIX = {"low": "00", "high": "zz"}
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
+    """One tracker for the module, logging the frames clients send (rooms are unique per test)."""
+    try:
+        service = Tracker(tmp_path_factory.mktemp("tracker022"), interval_ms=INTERVAL_MS, log_frames=True)
+    except ServiceNotInstalled as exc:
+        pytest.fail(f"{exc} (make test installs it)")
+    service.start()
+    yield service
+    service.cleanup()
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[Any]:
+    """``sessions(order)``: a fresh Session whose id sorts "low" or "high" (or random: None)."""
+    made: list[Session] = []
+
+    def make(order: str | None = None) -> Session:
+        prefix = PREFIX[order] if order else ""
+        made.append(Session(prefix + gen_id(20 - len(prefix)) if prefix else None))
+        return made[-1]
+
+    yield make
+    for session in made:
+        await session.close()
+
+
+class Torrent:
+    """The tracker URL and app id one test meets on."""
+
+    def __init__(self, tracker: Tracker, app_id: str) -> None:
+        self.url = tracker.url
+        self.app_id = app_id
+
+    def config(self, wire: str = "0.22", **overrides: Any) -> RoomConfig:
+        settings: dict[str, Any] = {
+            "app_id": self.app_id,
+            "strategy": "torrent",
+            "relay_urls": [self.url],
+            "ice_servers": [],
+            "ice_host_addresses": LOOPBACK_ICE,
+            "wire": wire,
+        }
+        settings.update(overrides)
+        return RoomConfig(**settings)
+
+    async def js_join(self, js: JsPeer, room_id: str, **kwargs: Any) -> None:
+        await js.join(room_id, app_id=self.app_id, relay_urls=[self.url], strategy="torrent", **kwargs)
+        await js.make_action(room_id, "data")
+
+
+@pytest.fixture
+def torrent(tracker: Tracker, app_id: str) -> Torrent:
+    return Torrent(tracker, app_id)
+
+
+async def meet(
+    js: JsPeer, room_id: str, torrent: Torrent, session: Session, *, js_first: bool
+) -> tuple[Room, Watch, float]:
+    """JS and we join ``room_id`` in the given order; returns once both see each other, and how
+    long that took after the second joiner joined (seconds)."""
+    if js_first:
+        await torrent.js_join(js, room_id)
+    since = js.mark()
+    t0 = time.monotonic()
+    room = session.join(torrent.config(), room_id)
+    watch = Watch(room, "data")
+    if not js_first:
+        await asyncio.sleep(0.5)  # our first announce is in the swarm before JS arrives
+        t0 = time.monotonic()
+        await torrent.js_join(js, room_id)
+    await watch.join_of(js.self_id, timeout=JOIN_TIMEOUT)
+    await js.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT, since=since)
+    return room, watch, time.monotonic() - t0
+
+
+def no_js_errors(js: JsPeer) -> None:
+    assert js.events("error") == [], js.describe()
+
+
+def our_tracker(session: Session, policy_name: str) -> TorrentRelay:
+    (relay,) = [
+        r for r in session.hub.relays() if isinstance(r, TorrentRelay) and r.policy.name == policy_name
+    ]
+    return relay
+
+
+# --------------------------------------------------------------------------- (a) join and ping
+
+
+@pytest.mark.parametrize("order", ["low", "high"], ids=["our-id-low", "our-id-high"])
+@pytest.mark.parametrize("js_first", [True, False], ids=["js-first", "py-first"])
+async def test_join_and_ping(js_first: bool, order: str, torrent: Torrent, sessions: Any) -> None:
+    session = sessions(order)
+    async with JsPeer.start("node", wire="0.22") as js:
+        room_id = new_room_id("tj22")
+        room, _, took = await meet(js, room_id, torrent, session, js_first=js_first)
+        # No tie-break on 0.22 torrent: the second joiner's first announce connects the pair,
+        # whichever id is larger (0.25 may wait for the next announce, up to 120 s).
+        assert took < FAST_JOIN_S
+        assert set(room.peers) == {js.self_id}
+        assert await js.peers(room_id) == [room.self_id]
+        assert 0 <= await js.ping(room_id, room.self_id) < 2000
+        assert 0 < await room.ping(js.self_id) < 2000
+        assert room.relay_states == {torrent.url: "connected"}
+        assert isinstance(room.signaller, TorrentRoomSignaller022)
+        # One connection for the pair, even though both sides offered and both answer offers.
+        await asyncio.sleep(1.0)
+        assert len(session.links(torrent.app_id, room_id)) == 1
+        assert await js.peers(room_id) == [room.self_id]
+        assert room.stats["dropped"].get("decrypt_failed", 0) == 0
+        no_js_errors(js)
+
+
+# --------------------------------------------------------------------------- (b) payloads
+
+
+async def test_payloads_both_ways(torrent: Torrent, sessions: Any) -> None:
+    async with JsPeer.start("node", wire="0.22") as js:
+        room_id = new_room_id("td22")
+        room, watch, _ = await meet(js, room_id, torrent, sessions(), js_first=True)
+        await exchange_payloads(js, room, watch, room_id)
+        assert room.stats["dropped"] == {}
+        assert room.stats["bytes_in"] > MIB and room.stats["bytes_out"] > MIB
+        no_js_errors(js)
+
+
+# --------------------------------------------------------------------------- (c) password
+
+
+async def test_password_room(torrent: Torrent, sessions: Any) -> None:
+    room_id = new_room_id("tp22")
+    session = sessions()
+    async with (
+        JsPeer.start("node", wire="0.22", name="good") as good,
+        JsPeer.start("node", wire="0.22", name="bad") as bad,
+    ):
+        await torrent.js_join(good, room_id, password="s3cret")
+        room = session.join(torrent.config(password="s3cret"), room_id)
+        watch = Watch(room, "data")
+        await watch.join_of(good.self_id, timeout=JOIN_TIMEOUT)
+        await good.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT)
+        since = good.mark()
+        await room.make_action("data").send({"secret": True})
+        assert (await good.wait_action(room_id, "data", peer=room.self_id, since=since))["value"] == {
+            "secret": True
+        }
+
+        # A wrong password only fails SDP decryption (0.22 has no password handshake): the bad
+        # peer's join announce forwards its offers to us and to the good peer; neither can open it.
+        await torrent.js_join(bad, room_id, password="wrong")
+        await eventually(
+            lambda: room.stats["dropped"].get("decrypt_failed", 0) > 0 and bool(good.events("join-error")),
+            "decrypt failures on our side and the good peer's",
+            JOIN_TIMEOUT,
+        )
+        await asyncio.sleep(2)
+        assert set(room.peers) == {good.self_id} and bad.self_id not in watch.joined
+        assert room.self_id not in await bad.peers(room_id)
+        assert 0 < await room.ping(good.self_id) < 2000
+
+
+# --------------------------------------------------------------------------- (d) leave
+
+
+async def test_leave_both_ways(torrent: Torrent, sessions: Any) -> None:
+    session = sessions()
+    async with JsPeer.start("node", wire="0.22") as js:
+        room_id = new_room_id("tl22")
+        room, watch, _ = await meet(js, room_id, torrent, session, js_first=False)
+        first_link = session.links(torrent.app_id, room_id)[js.self_id]
+
+        await js.leave(room_id)
+        await watch.leave_of(js.self_id, timeout=5)
+        assert room.peers == {}
+        await eventually(lambda: first_link.closed, "the connection to close")
+
+        # JS comes back: its join announce brings fresh offers, one of which we answer.
+        since = js.mark()
+        t0 = time.monotonic()
+        await torrent.js_join(js, room_id)
+        await watch.until(lambda: watch.joined.count(js.self_id) == 2, "second join", JOIN_TIMEOUT)
+        await js.wait_peer_join(room_id, room.self_id, since=since, timeout=JOIN_TIMEOUT)
+        assert time.monotonic() - t0 < FAST_JOIN_S
+        assert session.links(torrent.app_id, room_id)[js.self_id] is not first_link
+
+        since = js.mark()
+        await room.leave()
+        await js.wait_peer_leave(room_id, room.self_id, since=since, timeout=5)
+        assert room.left and room.peers == {} and session.apps == {}
+        no_js_errors(js)
+
+
+# --------------------------------------------------------------------------- (e) on the tracker
+
+
+async def test_announces_carry_ten_fresh_offers(tracker: Tracker, torrent: Torrent, sessions: Any) -> None:
+    """What the tracker sees from us is what it sees from a 0.22 browser: numwant 10 and ten
+    new offers every announce, SDPs without the trickle option, sealed with the room key."""
+    session = sessions()
+    room_id = new_room_id("tf22")
+    async with JsPeer.start("node", wire="0.22") as js:
+        await torrent.js_join(js, room_id)
+        room = session.join(torrent.config(), room_id)
+        await eventually(lambda: js.self_id in room.peers, "the join", JOIN_TIMEOUT)
+        signaller = room.signaller
+        assert isinstance(signaller, TorrentRoomSignaller022) and isinstance(signaller.pool, OfferBatches)
+        relay = our_tracker(session, "0.22")
+        assert relay.policy is TORRENT_022
+        relay.announce_now(signaller.info_hash)  # a second announce without waiting 33 s
+        await eventually(lambda: room.stats["announces_out"] >= 2, "a second announce")
+
+        def ours(who: str) -> list[dict[str, Any]]:
+            return [
+                f
+                for f in tracker.announces()
+                if f.get("info_hash") == signaller.info_hash and f.get("peer_id") == who and "offers" in f
+            ]
+
+        await eventually(lambda: len(ours(room.self_id)) >= 2, "two announces on the tracker", 5)
+        first, second = ours(room.self_id)[:2]
+        for frame in (first, second):
+            assert list(frame) == ["action", "info_hash", "peer_id", "numwant", "offers"]
+            assert frame["numwant"] == 10 and len(frame["offers"]) == 10
+            for offer in frame["offers"]:
+                assert list(offer) == ["offer_id", "offer"] and len(offer["offer_id"]) == 20
+                assert offer["offer"]["type"] == "offer"
+                sdp = crypto.decrypt(signaller.key, offer["offer"]["sdp"])
+                assert sdp.startswith("v=0") and "a=ice-options:trickle" not in sdp
+        ids = [{o["offer_id"] for o in f["offers"]} for f in (first, second)]
+        assert len(ids[0]) == len(ids[1]) == 10 and not ids[0] & ids[1]
+        # The JS peer's frames have the same shape (the reference for the two checks above).
+        (js_frame, *_) = ours(js.self_id)
+        assert list(js_frame) == list(first) and js_frame["numwant"] == 10 and len(js_frame["offers"]) == 10
+        # Only the latest batch is kept: superseded offers are closed.
+        await eventually(lambda: signaller.pool.outstanding <= 10, "the old batch to close", 5)
+        assert signaller.pool.made >= 20
+        assert 0 < await room.ping(js.self_id) < 2000
+
+
+# --------------------------------------------------------------------------- (f) both wires
+
+
+async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Torrent, sessions: Any) -> None:
+    """Each wire gets its own tracker client (its own cadence and dedupe) on the same URL."""
+    session = sessions()
+    old_room, new_room = new_room_id("old"), new_room_id("new")
+    async with (
+        JsPeer.start("node", wire="0.22", name="js022") as js022,
+        JsPeer.start("node", wire="0.25", name="js025") as js025,
+    ):
+        await torrent.js_join(js022, old_room)
+        await torrent.js_join(js025, new_room)
+        room022 = session.join(torrent.config(wire="0.22"), old_room)
+        room025 = session.join(torrent.config(wire="0.25"), new_room)
+        w022, w025 = Watch(room022, "data"), Watch(room025, "data")
+        await w022.join_of(js022.self_id, timeout=JOIN_TIMEOUT)
+        await w025.join_of(js025.self_id, timeout=JOIN_TIMEOUT)
+        await js022.wait_peer_join(old_room, session.self_id, timeout=JOIN_TIMEOUT)
+        await js025.wait_peer_join(new_room, session.self_id, timeout=JOIN_TIMEOUT)
+        assert our_tracker(session, "0.22").policy is TORRENT_022
+        assert our_tracker(session, "0.25").policy is TORRENT_025
+        assert set(room022.peers) == {js022.self_id} and set(room025.peers) == {js025.self_id}
+
+        since022, since025 = js022.mark(), js025.mark()
+        await room022.make_action("data").send({"wire": "0.22"})
+        await room025.make_action("data").send({"wire": "0.25"})
+        assert (await js022.wait_action(old_room, "data", peer=session.self_id, since=since022))["value"] == {
+            "wire": "0.22"
+        }
+        assert (await js025.wait_action(new_room, "data", peer=session.self_id, since=since025))["value"] == {
+            "wire": "0.25"
+        }
+        await js022.send(old_room, "data", "from 0.22", target=session.self_id)
+        await js025.send(new_room, "data", "from 0.25", target=session.self_id)
+        assert (await w022.next_action("data", js022.self_id))[0] == "from 0.22"
+        assert (await w025.next_action("data", js025.self_id))[0] == "from 0.25"
+        no_js_errors(js022)
+        no_js_errors(js025)
