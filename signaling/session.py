@@ -51,6 +51,7 @@ from signaling.framing import NO_METADATA
 from signaling.peer import ChannelNotOpen, MessageTooLarge, Peer
 from signaling.relay_hub import RelayHub
 from signaling.room import Binding, Room
+from signaling.strangers import channel_wire
 from signaling.strategy import RoomSignaller
 from signaling.torrent_strategy import signaller_class as torrent_signaller_class
 
@@ -107,6 +108,10 @@ class PeerLink:
         # 0.22: the connection served one room and the peer is out of it; JS 0.22 drops its end
         # then, so nothing on it counts any more (not even a pong still in flight).
         self.finished = False
+        #: The room this connection was negotiated for (where a stranger is reported).
+        self.via_token = token
+        #: Whether the first message was checked for the other wire's framing (strangers).
+        self.screened = False
         self.idle_timer: asyncio.TimerHandle | None = None
         peer.on_close = self._on_close
         peer.on_message = self._on_message  # also delivers what arrived before this point
@@ -161,6 +166,12 @@ class PeerLink:
     def _on_message(self, data: bytes | str) -> None:
         self.last_seen = time.time()
         app = self.app
+        if not self.screened:
+            self.screened = True
+            foreign = channel_wire(data, app.traits.version)
+            if foreign is not None:
+                app.drop_stranger(self, *foreign)
+                return
         before = self.decoder.buffered_bytes
         try:
             events = self.decoder.feed(data)
@@ -399,6 +410,20 @@ class AppContext:
         if not link.bindings:
             self.drop_link(link, "idle: in none of our rooms", quiet=True)
 
+    def drop_stranger(self, link: PeerLink, version: str, evidence: str) -> None:
+        """``link``'s peer speaks Trystero wire ``version``: report it in the rooms it reached
+        (one log line each) and close the connection without it ever joining."""
+        rooms = {b.room for b in link.bindings.values()}
+        via = self.rooms_by_token.get(link.via_token)
+        if via is not None and not via.left:
+            rooms.add(via)
+        for room in rooms:
+            room.signaller.strangers.report(link.peer_id, version, evidence)
+        for binding in list(link.bindings.values()):
+            self.unbind(binding, f"speaks Trystero wire {version}")
+        self.counters["dropped.foreign_wire_connection"] += 1
+        self.drop_link(link, f"speaks Trystero wire {version}", quiet=True)
+
     def _close_peer(self, peer: Peer, reason: str) -> None:
         self.spawn(peer.close(reason))
 
@@ -440,6 +465,10 @@ class AppContext:
             # A room frame means the peer put us in that room on its side (Trystero binds a room
             # before it sends anything for it), so treat it like a presence frame.
             binding = self.bind(link, room)
+        if not binding.active and not self.traits.admission:
+            # 0.22: a well-formed 0.22 frame ends the stranger screen early (see bind()).
+            binding.remote_ready = True
+            self._maybe_activate(binding)
         if not binding.active and action not in wire.PENDING_ACTIONS:
             room.counters["dropped.pending_peer"] += 1
             return
@@ -501,12 +530,18 @@ class AppContext:
         if link.idle_timer is not None:
             link.idle_timer.cancel()
             link.idle_timer = None
+        loop = asyncio.get_running_loop()
         if not self.traits.admission:
-            # 0.22: active as soon as the channel is open; nothing to send (spec §9.6).
-            binding.local_passed = binding.remote_ready = True
+            # 0.22: active as soon as the channel is open; nothing to send (spec §9.6). Where
+            # strangers can connect (torrent), only once the peer's first message shows 0.22
+            # framing or it stayed silent for the screen time (a 0.25 peer speaks at once).
+            screen = room.signaller.channel_screen
+            binding.local_passed = True
+            binding.remote_ready = link.screened or screen <= 0
+            if not binding.remote_ready:
+                binding.timer = loop.call_later(screen, self._screen_passed, binding)
             self._maybe_activate(binding)
             return binding
-        loop = asyncio.get_running_loop()
         binding.timer = loop.call_later(room.config.timeouts.handshake, self._handshake_expired, binding)
         wire = self.wire
         if not room.config.password:
@@ -584,11 +619,24 @@ class AppContext:
             binding.timer = None
         binding.room.peer_joined(binding.link.peer_id)
 
+    def _screen_passed(self, binding: Binding) -> None:
+        binding.timer = None
+        if binding.link.bindings.get(binding.room.token) is binding:
+            binding.remote_ready = True
+            self._maybe_activate(binding)
+
     def _handshake_expired(self, binding: Binding) -> None:
         binding.timer = None
         if binding.active or binding.link.bindings.get(binding.room.token) is not binding:
             return
         room = binding.room
+        link = binding.link
+        if not link.screened and not link.closing:
+            # Not one message since the channel opened: what a Trystero 0.22 peer does (it has no
+            # handshake), found on a tracker, where both wires' signals look the same.
+            timeout = room.config.timeouts.handshake
+            self.drop_stranger(link, "0.22", f"its channel opened but it sent nothing in {timeout:.0f} s")
+            return
         room.counters["dropped.handshake_timeout"] += 1
         log.warning(
             "dropped peer %s from room %s: handshake timed out after %.0f s",

@@ -15,6 +15,12 @@ later message from it is dropped, so it costs no more offers, answers or RTCPeer
 Plain announcements carry no version: a stranger that only ever announces stays unrecognised
 (for a 0.25 peer in a 0.22 room that happens when its id sorts after ours: it leaves the offer
 to us and silently drops ours), which is harmless but means there is no log line for it.
+
+WebTorrent trackers carry the same frames for both wires, so there a stranger connects, and
+only its data channel gives it away: :func:`channel_wire` reads the first message of a new
+connection (0.25 wraps every chunk in a room or presence frame, first byte 1 or 2; 0.22 sends
+bare chunks that start with a 12-byte action name), and the session reports what it finds with
+:meth:`ForeignWireWatch.report`, which logs and counts exactly as relay screening does.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from signaling.wire.v022 import detect_wire_version
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STRANGER_CAPACITY", "ForeignWireWatch", "describe_shape"]
+__all__ = ["STRANGER_CAPACITY", "ForeignWireWatch", "channel_wire", "describe_shape"]
 
 #: Strangers remembered per room; beyond it the oldest is forgotten (and, if it keeps talking,
 #: found and logged again). A real room has a handful; a flood of fake ids costs this much.
@@ -49,6 +55,33 @@ def describe_shape(payload: dict[str, Any]) -> str:
         if key in payload:
             return f"'{key}' field"
     return "signal shape"
+
+
+#: First bytes of a 0.25 data-channel message: a room frame or a presence frame (spec §6.3).
+_FRAME_TYPES_025 = (0x01, 0x02)
+_NAME_BYTES_022 = 12
+_HEADER_BYTES_022 = 15
+
+
+def channel_wire(data: bytes | str, wire: str) -> tuple[str, str] | None:
+    """``(version, evidence)`` if the first message on a connection of a ``wire`` room shows
+    that the remote speaks the other wire, else None (also for anything unclear)."""
+    if not isinstance(data, bytes | bytearray | memoryview) or not data:
+        return None
+    data = bytes(data)
+    if wire == "0.22":
+        if data[0] in _FRAME_TYPES_025:
+            return "0.25", "room frames on the data channel"
+        return None
+    if data[0] in _FRAME_TYPES_025 or len(data) < _HEADER_BYTES_022:
+        return None
+    try:
+        name = data[:_NAME_BYTES_022].rstrip(b"\0").decode()
+    except UnicodeDecodeError:
+        return None
+    if name and name.isprintable():
+        return "0.22", "bare action chunks on the data channel"
+    return None
 
 
 class ForeignWireWatch:
@@ -110,24 +143,30 @@ class ForeignWireWatch:
         if version is None or version == self.wire:
             return False
         self._counters["dropped.foreign_wire"] += 1
-        if sender in self._known:
-            return True
-        self._known.add(sender)
+        if sender not in self._known:
+            self.report(sender, version, describe_shape(payload))
+        return True
+
+    def report(self, peer_id: str, version: str, evidence: str) -> None:
+        """``peer_id`` was found to speak Trystero wire ``version`` (``evidence`` is for the log
+        line): remember it, count it, log it once, and tell the owner."""
+        if peer_id in self._known:
+            return
+        self._known.add(peer_id)
         self._counters["foreign_wire_peers"] += 1
-        if sender not in self._warned:
-            self._warned.add(sender)
+        if peer_id not in self._warned:
+            self._warned.add(peer_id)
             log.warning(
                 "room %s (Trystero wire %s): peer %s seems to speak Trystero wire %s (%s); "
                 "it cannot join this room: both sides must use the same wire",
                 self.room_id,
                 self.wire,
-                sender,
+                peer_id,
                 version,
-                describe_shape(payload),
+                evidence,
             )
         if self._on_stranger is not None:
             try:
-                self._on_stranger(sender)
+                self._on_stranger(peer_id)
             except Exception:
-                log.exception("room %s: dropping the negotiation with %s failed", self.room_id, sender)
-        return True
+                log.exception("room %s: dropping the negotiation with %s failed", self.room_id, peer_id)

@@ -132,6 +132,11 @@ class LinkDirectory(Protocol):
 class RoomSignaller:
     """Relay side of one room: topics, announces, message validation, sending signals."""
 
+    #: 0.22 only: seconds a new connection's peer waits before it joins, unless its first
+    #: message comes sooner; where strangers of the other wire can connect (trackers), their
+    #: first message gives them away before they join (signaling.strangers.channel_wire).
+    channel_screen: float = 0.0
+
     def __init__(
         self,
         *,

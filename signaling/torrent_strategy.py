@@ -92,6 +92,9 @@ TORRENT = "torrent"
 #: Trystero 0.25.4's offerPoolSize and offerRetentionMs (spec §4).
 OFFER_POOL_SIZE = 3
 OFFER_RETENTION_S = 120.0
+#: 0.22 rooms on trackers: how long a new connection's silent peer waits before it joins (a 0.25
+#: peer sends presence and ``@_hsready`` the moment its channel opens).
+CHANNEL_SCREEN_S = 0.5
 #: What a pooled offer's Peer is called until an answer names its peer (Negotiator.new_offer_peer).
 POOL_PEER_NAME = "offer-pool"
 
@@ -397,6 +400,10 @@ class TorrentRoomSignaller(RoomSignaller):
         if not _is_trystero_id(peer_id):
             self.counters["dropped.relay_bad_peer_id"] += 1
             return
+        if peer_id in self.strangers:
+            # Found on its data channel to speak the other wire; it re-offers every announce.
+            self.counters["dropped.foreign_wire"] += 1
+            return
         negotiator = self._negotiator
         if not negotiator.busy_with(peer_id) and self._leaves_offer_to_peer(peer_id):
             # It answers one of ours instead (spec §4); make sure one reaches it soon.
@@ -428,6 +435,10 @@ class TorrentRoomSignaller(RoomSignaller):
         if not _is_trystero_id(peer_id):
             self.counters["dropped.relay_bad_peer_id"] += 1
             return
+        if peer_id in self.strangers:
+            # Found on its data channel to speak the other wire; it re-offers every announce.
+            self.counters["dropped.foreign_wire"] += 1
+            return
         if offer_id not in self.pool:
             # Already answered by someone else, or expired and closed.
             self.counters["dropped.unexpected_answer"] += 1
@@ -446,6 +457,7 @@ class TorrentRoomSignaller022(TorrentRoomSignaller):
 
     POLICY = TORRENT_022
     HUB_KEY = f"{TORRENT}/{v022.WIRE_VERSION}"
+    channel_screen = CHANNEL_SCREEN_S
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs["wire"] = v022.WIRE_VERSION

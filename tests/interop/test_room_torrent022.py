@@ -11,13 +11,14 @@ order and id order, payloads, password, leave both ways, the announce frames on 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
-from signaling import Room, RoomConfig, Session, crypto
+from signaling import Room, RoomConfig, Session, Timeouts, crypto
 from signaling.crypto import gen_id
 from signaling.relays.torrent import TORRENT_022, TORRENT_025, TorrentRelay
 from signaling.torrent_strategy import OfferBatches, TorrentRoomSignaller022
@@ -319,3 +320,93 @@ async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Torrent, ses
         assert (await w025.next_action("data", js025.self_id))[0] == "from 0.25"
         no_js_errors(js022)
         no_js_errors(js025)
+
+
+# --------------------------------------------------------------------------- (g) strangers
+
+STRANGER_LOG = "seems to speak Trystero wire"
+
+
+def stranger_lines(caplog: pytest.LogCaptureFixture, peer_id: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "signaling.strangers" and STRANGER_LOG in r.getMessage() and peer_id in r.getMessage()
+    ]
+
+
+async def member_undisturbed(room: Room, watch: Watch, member: JsPeer, room_id: str) -> None:
+    assert set(room.peers) == {member.self_id} and watch.left == []
+    assert 0 < await room.ping(member.self_id) < 2000
+    since = member.mark()
+    await room.make_action("data").send({"still": "here"})
+    assert (await member.wait_action(room_id, "data", peer=room.self_id, since=since))["value"] == {
+        "still": "here"
+    }
+    await member.send(room_id, "data", "and back", target=room.self_id)
+    assert (await watch.next_action("data", member.self_id))[0] == "and back"
+
+
+async def test_025_peer_in_022_torrent_room(
+    torrent: Torrent, sessions: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tracker frames look the same for both wires, so a 0.25 browser connects to our 0.22 room;
+    its first data-channel message (a presence frame) gives it away before it ever joins."""
+    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    session = sessions()
+    room_id = new_room_id("tmix22")
+    async with (
+        JsPeer.start("node", wire="0.22", name="member") as member,
+        JsPeer.start("node", wire="0.25", name="stranger") as stranger,
+    ):
+        room, watch, _ = await meet(member, room_id, torrent, session, js_first=True)
+        await torrent.js_join(stranger, room_id)
+        await eventually(
+            lambda: bool(stranger_lines(caplog, stranger.self_id)), "the stranger log line", JOIN_TIMEOUT
+        )
+        (line,) = stranger_lines(caplog, stranger.self_id)
+        assert f"room {room_id} (Trystero wire 0.22)" in line
+        assert "wire 0.25 (room frames on the data channel)" in line
+        await eventually(
+            lambda: stranger.self_id not in session.links(torrent.app_id, room_id),
+            "the stranger's connection to close",
+        )
+        await asyncio.sleep(3)  # its warm-up announces bring more offers: dropped, not answered
+        assert len(stranger_lines(caplog, stranger.self_id)) == 1
+        assert stranger.self_id not in watch.joined and room.stats["foreign_wire_peers"] == 1
+        assert stranger.self_id not in session.links(torrent.app_id, room_id)
+        await member_undisturbed(room, watch, member, room_id)
+        no_js_errors(member)
+
+
+async def test_022_peer_in_025_torrent_room(
+    torrent: Torrent, sessions: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 0.22 browser connects to our 0.25 torrent room but never sends ``@_hsready`` (0.22 has
+    no handshake, and this one sends nothing): not admitted, named once, disconnected."""
+    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    session = sessions()
+    room_id = new_room_id("tmix25")
+    config = torrent.config(wire="0.25", timeouts=Timeouts(handshake=3.0))
+    async with (
+        JsPeer.start("node", wire="0.25", name="member") as member,
+        JsPeer.start("node", wire="0.22", name="stranger") as stranger,
+    ):
+        await torrent.js_join(member, room_id)
+        room = session.join(config, room_id)
+        watch = Watch(room, "data")
+        await watch.join_of(member.self_id, timeout=JOIN_TIMEOUT)
+        await torrent.js_join(stranger, room_id)
+        await eventually(
+            lambda: bool(stranger_lines(caplog, stranger.self_id)), "the stranger log line", JOIN_TIMEOUT
+        )
+        (line,) = stranger_lines(caplog, stranger.self_id)
+        assert f"room {room_id} (Trystero wire 0.25)" in line
+        assert "wire 0.22 (its channel opened but it sent nothing in 3 s)" in line
+        await eventually(
+            lambda: stranger.self_id not in session.links(torrent.app_id),
+            "the stranger's connection to close",
+        )
+        assert stranger.self_id not in watch.joined and room.stats["foreign_wire_peers"] == 1
+        await member_undisturbed(room, watch, member, room_id)
+        no_js_errors(member)
