@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from signaling import crypto
 from signaling.config import Timeouts
 from signaling.errors import DecryptError
-from signaling.peer import InvalidDescription, PeerError
+from signaling.peer import PeerError
 from signaling.strategy import Negotiation, Negotiator, RoomSignaller, Signal
 from signaling.wire import v022
 
@@ -315,20 +315,11 @@ class Negotiator022(Negotiator):
         self._register(neg, self._answer_ttl)
         self._spawn(neg, self._answer(neg, sdp))
 
-    async def _answer(self, neg: Negotiation, sdp: str) -> None:
+    async def _accept(self, neg: Negotiation, sdp: str) -> str | None:
         started = time.monotonic()
-        try:
-            answer = await neg.peer.accept_offer(sdp)
-        except InvalidDescription as exc:
-            neg.room.counters["dropped.bad_sdp"] += 1
-            log.info("room %s: offer from %s rejected: %s", neg.room.room_id, neg.peer_id, exc)
-            self._drop(neg, "bad offer SDP")
-            return
-        except PeerError as exc:
-            self._drop(neg, f"answer failed: {exc}")
-            return
+        answer = await super()._accept(neg, sdp)
         elapsed = time.monotonic() - started
-        if elapsed > v022.PROFILE.pending_offer_ttl / 2:
+        if answer is not None and elapsed > v022.PROFILE.pending_offer_ttl / 2:
             # Typically a STUN server that does not answer (aioice waits 5 s for it): JS gives
             # up on its offer 4.8 s after sending it, so this answer is probably too late.
             log.warning(
@@ -339,13 +330,11 @@ class Negotiator022(Negotiator):
                 elapsed,
                 v022.PROFILE.pending_offer_ttl,
             )
+        return answer
+
+    def _answer_payload(self, neg: Negotiation, answer: str) -> dict[str, Any]:
         sealed = crypto.encrypt(neg.room.key, v022.strip_trickle_option(answer))
-        neg.answered = True
-        payload: dict[str, Any] = {"peerId": self.self_id, "answer": _sdp("answer", sealed)}
-        if neg.offer_id:
-            payload["offerId"] = neg.offer_id
-        neg.room.signal(neg.answer_relay, neg.peer_id, payload)
-        log.debug("room %s: answered the 0.22 offer of %s", neg.room.room_id, neg.peer_id)
+        return {"peerId": self.self_id, "answer": _sdp("answer", sealed)}
 
     def _on_answer_022(self, room: RoomSignaller, peer_id: str, sealed: str, neg: Negotiation | None) -> None:
         if neg is None or neg.role != "offerer" or neg.answered or neg.offer_sealed is None:

@@ -486,18 +486,26 @@ class Negotiator:
                 self._spawn(neg, peer.add_remote_candidate(candidate))
         self._spawn(neg, self._answer(neg, sdp))
 
-    async def _answer(self, neg: Negotiation, sdp: str) -> None:
+    async def _accept(self, neg: Negotiation, sdp: str) -> str | None:
+        """The answer SDP to ``neg``'s offer, or None (then the negotiation is dropped)."""
         try:
-            answer = await neg.peer.accept_offer(sdp)
+            return await neg.peer.accept_offer(sdp)
         except InvalidDescription as exc:
             neg.room.counters["dropped.bad_sdp"] += 1
             log.info("room %s: offer from %s rejected: %s", neg.room.room_id, neg.peer_id, exc)
             self._drop(neg, "bad offer SDP")
-            return
         except PeerError as exc:
             self._drop(neg, f"answer failed: {exc}")
+        return None
+
+    def _answer_payload(self, neg: Negotiation, answer: str) -> dict[str, Any]:
+        return {"peerId": self.self_id, "answer": crypto.encrypt(neg.room.key, answer)}
+
+    async def _answer(self, neg: Negotiation, sdp: str) -> None:
+        answer = await self._accept(neg, sdp)
+        if answer is None:
             return
-        payload: dict[str, Any] = {"peerId": self.self_id, "answer": crypto.encrypt(neg.room.key, answer)}
+        payload = self._answer_payload(neg, answer)
         if neg.offer_id:
             payload["offerId"] = neg.offer_id
         neg.answered = True

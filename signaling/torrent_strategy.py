@@ -394,15 +394,7 @@ class TorrentRoomSignaller(RoomSignaller):
     # ------------------------------------------------------------------ from the trackers
 
     def on_offer(self, tracker: SharedTracker, peer_id: str, offer_id: str, sealed: str) -> None:
-        if self._stopped:
-            return
-        self.counters["signals_in"] += 1
-        if not _is_trystero_id(peer_id):
-            self.counters["dropped.relay_bad_peer_id"] += 1
-            return
-        if peer_id in self.strangers:
-            # Found on its data channel to speak the other wire; it re-offers every announce.
-            self.counters["dropped.foreign_wire"] += 1
+        if not self._accepts(peer_id):
             return
         negotiator = self._negotiator
         if not negotiator.busy_with(peer_id) and self._leaves_offer_to_peer(peer_id):
@@ -415,6 +407,20 @@ class TorrentRoomSignaller(RoomSignaller):
         except Exception:
             self.counters["dropped.internal_error"] += 1
             log.exception("room %s: error handling an offer from %s", self.room_id, peer_id)
+
+    def _accepts(self, peer_id: str) -> bool:
+        """Count a signal from the tracker; whether to look at it at all."""
+        if self._stopped:
+            return False
+        self.counters["signals_in"] += 1
+        if not _is_trystero_id(peer_id):
+            self.counters["dropped.relay_bad_peer_id"] += 1
+            return False
+        if peer_id in self.strangers:
+            # Found on its data channel to speak the other wire; it re-offers every announce.
+            self.counters["dropped.foreign_wire"] += 1
+            return False
+        return True
 
     def _leaves_offer_to_peer(self, peer_id: str) -> bool:
         """Whether an offer from ``peer_id`` is left unanswered because it answers ours: JS 0.25
@@ -429,15 +435,7 @@ class TorrentRoomSignaller(RoomSignaller):
         return peer
 
     def on_answer(self, tracker: SharedTracker, peer_id: str, offer_id: str, sealed: str) -> None:
-        if self._stopped:
-            return
-        self.counters["signals_in"] += 1
-        if not _is_trystero_id(peer_id):
-            self.counters["dropped.relay_bad_peer_id"] += 1
-            return
-        if peer_id in self.strangers:
-            # Found on its data channel to speak the other wire; it re-offers every announce.
-            self.counters["dropped.foreign_wire"] += 1
+        if not self._accepts(peer_id):
             return
         if offer_id not in self.pool:
             # Already answered by someone else, or expired and closed.

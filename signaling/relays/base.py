@@ -1,17 +1,25 @@
 """The relay interface: carry signaling text between named topics, and nothing else.
 
 A relay knows nothing of SDP, peers or rooms. The strategy above it subscribes to topics,
-publishes JSON strings and gets ``on_message(topic, text)`` back. The base class owns everything
-that does not depend on the transport:
+publishes JSON strings and gets ``on_message(topic, text)`` back.
 
-* the connection lifecycle (``start`` / ``close``) and a supervisor task that reconnects with
-  exponential backoff and jitter,
-* the ``state`` machine and its ``on_state`` callback,
-* the subscription set, restored on every (re)connect,
-* a bounded send queue for messages published while disconnected (oldest dropped first),
-* decoding inbound payloads as UTF-8 and shielding the transport from callback errors.
+Everything that does not depend on one protocol is written once, here:
 
-A subclass implements a handful of small transport hooks (see "Transport hooks" below).
+* :class:`ConnectionLifecycle`, shared by every signaling connection, topic relay or not (the
+  WebTorrent :class:`~signaling.relays.torrent.TorrentRelay` builds on it too): ``start`` /
+  ``close``, a supervisor task that reconnects with exponential backoff and jitter (restarted
+  from its first step after a connection that lived ``STABLE_CONNECTION_S``), the ``state``
+  machine with its ``on_state`` callback, and ``wait_connected``.
+* :class:`Relay`, a lifecycle that carries topics:
+
+  * the subscription set, restored on every (re)connect,
+  * a bounded send queue for messages published while disconnected (oldest dropped first),
+  * decoding inbound payloads as UTF-8 and shielding the transport from callback errors.
+
+  A subclass implements a handful of small transport hooks (see "Transport hooks" below).
+* :class:`WebSocketLink`, the aiohttp WebSocket client under the nostr relay and the tracker
+  client: one socket at a time, a writer task fed from an outbox, a reader task, the heartbeat,
+  and closing in the background. Its owner keeps only its protocol.
 """
 
 from __future__ import annotations
@@ -20,11 +28,15 @@ import asyncio
 import functools
 import logging
 import random
+import ssl
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # A connection that lived at least this long was healthy, so the next drop restarts the backoff
 # from its first step; a broker that accepts and then drops us at once keeps backing off instead.
 STABLE_CONNECTION_S = 10.0
+# How long a goodbye (last frames, a close frame, an MQTT DISCONNECT) may take before we hang up.
+GOODBYE_TIMEOUT_S = 2.0
+_READ_YIELD_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -61,18 +76,184 @@ class Backoff:
         return base * (1.0 - self.jitter * rand())
 
 
-class Relay(ABC):
-    """One connection to one signaling server (MQTT broker, nostr relay, ...).
+class ConnectionLifecycle(ABC):
+    """One supervised connection to one signaling server: ``start`` / ``close``, reconnects, state.
 
-    Owner contract: set ``on_message`` / ``on_state``, ``subscribe`` and ``publish`` at any time
-    (before or after ``start``), ``await start()`` once, ``await close()`` at the end. All methods
-    must be called from the event loop that runs the relay; callbacks run on that loop and must
-    not block. ``start()`` returns at once: it never waits for the server, so an absent server
-    only means the relay stays ``connecting`` and keeps retrying.
+    Owner contract: set ``on_state`` at any time, ``await start()`` once, ``await close()`` at the
+    end. All methods must be called from the event loop that runs the connection; callbacks run
+    on that loop and must not block. ``start()`` returns at once: it never waits for the server,
+    so an absent server only means the state stays ``connecting`` while it keeps retrying.
 
     States: ``closed`` (before ``start`` and after ``close``) -> ``connecting`` (until the first
-    session is up) -> ``connected`` (session up *and* subscriptions acknowledged) ->
-    ``reconnecting`` (after a loss, until the next session is up) -> ``connected`` ...
+    connection is up) -> ``connected`` -> ``reconnecting`` (after a loss, until the next
+    connection is up) -> ``connected`` ... What "up" means is decided by ``_connect``.
+
+    A subclass implements the lifecycle hooks below and may set the class attributes.
+    """
+
+    #: Where the lifecycle's lines go (state changes, failed attempts, losses): the subclass's
+    #: module logger, so they appear where that protocol's other lines do.
+    _log: ClassVar[logging.Logger] = log
+    #: First word of the supervisor task's name.
+    _task_label: ClassVar[str] = "relay"
+    #: Connect failures the network is expected to cause: one INFO line, no traceback.
+    _connect_errors: ClassVar[tuple[type[Exception], ...]] = (OSError, TimeoutError, ConnectionError)
+
+    def __init__(self, url: str, *, backoff: Backoff, connect_timeout: float) -> None:
+        self._url = url
+        self.on_state: StateCallback | None = None
+        self._state: RelayState = "closed"
+        self._backoff = backoff
+        self._connect_timeout = connect_timeout
+        self._task: asyncio.Task[None] | None = None
+        self._close_lock = asyncio.Lock()
+        self._state_waiters: list[asyncio.Future[None]] = []
+        self._ever_connected = False
+        self._attempts = 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._url} {self._state}>"
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def state(self) -> RelayState:
+        return self._state
+
+    @property
+    def connect_attempts(self) -> int:
+        """Connection attempts made so far (successful or not)."""
+        return self._attempts
+
+    async def start(self) -> None:
+        """Begin connecting in the background; returns immediately."""
+        if self._task is not None:
+            raise RuntimeError(f"{self!r} already started")
+        self._ever_connected = False
+        self._set_state("connecting")
+        self._task = asyncio.create_task(self._supervise(), name=f"{self._task_label} {self._url}")
+
+    async def close(self) -> None:
+        """Stop reconnecting, end the connection (``_shutdown`` says goodbye first) and go
+        ``closed``. Idempotent."""
+        async with self._close_lock:  # a second close() waits for the first, then finds nothing to do
+            task, self._task = self._task, None
+            tasks = [t for t in (task, *self._detach_tasks()) if t is not None]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                # asyncio.wait, unlike awaiting the tasks, does not re-raise their CancelledError
+                # here, so a cancellation of close() itself still propagates normally.
+                await asyncio.wait(tasks)
+            if task is not None and not task.cancelled() and task.exception() is not None:
+                self._log.error("%s: supervisor failed", self._url, exc_info=task.exception())
+            try:
+                await self._shutdown()
+            finally:
+                self._set_state("closed")
+
+    async def wait_connected(self) -> None:
+        """Wait until the state is ``connected``. Raises ``ConnectionError`` if the connection is
+        closed (or not started) while waiting."""
+        loop = asyncio.get_running_loop()
+        while self._state != "connected":
+            if self._task is None:
+                raise ConnectionError(f"{self._url}: relay is not running")
+            fut: asyncio.Future[None] = loop.create_future()
+            self._state_waiters.append(fut)
+            await fut
+
+    # ------------------------------------------------------------------ lifecycle hooks
+
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Make one connection usable; return when it is up, raise if it cannot be. Runs under
+        the connect timeout and may be cancelled; ``_abort_connection`` cleans up."""
+
+    @abstractmethod
+    def _on_connected(self) -> None:
+        """The state just became ``connected``: start using the connection."""
+
+    @abstractmethod
+    async def _wait_disconnected(self) -> None:
+        """Return once the open connection is gone."""
+
+    @abstractmethod
+    def _abort_connection(self) -> None:
+        """Drop the connection (or a half-open attempt) at once, without a goodbye. Idempotent."""
+
+    @abstractmethod
+    async def _shutdown(self) -> None:
+        """``close()``, after the supervisor stopped: goodbye if connected, then release
+        everything. Idempotent; the state becomes ``closed`` even if it raises."""
+
+    def _detach_tasks(self) -> Iterable[asyncio.Task[None]]:
+        """Tasks besides the supervisor that ``close()`` cancels and awaits with it."""
+        return ()
+
+    # ------------------------------------------------------------------ internals
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            self._set_state("reconnecting" if self._ever_connected else "connecting")
+            self._attempts += 1
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._connect()
+            except self._connect_errors as exc:
+                self._abort_connection()
+                self._log.info("%s: connect attempt failed: %s", self._url, describe(exc))
+            except Exception:
+                self._abort_connection()
+                self._log.exception("%s: unexpected error while connecting", self._url)
+            except BaseException:  # cancelled by close(): leave nothing half-open behind
+                self._abort_connection()
+                raise
+            else:
+                up_since = loop.time()
+                self._ever_connected = True
+                self._set_state("connected")
+                self._on_connected()
+                await self._wait_disconnected()
+                self._abort_connection()
+                self._log.warning("%s: connection lost", self._url)
+                if loop.time() - up_since >= STABLE_CONNECTION_S:
+                    failures = 0
+                self._set_state("reconnecting")
+            delay = self._backoff.delay(failures)
+            failures += 1
+            self._log.debug("%s: next connect attempt in %.2f s", self._url, delay)
+            await asyncio.sleep(delay)
+
+    def _set_state(self, state: RelayState) -> None:
+        if state == self._state:
+            return
+        self._log.info("%s: %s -> %s", self._url, self._state, state)
+        self._state = state
+        waiters, self._state_waiters = self._state_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        callback = self.on_state
+        if callback is not None:
+            try:
+                callback(state)
+            except Exception:
+                self._log.exception("%s: on_state callback failed", self._url)
+
+
+class Relay(ConnectionLifecycle):
+    """One connection to one signaling server (MQTT broker, nostr relay, ...).
+
+    Owner contract (see :class:`ConnectionLifecycle`): set ``on_message`` / ``on_state``,
+    ``subscribe`` and ``publish`` at any time (before or after ``start``). ``connected`` means
+    the session is up *and* its subscriptions are acknowledged. ``close()`` flushes what can be
+    flushed and says goodbye to the server; messages still queued afterwards are dropped, while
+    subscriptions are kept, so a later ``start()`` resumes them.
     """
 
     def __init__(
@@ -87,10 +268,8 @@ class Relay(ABC):
             raise ValueError("queue_limit must be >= 1")
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be > 0")
-        self._url = url
+        super().__init__(url, backoff=backoff or Backoff(), connect_timeout=connect_timeout)
         self.on_message: MessageCallback | None = None
-        self.on_state: StateCallback | None = None
-        self._state: RelayState = "closed"
         # Insertion-ordered set: Trystero subscribes in a fixed order (self topic, then root).
         self._topics: dict[str, None] = {}
         # Futures handed out by subscribe(), resolved when the server acknowledges the topic.
@@ -100,26 +279,8 @@ class Relay(ABC):
         self._queue_limit = queue_limit
         self._dropped = 0
         self._dropped_since_drain = 0
-        self._backoff = backoff or Backoff()
-        self._connect_timeout = connect_timeout
-        self._task: asyncio.Task[None] | None = None
-        self._close_lock = asyncio.Lock()
-        self._state_waiters: list[asyncio.Future[None]] = []
-        self._ever_connected = False
-        self._attempts = 0
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._url} {self._state}>"
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def url(self) -> str:
-        return self._url
-
-    @property
-    def state(self) -> RelayState:
-        return self._state
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -135,62 +296,6 @@ class Relay(ABC):
     def dropped(self) -> int:
         """Messages evicted from the full send queue since the relay was created."""
         return self._dropped
-
-    @property
-    def connect_attempts(self) -> int:
-        """Connection attempts made so far (successful or not)."""
-        return self._attempts
-
-    async def start(self) -> None:
-        """Begin connecting in the background; returns immediately."""
-        if self._task is not None:
-            raise RuntimeError(f"{self!r} already started")
-        self._ever_connected = False
-        self._set_state("connecting")
-        self._task = asyncio.create_task(self._supervise(), name=f"relay {self._url}")
-
-    async def close(self) -> None:
-        """Flush what can be flushed, say goodbye to the server and stop. Idempotent.
-
-        Messages still queued afterwards are dropped; subscriptions are kept, so a later
-        ``start()`` resumes them.
-        """
-        async with self._close_lock:  # a second close() waits for the first, then finds nothing to do
-            await self._close()
-
-    async def _close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            # asyncio.wait, unlike awaiting the task, does not re-raise its CancelledError here,
-            # so a cancellation of close() itself still propagates normally.
-            await asyncio.wait([task])
-            if not task.cancelled() and task.exception() is not None:
-                log.error("%s: supervisor failed", self._url, exc_info=task.exception())
-        if self._state == "connected":
-            self._flush_queue(force=True)
-        try:
-            await self._disconnect()
-        finally:
-            if self._queue:
-                log.info("%s: closed with %d unsent message(s) dropped", self._url, len(self._queue))
-                self._queue.clear()
-            for waiters in self._sub_waiters.values():
-                for fut in waiters:
-                    fut.cancel()
-            self._sub_waiters.clear()
-            self._set_state("closed")
-
-    async def wait_connected(self) -> None:
-        """Wait until the relay is connected (subscriptions active). Raises ``ConnectionError``
-        if the relay is closed (or not started) while waiting."""
-        loop = asyncio.get_running_loop()
-        while self._state != "connected":
-            if self._task is None:
-                raise ConnectionError(f"{self._url}: relay is not running")
-            fut: asyncio.Future[None] = loop.create_future()
-            self._state_waiters.append(fut)
-            await fut
 
     def subscribe(self, topic: str) -> asyncio.Future[None]:
         """Add a topic; it stays subscribed across reconnects until ``unsubscribe``.
@@ -268,14 +373,15 @@ class Relay(ABC):
         """Whether an inbound topic belongs to a current subscription (exact match here)."""
         return topic in self._topics
 
-    def _validate_topic(self, topic: str, *, is_filter: bool) -> None:  # noqa: B027 - optional hook
-        """Raise ``ValueError`` for a topic the transport cannot carry."""
+    def _validate_topic(self, topic: str, *, is_filter: bool) -> None:
+        """Raise ``ValueError`` for a topic the transport cannot carry (optional hook)."""
 
     def _ready_to_send(self) -> bool:
         """False while the transport has enough unsent data buffered (back-pressure)."""
         return True
 
     # ------------------------------------------------------------------ transport hooks
+    # Besides these: _wait_disconnected and _abort_connection (see ConnectionLifecycle).
 
     @abstractmethod
     async def _open(self) -> None:
@@ -296,53 +402,33 @@ class Relay(ABC):
         """Hand one message to the transport; False if it cannot take it (connection gone)."""
 
     @abstractmethod
-    async def _wait_disconnected(self) -> None:
-        """Return once the open connection is gone."""
-
-    @abstractmethod
-    def _abort_connection(self) -> None:
-        """Drop the connection (or a half-open attempt) at once, without a goodbye. Idempotent."""
-
-    @abstractmethod
     async def _disconnect(self) -> None:
         """Graceful goodbye if connected, then release everything. Idempotent, never raises."""
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ lifecycle hooks
 
-    async def _supervise(self) -> None:
-        loop = asyncio.get_running_loop()
-        failures = 0
-        while True:
-            self._set_state("reconnecting" if self._ever_connected else "connecting")
-            self._attempts += 1
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    await self._open()
-                    await self._restore_subscriptions()
-            except (OSError, TimeoutError, ConnectionError) as exc:
-                self._abort_connection()
-                log.info("%s: connect attempt failed: %s", self._url, _describe(exc))
-            except Exception:
-                self._abort_connection()
-                log.exception("%s: unexpected error while connecting", self._url)
-            except BaseException:  # cancelled by close(): leave nothing half-open behind
-                self._abort_connection()
-                raise
-            else:
-                up_since = loop.time()
-                self._ever_connected = True
-                self._set_state("connected")
-                self._flush_queue()
-                await self._wait_disconnected()
-                self._abort_connection()
-                log.warning("%s: connection lost", self._url)
-                if loop.time() - up_since >= STABLE_CONNECTION_S:
-                    failures = 0
-                self._set_state("reconnecting")
-            delay = self._backoff.delay(failures)
-            failures += 1
-            log.debug("%s: next connect attempt in %.2f s", self._url, delay)
-            await asyncio.sleep(delay)
+    async def _connect(self) -> None:
+        await self._open()
+        await self._restore_subscriptions()
+
+    def _on_connected(self) -> None:
+        self._flush_queue()
+
+    async def _shutdown(self) -> None:
+        if self._state == "connected":
+            self._flush_queue(force=True)
+        try:
+            await self._disconnect()
+        finally:
+            if self._queue:
+                log.info("%s: closed with %d unsent message(s) dropped", self._url, len(self._queue))
+                self._queue.clear()
+            for waiters in self._sub_waiters.values():
+                for fut in waiters:
+                    fut.cancel()
+            self._sub_waiters.clear()
+
+    # ------------------------------------------------------------------ internals
 
     async def _restore_subscriptions(self) -> None:
         sent: set[str] = set()
@@ -387,23 +473,224 @@ class Relay(ABC):
             )
         self._queue.append((topic, text))
 
-    def _set_state(self, state: RelayState) -> None:
-        if state == self._state:
-            return
-        log.info("%s: %s -> %s", self._url, self._state, state)
-        self._state = state
-        waiters, self._state_waiters = self._state_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-        callback = self.on_state
-        if callback is not None:
-            try:
-                callback(state)
-            except Exception:
-                log.exception("%s: on_state callback failed", self._url)
+
+class WebSocketLink:
+    """The aiohttp WebSocket client of a lifecycle whose protocol speaks JSON text frames (the
+    nostr relay, the tracker client). One connection at a time; the owner's lifecycle hooks
+    drive it: ``open`` in ``_connect``, ``wait_closed`` in ``_wait_disconnected``, ``drop`` in
+    its teardown, ``drain`` + ``drop`` + ``release`` in ``_shutdown``.
+
+    ``send`` never blocks: frames wait in an outbox that a writer task empties; ``backlog`` lets
+    the owner bound it. A reader task hands text frames to ``on_text`` and binary ones to
+    ``on_binary``, yielding to the loop every ``_READ_YIELD_EVERY`` frames so a flooding server
+    cannot starve it; frames over ``max_msg_size`` drop the connection. aiohttp's heartbeat
+    (ping every ``heartbeat`` s, pong due in half of it) catches a hung server or a dead path.
+    When the server closes, or sending or reading fails, ``on_lost`` is called: the owner forgets
+    what belonged to the connection and calls ``drop``. Lines go to ``logger``, naming the
+    server as ``peer`` ("relay", "tracker").
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        label: str,
+        peer: str,
+        logger: logging.Logger,
+        heartbeat: float | None,
+        max_msg_size: int,
+        ssl_context: ssl.SSLContext | None,
+        on_text: Callable[[str], None],
+        on_binary: Callable[[], None],
+        on_lost: Callable[[], None],
+        on_drained: Callable[[], None] | None = None,
+    ) -> None:
+        self._url = url
+        self._label = label  # first word of the task names
+        self._peer = peer
+        self._log = logger
+        self._heartbeat = heartbeat
+        self._max_msg_size = max_msg_size
+        self._ssl_context = ssl_context
+        self._on_text = on_text
+        self._on_binary = on_binary
+        self._on_lost = on_lost
+        # Called whenever the outbox runs empty; frames it sends are written before going idle.
+        self._on_drained = on_drained
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closers: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+        self._closed.set()  # no connection yet
+        self._outbox: deque[str] = deque()
+        self._outbox_chars = 0
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Keys already logged at WARNING on this connection; owners use fixed keys, so it stays small.
+        self._warned: set[str] = set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open (from ``open`` until ``drop``)."""
+        return self._ws is not None
+
+    @property
+    def backlog(self) -> int:
+        """Characters handed to ``send`` and not yet written to the socket."""
+        return self._outbox_chars
+
+    async def open(self) -> None:
+        """Connect and start the reader and writer; raises what ``ws_connect`` raises."""
+        if self._session is None or self._session.closed:
+            # Session-wide timeouts off: the owner's connect timeout bounds the handshake, the
+            # heartbeat (and the owner's own watchdogs) bound the rest.
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        ws = await self._session.ws_connect(
+            self._url,
+            heartbeat=self._heartbeat,
+            max_msg_size=self._max_msg_size,
+            ssl=self._ssl_context if self._ssl_context is not None else True,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=GOODBYE_TIMEOUT_S),
+        )
+        self._ws = ws
+        self._closed.clear()
+        self._outbox.clear()
+        self._outbox_chars = 0
+        self._idle.set()
+        self._warned.clear()
+        self._reader = asyncio.create_task(self._read_loop(ws), name=f"{self._label} read {self._url}")
+        self._writer = asyncio.create_task(self._write_loop(ws), name=f"{self._label} write {self._url}")
+
+    def send(self, frame: str) -> None:
+        """Queue one text frame for the writer (while connected; ``drop`` discards it)."""
+        self._outbox.append(frame)
+        self._outbox_chars += len(frame)
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def wait_closed(self) -> None:
+        """Return once no connection is open."""
+        await self._closed.wait()
+
+    async def drain(self) -> bool:
+        """Wait until the writer has sent everything queued; False if that took longer than
+        ``GOODBYE_TIMEOUT_S``."""
+        if self._ws is None or self._idle.is_set():
+            return True
+        try:
+            async with asyncio.timeout(GOODBYE_TIMEOUT_S):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def drop(self) -> bool:
+        """Forget the connection at once: stop its reader and writer, discard unsent frames and
+        close the socket in the background (the close frame is our goodbye). Returns whether a
+        connection was open. Idempotent."""
+        ws, self._ws = self._ws, None
+        current = asyncio.current_task()
+        for task in (self._reader, self._writer):
+            if task is not None and task is not current and not task.done():
+                task.cancel()
+        self._reader = self._writer = None
+        self._outbox.clear()
+        self._outbox_chars = 0
+        self._idle.set()
+        self._closed.set()
+        if ws is not None and not ws.closed:
+            closer = asyncio.create_task(self._close_quietly(ws), name=f"{self._label} close {self._url}")
+            self._closers.add(closer)
+            closer.add_done_callback(self._closers.discard)
+        return ws is not None
+
+    async def release(self) -> None:
+        """After ``drop``: wait for the sockets closing in the background, close the session."""
+        if self._closers:
+            await asyncio.wait(list(self._closers))
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def warn_once(self, key: str, message: str, *args: object) -> None:
+        # First occurrence per connection at WARNING, the rest at DEBUG: a hostile or broken
+        # server must not flood the log.
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        self._log.log(level, message, *args)
+
+    async def _write_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            while True:
+                while self._outbox:
+                    frame = self._outbox.popleft()
+                    self._outbox_chars -= len(frame)
+                    await ws.send_str(frame)
+                if self._on_drained is not None:
+                    self._on_drained()
+                    if self._outbox:
+                        continue
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log.info("%s: send failed: %s", self._url, describe(exc))
+            if self._ws is ws:
+                self._on_lost()
+
+    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        handled = 0
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    self._on_text(msg.data)
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    self._on_binary()
+                elif msg.type is aiohttp.WSMsgType.ERROR:
+                    self._log.info("%s: connection error: %s", self._url, describe(msg.data))
+                    return
+                else:  # CLOSE / CLOSING / CLOSED
+                    self._log.info(
+                        "%s: connection closed by the %s (code %s)", self._url, self._peer, ws.close_code
+                    )
+                    return
+                handled += 1
+                if handled % _READ_YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a flooding server must not starve the loop
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log.exception("%s: reader failed; dropping the connection", self._url)
+        finally:
+            if self._ws is ws:
+                self._on_lost()
+
+    async def _close_quietly(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            await ws.close()  # bounded by ws_close; aborts the transport on any error
+        except Exception as exc:
+            self._log.debug("%s: error while dropping the connection: %s", self._url, describe(exc))
 
 
-def _describe(exc: BaseException) -> str:
+def check_websocket_url(url: str, what: str) -> None:
+    """Raise ``ValueError`` unless ``url`` is a usable ``ws://`` / ``wss://`` URL of a ``what``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("ws", "wss"):
+        raise ValueError(f"{what} URL must be ws:// or wss://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {what} URL {url!r}")
+    _ = parts.port  # raises ValueError when out of range
+
+
+def describe(exc: BaseException | None) -> str:
+    """An exception as one short log phrase: its type, and its text if it has one."""
+    if exc is None:
+        return "no details"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

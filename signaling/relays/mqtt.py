@@ -49,7 +49,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, Backoff, Relay
+from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, GOODBYE_TIMEOUT_S, Backoff, Relay
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ if not callable(getattr(mqtt.Client, "_create_socket", None)):  # pragma: no cov
 
 KEEPALIVE_S = 60  # mqtt.js default, which Trystero keeps
 _MISC_INTERVAL_S = 1.0
-_GOODBYE_TIMEOUT_S = 2.0
 # Bytes handed to paho since its outgoing queue last drained. Above this, publishes wait in our
 # bounded queue instead of piling up in paho's unbounded one: only a stalled link gets there, as
 # any same-tick burst of ordinary signaling stays far below it.
@@ -563,7 +562,7 @@ class MqttRelay(Relay):
             # paho writes everything already queued, then DISCONNECT, then closes the socket.
             client.disconnect()
             try:
-                async with asyncio.timeout(_GOODBYE_TIMEOUT_S):
+                async with asyncio.timeout(GOODBYE_TIMEOUT_S):
                     await self._closed_event.wait()
             except TimeoutError:
                 log.info("%s: broker did not take DISCONNECT in time; closing anyway", self.url)

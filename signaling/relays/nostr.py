@@ -62,7 +62,8 @@ Reconnects and liveness
 The base class supervises: reconnect with exponential backoff and jitter (default
 :data:`NOSTR_BACKOFF`: ``random(0..p)`` with p = 3.333 s doubling to 60 s, as Trystero's
 ``makeSocket``, which however gives up at 60 s; we never give up). A relay penalty (above)
-lengthens the next delay. aiohttp's WebSocket heartbeat (ping every ``heartbeat`` s, pong due in
+lengthens the next delay. The socket is a :class:`~signaling.relays.base.WebSocketLink` (shared
+with the tracker client): aiohttp's WebSocket heartbeat (ping every ``heartbeat`` s, pong due in
 half of it) detects a hung relay or a dead path; an accepted socket that never completes the
 upgrade, or a relay that never sends EOSE, runs into ``connect_timeout``.
 
@@ -71,9 +72,9 @@ Bounded
 The send queue (base class), the outbox (high-water mark, then the base queue holds messages),
 incoming messages (``MAX_MESSAGE_BYTES``; larger ones drop the connection), topics
 (``max_topics``, i.e. at most ``max_topics / 250`` REQs, beyond which ``subscribe`` raises), topic
-length, the dedupe LRU, and the counters (fixed keys plus the known rejection prefixes). A
-reader yields to the loop every ``_READ_YIELD_EVERY`` messages, so a flooding relay cannot
-starve the loop.
+length, the dedupe LRU, and the counters (fixed keys plus the known rejection prefixes). The
+link's reader yields to the loop every ``_READ_YIELD_EVERY`` messages (see
+:mod:`~signaling.relays.base`), so a flooding relay cannot starve the loop.
 
 Dedupe across relays
 --------------------
@@ -100,25 +101,31 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 import random
 import re
 import ssl
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 from coincurve import PrivateKey, PublicKeyXOnly
 
 from signaling.bounded import LruSet
 from signaling.crypto import gen_id, nostr_event_id, nostr_kind
 
-from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, Backoff, Relay
+from .base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_QUEUE_LIMIT,
+    Backoff,
+    Relay,
+    WebSocketLink,
+    check_websocket_url,
+)
 
 __all__ = [
     "DEFAULT_RELAY_URLS",
@@ -158,8 +165,6 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 # Characters handed to the socket but not yet written; above this, publishes wait in the base
 # class's bounded queue (only a stalled link gets there).
 _OUTBOX_HIGH_WATER = 1024 * 1024
-_READ_YIELD_EVERY = 64
-_GOODBYE_TIMEOUT_S = 2.0
 # Trystero: 60 s pause doubling up to 15 min (steadyAnnounceIntervalMs, maxRelayBackoffMs).
 ESCALATION_INITIAL_S = 60.0
 ESCALATION_CAP_S = 15 * 60.0
@@ -470,22 +475,6 @@ def _reason_prefix(reason: str) -> str:
     return prefix if sep and prefix in _KNOWN_PREFIXES else "other"
 
 
-def _parse_relay_url(url: str) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("ws", "wss"):
-        raise ValueError(f"nostr relay URL must be ws:// or wss://, got {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"no host in nostr relay URL {url!r}")
-    _ = parts.port  # raises ValueError when out of range
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no details"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class NostrRelay(Relay):
     """A Trystero-compatible connection to one nostr relay (see the module docstring)."""
 
@@ -506,7 +495,7 @@ class NostrRelay(Relay):
         backoff: Backoff | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        _parse_relay_url(url)
+        check_websocket_url(url, "nostr relay")
         if since_slack < 0:
             raise ValueError("since_slack must be >= 0")
         if max_topics < 1:
@@ -515,9 +504,7 @@ class NostrRelay(Relay):
         self._keys = keys or process_keys()
         self._seen: LruSet[str] = seen if seen is not None else LruSet(DEFAULT_SEEN_CAPACITY)
         self._since_slack = since_slack
-        self._heartbeat = heartbeat
         self._max_topics = max_topics
-        self._ssl_context = ssl_context
         self._clock = clock  # wall clock: created_at and since are unix seconds
         self._rate_limit = _Escalation(*rate_limit_backoff)
         # Ids of our recent announces: only their acceptance ends a rate-limit episode (JS).
@@ -526,20 +513,21 @@ class NostrRelay(Relay):
         b = backoff or NOSTR_BACKOFF
         self._backoff = _PenaltyAwareBackoff(b.initial, b.factor, b.cap, b.jitter, self._penalty.remaining)
 
-        self._session: aiohttp.ClientSession | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._closers: set[asyncio.Task[None]] = set()
-        self._closed_event = asyncio.Event()
-        self._closed_event.set()  # no connection yet
-        # Frames for the writer task; bounded by _OUTBOX_HIGH_WATER via _ready_to_send (REQ and
-        # CLOSE frames bypass the check but are few: one per 250 topics).
-        self._outbox: collections.deque[str] = collections.deque()
-        self._outbox_chars = 0
-        self._outbox_wakeup = asyncio.Event()
-        self._outbox_idle = asyncio.Event()
-        self._outbox_idle.set()
+        # Its outbox is bounded by _OUTBOX_HIGH_WATER via _ready_to_send (REQ and CLOSE frames
+        # bypass the check but are few: one per 250 topics).
+        self._link = WebSocketLink(
+            url,
+            label="nostr",
+            peer="relay",
+            logger=log,
+            heartbeat=heartbeat,
+            max_msg_size=MAX_MESSAGE_BYTES,
+            ssl_context=ssl_context,
+            on_text=self._on_text,
+            on_binary=functools.partial(self._drop, "malformed", "binary frame"),
+            on_lost=self._teardown,
+            on_drained=self._on_outbox_drained,
+        )
         # One id per chunk of 250 topics, kept across reconnects (re-sending a REQ with the same
         # id replaces that subscription, NIP-01).
         self._sub_ids: list[str] = []
@@ -548,8 +536,6 @@ class NostrRelay(Relay):
         self._pending_ack: _PendingAck | None = None
         # Fixed names plus the known rejection prefixes; nothing keyed by remote input.
         self._counters: collections.Counter[str] = collections.Counter()
-        # Reasons already logged at WARNING on this connection (bounded by the counter keys).
-        self._warned: set[str] = set()
 
     # -------------------------------------------------------------- public extras
 
@@ -594,25 +580,7 @@ class NostrRelay(Relay):
     # -------------------------------------------------------------- transport hooks
 
     async def _open(self) -> None:
-        if self._session is None or self._session.closed:
-            # Session-wide timeouts off: the base class's connect timeout bounds the handshake,
-            # the heartbeat bounds the rest.
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        ws = await self._session.ws_connect(
-            self.url,
-            heartbeat=self._heartbeat,
-            max_msg_size=MAX_MESSAGE_BYTES,
-            ssl=self._ssl_context if self._ssl_context is not None else True,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_GOODBYE_TIMEOUT_S),
-        )
-        self._ws = ws
-        self._closed_event.clear()
-        self._outbox.clear()
-        self._outbox_chars = 0
-        self._outbox_idle.set()
-        self._warned.clear()
-        self._reader = asyncio.create_task(self._read_loop(ws), name=f"nostr read {self.url}")
-        self._writer = asyncio.create_task(self._write_loop(ws), name=f"nostr write {self.url}")
+        await self._link.open()
 
     def _request_subscribe(self, topics: list[str]) -> asyncio.Future[None]:
         # The REQ always carries the whole topic set, so which topics are new does not matter.
@@ -625,7 +593,7 @@ class NostrRelay(Relay):
         self._schedule_flush()
 
     def _send(self, topic: str, text: str) -> bool:
-        if self._ws is None:
+        if not self._link.connected:
             return False
         if topic in self._topics and self._rate_limit.remaining() > 0:
             # An announce (see the module docstring) during a rate-limit pause: skip it, as JS does.
@@ -635,33 +603,24 @@ class NostrRelay(Relay):
         event = make_event(self._keys, topic, text, int(self._clock()))
         if topic in self._topics:
             self._announce_ids.add(event["id"])
-        self._send_frame(event_message(event))
+        self._link.send(event_message(event))
         self._counters["published"] += 1
         return True
 
     def _ready_to_send(self) -> bool:
-        return self._outbox_chars < _OUTBOX_HIGH_WATER
+        return self._link.backlog < _OUTBOX_HIGH_WATER
 
     async def _wait_disconnected(self) -> None:
-        await self._closed_event.wait()
+        await self._link.wait_closed()
 
     def _abort_connection(self) -> None:
         self._teardown()
 
     async def _disconnect(self) -> None:
-        if self._ws is not None and not self._outbox_idle.is_set():
-            try:
-                async with asyncio.timeout(_GOODBYE_TIMEOUT_S):
-                    await self._outbox_idle.wait()  # what close() flushed goes out first
-            except TimeoutError:
-                log.info("%s: relay did not take our last messages in time; closing anyway", self.url)
-        # The goodbye (a WebSocket close frame) is sent by the closer task _teardown starts.
-        self._teardown()
-        if self._closers:
-            await asyncio.wait(list(self._closers))
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if not await self._link.drain():  # what close() flushed goes out first
+            log.info("%s: relay did not take our last messages in time; closing anyway", self.url)
+        self._teardown()  # the goodbye (a WebSocket close frame) goes out in the background
+        await self._link.release()
 
     def _validate_topic(self, topic: str, *, is_filter: bool) -> None:
         if not isinstance(topic, str) or not topic:
@@ -673,63 +632,14 @@ class NostrRelay(Relay):
 
     # -------------------------------------------------------------- connection internals
 
-    def _send_frame(self, frame: str) -> None:
-        self._outbox.append(frame)
-        self._outbox_chars += len(frame)
-        self._outbox_idle.clear()
-        self._outbox_wakeup.set()
-
-    async def _write_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        try:
-            while True:
-                while self._outbox:
-                    frame = self._outbox.popleft()
-                    self._outbox_chars -= len(frame)
-                    await ws.send_str(frame)
-                if self._queue and self.state == "connected":
-                    self._flush_queue()  # the base queue held messages while we were backed up
-                    if self._outbox:
-                        continue
-                self._outbox_idle.set()
-                self._outbox_wakeup.clear()
-                await self._outbox_wakeup.wait()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info("%s: send failed: %s", self.url, _describe(exc))
-            if self._ws is ws:
-                self._teardown()
-
-    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        handled = 0
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    self._on_text(msg.data)
-                elif msg.type is aiohttp.WSMsgType.BINARY:
-                    self._drop("malformed", "binary frame")
-                elif msg.type is aiohttp.WSMsgType.ERROR:
-                    log.info("%s: connection error: %s", self.url, _describe(msg.data))
-                    return
-                else:  # CLOSE / CLOSING / CLOSED
-                    log.info("%s: connection closed by the relay (code %s)", self.url, ws.close_code)
-                    return
-                handled += 1
-                if handled % _READ_YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # a flooding relay must not starve the loop
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s: reader failed; dropping the connection", self.url)
-        finally:
-            if self._ws is ws:
-                self._teardown()
+    def _on_outbox_drained(self) -> None:
+        if self._queue and self.state == "connected":
+            self._flush_queue()  # the base queue held messages while we were backed up
 
     def _teardown(self) -> None:
         """Forget the current connection at once: fail what waits on it, stop its tasks, and
         close the socket in the background. Idempotent."""
-        ws, self._ws = self._ws, None
+        self._link.drop()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -743,25 +653,6 @@ class NostrRelay(Relay):
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(lost)
-        current = asyncio.current_task()
-        for task in (self._reader, self._writer):
-            if task is not None and task is not current and not task.done():
-                task.cancel()
-        self._reader = self._writer = None
-        self._outbox.clear()
-        self._outbox_chars = 0
-        self._outbox_idle.set()
-        self._closed_event.set()
-        if ws is not None and not ws.closed:
-            closer = asyncio.create_task(self._close_quietly(ws), name=f"nostr close {self.url}")
-            self._closers.add(closer)
-            closer.add_done_callback(self._closers.discard)
-
-    async def _close_quietly(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        try:
-            await ws.close()  # bounded by ws_close; aborts the transport on any error
-        except Exception as exc:
-            log.debug("%s: error while dropping the connection: %s", self.url, _describe(exc))
 
     # -------------------------------------------------------------- subscriptions
 
@@ -773,7 +664,7 @@ class NostrRelay(Relay):
     def _flush_subscriptions(self) -> None:
         self._flush_handle = None
         waiters, self._flush_waiters = self._flush_waiters, []
-        if self._ws is None:
+        if not self._link.connected:
             for fut in waiters:
                 if not fut.done():
                     fut.set_exception(ConnectionError(f"{self.url}: not connected"))
@@ -781,7 +672,7 @@ class NostrRelay(Relay):
         topics = list(self._topics)
         chunks = [topics[i : i + MAX_TOPICS_PER_REQ] for i in range(0, len(topics), MAX_TOPICS_PER_REQ)]
         while len(self._sub_ids) > len(chunks):
-            self._send_frame(orjson.dumps(["CLOSE", self._sub_ids.pop()]).decode())
+            self._link.send(orjson.dumps(["CLOSE", self._sub_ids.pop()]).decode())
         previous, self._pending_ack = self._pending_ack, None
         if previous is not None:
             # The new REQs replace the old ones: whoever waited on those now waits on these.
@@ -797,7 +688,7 @@ class NostrRelay(Relay):
         for i, chunk in enumerate(chunks):
             if i == len(self._sub_ids):
                 self._sub_ids.append(gen_id(SUB_ID_LENGTH))
-            self._send_frame(req_message(self._sub_ids[i], chunk, since))
+            self._link.send(req_message(self._sub_ids[i], chunk, since))
         ack = _PendingAck(set(self._sub_ids), waiters)
         if self.state == "connected":
             # While connecting, the base class's connect timeout already bounds the wait.
@@ -842,7 +733,7 @@ class NostrRelay(Relay):
                 case "NOTICE":
                     self._counters["notice"] += 1
                     text = msg[1] if len(msg) > 1 and isinstance(msg[1], str) else ""
-                    self._warn_once("notice", "%s: NOTICE from relay: %.200s", self.url, text)
+                    self._link.warn_once("notice", "%s: NOTICE from relay: %.200s", self.url, text)
                 case "AUTH":
                     self._counters["auth_challenge"] += 1  # NIP-42: we never authenticate (JS neither)
                 case _:
@@ -916,7 +807,7 @@ class NostrRelay(Relay):
         if prefix in _POLICY_REJECTIONS:
             self._impose_penalty(f"event refused ({reason[:200]})")
             return
-        self._warn_once(f"rejected:{prefix}", "%s: event refused: %.200s", self.url, reason)
+        self._link.warn_once(f"rejected:{prefix}", "%s: event refused: %.200s", self.url, reason)
 
     def _on_closed(self, msg: list[Any]) -> None:
         if len(msg) < 2 or msg[1] not in self._sub_ids:
@@ -934,13 +825,6 @@ class NostrRelay(Relay):
 
     def _drop(self, reason: str, detail: str = "") -> None:
         self._counters[f"dropped:{reason}"] += 1
-        self._warn_once(
+        self._link.warn_once(
             f"dropped:{reason}", "%s: dropped an incoming message (%s) %.200s", self.url, reason, detail
         )
-
-    def _warn_once(self, key: str, message: str, *args: object) -> None:
-        # First occurrence per connection at WARNING, the rest at DEBUG: a hostile or broken
-        # relay must not flood the log.
-        level = logging.DEBUG if key in self._warned else logging.WARNING
-        self._warned.add(key)
-        log.log(level, message, *args)

@@ -4,9 +4,12 @@ torrent strategy speaks it (spec §4), so browsers on the same trackers find us.
 A tracker is not a topic pub/sub: peers *announce* an info_hash with a handful of SDP offers and
 the tracker forwards each offer to one random member of that swarm; answers go back through the
 tracker by peer id. So this class is not a :class:`~signaling.relays.base.Relay`; it has its own
-small API shaped for the strategy that drives it (lifecycle and reconnect logic mirror the base
-class: same states, same ``on_state``, same ``Backoff``). SDPs are opaque strings here: the
-strategy seals and opens them (AES-GCM, spec §1).
+small API shaped for the strategy that drives it. What does not depend on the tracker protocol
+comes from :mod:`signaling.relays.base`, as for the relays: the lifecycle and reconnects from
+:class:`~signaling.relays.base.ConnectionLifecycle` (same states, ``on_state``, ``Backoff`` and
+supervisor as :class:`~signaling.relays.base.Relay`), the socket from
+:class:`~signaling.relays.base.WebSocketLink` (shared with the nostr relay). SDPs are opaque
+strings here: the strategy seals and opens them (AES-GCM, spec §1).
 
 Public API
 ----------
@@ -97,7 +100,8 @@ offer ids remembered per room for the answer check (LRU), the dedupe map (``DEDU
 oldest first; entries older than the window are pruned as they age), incoming frames
 (``MAX_MESSAGE_BYTES``, larger ones drop the connection), the outbox (``_OUTBOX_HIGH_WATER``
 characters; beyond it frames are dropped and counted ``send_backlog``), counters (fixed keys).
-The reader yields to the loop every ``_READ_YIELD_EVERY`` frames. No threads: aiohttp on the
+The link's reader yields to the loop every ``_READ_YIELD_EVERY`` frames (see
+:mod:`~signaling.relays.base`). No threads: aiohttp on the
 caller's loop, and IP-literal tracker URLs skip the resolver (host names use aiohttp's default
 resolver, which may use the loop's executor for ``getaddrinfo``).
 
@@ -132,12 +136,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import logging
 import math
 import ssl
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -147,7 +151,14 @@ import orjson
 
 from signaling.bounded import LruSet
 
-from .base import DEFAULT_CONNECT_TIMEOUT, STABLE_CONNECTION_S, Backoff, RelayState, StateCallback
+from .base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    Backoff,
+    ConnectionLifecycle,
+    WebSocketLink,
+    check_websocket_url,
+    describe,
+)
 
 __all__ = [
     "ANNOUNCE_NOW_MIN_GAP_S",
@@ -186,8 +197,6 @@ ANNOUNCE_NOW_MIN_GAP_S = 1.0
 # Keys handled in the last dedupe window; at 4 s that is thousands of signals per second.
 DEDUPE_CAPACITY = 4096
 _OUTBOX_HIGH_WATER = 1024 * 1024
-_READ_YIELD_EVERY = 64
-_GOODBYE_TIMEOUT_S = 2.0
 # Drops that happen in normal operation (JS re-sends the same offer ids on every announce).
 _EXPECTED_DROPS = frozenset({"duplicate", "own"})
 
@@ -383,22 +392,6 @@ def _is_short_str(value: object, limit: int) -> bool:
     return isinstance(value, str) and 0 < len(value) <= limit
 
 
-def _parse_tracker_url(url: str) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("ws", "wss"):
-        raise ValueError(f"tracker URL must be ws:// or wss://, got {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"no host in tracker URL {url!r}")
-    _ = parts.port  # raises ValueError when out of range
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no details"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 # ---------------------------------------------------------------------- rooms
 
 
@@ -421,16 +414,21 @@ class _Room:
     reply_timer: asyncio.TimerHandle | None = None
 
 
-class TorrentRelay:
+class TorrentRelay(ConnectionLifecycle):
     """A Trystero-compatible connection to one WebTorrent tracker (see the module docstring).
 
-    Owner contract (as :class:`~signaling.relays.base.Relay`): set the callbacks and rooms at any
-    time, ``await start()`` once, ``await close()`` at the end; call everything from the loop
-    that runs the relay; callbacks run on that loop and must not block. ``start()`` never waits
-    for the tracker. States: ``closed`` -> ``connecting`` -> ``connected`` (socket open) ->
-    ``reconnecting`` -> ``connected`` ... -> ``closed``. Rooms survive ``close()``: a later
-    ``start()`` announces them again.
+    Owner contract (as :class:`~signaling.relays.base.ConnectionLifecycle`): set the callbacks
+    and rooms at any time, ``await start()`` once, ``await close()`` at the end; call everything
+    from the loop that runs the relay; callbacks run on that loop and must not block.
+    ``start()`` never waits for the tracker. States: ``closed`` -> ``connecting`` ->
+    ``connected`` (socket open) -> ``reconnecting`` -> ``connected`` ... -> ``closed``.
+    ``close()`` closes the socket, so the tracker drops us from every swarm. Rooms survive
+    ``close()``: a later ``start()`` announces them again.
     """
+
+    _log = log
+    _task_label = "torrent"
+    _connect_errors = (OSError, TimeoutError, aiohttp.ClientError)
 
     def __init__(
         self,
@@ -449,7 +447,7 @@ class TorrentRelay:
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        _parse_tracker_url(url)
+        check_websocket_url(url, "tracker")
         _check_id(peer_id, "peer_id")
         if connect_timeout <= 0 or offers_timeout <= 0:
             raise ValueError("timeouts must be > 0")
@@ -457,48 +455,36 @@ class TorrentRelay:
             raise ValueError("reply_timeout must be > 0 or None")
         if max_rooms < 1 or max_sdp_chars < 1:
             raise ValueError("max_rooms and max_sdp_chars must be >= 1")
-        self._url = url
+        super().__init__(url, backoff=backoff or TORRENT_BACKOFF, connect_timeout=connect_timeout)
         self._peer_id = peer_id
         self._policy = policy
-        self._backoff = backoff or TORRENT_BACKOFF
-        self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
         self._offers_timeout = offers_timeout
-        self._heartbeat = heartbeat
         self._announce_stopped = announce_stopped
         self._max_rooms = max_rooms
         self._max_sdp_chars = max_sdp_chars
-        self._ssl_context = ssl_context
         self._clock = clock  # monotonic: dedupe window (the cadence uses the loop's clock)
 
         self.on_offer: SignalCallback | None = None
         self.on_answer: SignalCallback | None = None
-        self.on_state: StateCallback | None = None
 
-        self._state: RelayState = "closed"
         self._rooms: dict[str, _Room] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._close_lock = asyncio.Lock()
-        self._state_waiters: list[asyncio.Future[None]] = []
-        self._ever_connected = False
-        self._attempts = 0
-
-        self._session: aiohttp.ClientSession | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        # Its outbox is bounded by _OUTBOX_HIGH_WATER characters (_send_frame).
+        self._link = WebSocketLink(
+            url,
+            label="torrent",
+            peer="tracker",
+            logger=log,
+            heartbeat=heartbeat,
+            max_msg_size=MAX_MESSAGE_BYTES,
+            ssl_context=ssl_context,
+            on_text=self._on_text,
+            on_binary=functools.partial(self._drop, "not_json", "binary frame"),
+            on_lost=self._teardown,
+        )
         # Bumped on every teardown, so timers and tasks of an old connection recognise it.
         self._generation = 0
         self._up = asyncio.Event()  # set while a connection is open
-        self._closed_event = asyncio.Event()
-        self._closed_event.set()
-        self._reader: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._closers: set[asyncio.Task[None]] = set()
-        # Frames for the writer task, bounded by _OUTBOX_HIGH_WATER characters.
-        self._outbox: collections.deque[str] = collections.deque()
-        self._outbox_chars = 0
-        self._outbox_wakeup = asyncio.Event()
-        self._outbox_idle = asyncio.Event()
-        self._outbox_idle.set()
 
         # key -> time it was handled; insertion order == time order (refreshed keys move to the end).
         self._handled: collections.OrderedDict[tuple[str, ...], float] = collections.OrderedDict()
@@ -507,16 +493,11 @@ class TorrentRelay:
         self._removed: LruSet[str] = LruSet(64)
         # Fixed names only; nothing keyed by remote input.
         self._counters: collections.Counter[str] = collections.Counter()
-        self._warned: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<TorrentRelay {self._url} {self._state} rooms={len(self._rooms)}>"
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def url(self) -> str:
-        return self._url
 
     @property
     def peer_id(self) -> str:
@@ -527,17 +508,9 @@ class TorrentRelay:
         return self._policy
 
     @property
-    def state(self) -> RelayState:
-        return self._state
-
-    @property
     def rooms(self) -> tuple[str, ...]:
         """Info hashes announced on this tracker, in the order they were added."""
         return tuple(self._rooms)
-
-    @property
-    def connect_attempts(self) -> int:
-        return self._attempts
 
     @property
     def counters(self) -> dict[str, int]:
@@ -556,43 +529,9 @@ class TorrentRelay:
 
     async def start(self) -> None:
         """Begin connecting in the background; returns immediately."""
-        if self._task is not None:
-            raise RuntimeError(f"{self!r} already started")
-        self._ever_connected = False
-        self._set_state("connecting")
-        self._task = asyncio.create_task(self._supervise(), name=f"torrent {self._url}")
+        await super().start()
         for room in self._rooms.values():
             self._start_room(room)
-
-    async def close(self) -> None:
-        """Close the socket (the tracker then drops us from every swarm) and stop. Idempotent."""
-        async with self._close_lock:
-            task, self._task = self._task, None
-            rooms = [r.task for r in self._rooms.values() if r.task is not None]
-            for room in self._rooms.values():
-                room.task = None
-            for t in [task, *rooms]:
-                if t is not None:
-                    t.cancel()
-            pending = [t for t in [task, *rooms] if t is not None]
-            if pending:
-                # asyncio.wait does not re-raise the tasks' CancelledError here.
-                await asyncio.wait(pending)
-            if task is not None and not task.cancelled() and task.exception() is not None:
-                log.error("%s: supervisor failed", self._url, exc_info=task.exception())
-            await self._disconnect()
-            self._set_state("closed")
-
-    async def wait_connected(self) -> None:
-        """Wait until the socket is open. Raises ``ConnectionError`` if the relay is closed (or
-        not started) while waiting."""
-        loop = asyncio.get_running_loop()
-        while self._state != "connected":
-            if self._task is None:
-                raise ConnectionError(f"{self._url}: relay is not running")
-            fut: asyncio.Future[None] = loop.create_future()
-            self._state_waiters.append(fut)
-            await fut
 
     # ------------------------------------------------------------------ rooms
 
@@ -633,7 +572,7 @@ class TorrentRelay:
             room.task = None
         self._clear_reply_timer(room)
         # Only if this connection announced the room: otherwise the tracker has not heard of us.
-        announced_here = self._ws is not None and room.last_generation == self._generation
+        announced_here = self._link.connected and room.last_generation == self._generation
         if (
             self._announce_stopped
             and announced_here
@@ -662,7 +601,7 @@ class TorrentRelay:
             raise ValueError(f"offer_id must be a 1..{MAX_OFFER_ID_LENGTH}-character string")
         if not isinstance(sdp, str) or not sdp:
             raise ValueError("sdp must be a non-empty string")
-        if info_hash not in self._rooms or self._ws is None:
+        if info_hash not in self._rooms or not self._link.connected:
             self._counters["answer_unsent"] += 1
             return False
         if not self._send_frame(answer_message(info_hash, self._peer_id, to_peer_id, offer_id, sdp)):
@@ -671,62 +610,10 @@ class TorrentRelay:
         self._counters["answer_sent"] += 1
         return True
 
-    # ------------------------------------------------------------------ supervisor
+    # ------------------------------------------------------------------ lifecycle hooks
 
-    async def _supervise(self) -> None:
-        loop = asyncio.get_running_loop()
-        failures = 0
-        while True:
-            self._set_state("reconnecting" if self._ever_connected else "connecting")
-            self._attempts += 1
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    await self._open()
-            except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-                self._teardown()
-                log.info("%s: connect attempt failed: %s", self._url, _describe(exc))
-            except Exception:
-                self._teardown()
-                log.exception("%s: unexpected error while connecting", self._url)
-            except BaseException:  # cancelled by close(): leave nothing half-open behind
-                self._teardown()
-                raise
-            else:
-                up_since = loop.time()
-                self._ever_connected = True
-                self._set_state("connected")
-                self._on_connected()
-                await self._closed_event.wait()
-                self._teardown()
-                log.warning("%s: connection lost", self._url)
-                if loop.time() - up_since >= STABLE_CONNECTION_S:
-                    failures = 0
-                self._set_state("reconnecting")
-            delay = self._backoff.delay(failures)
-            failures += 1
-            log.debug("%s: next connect attempt in %.2f s", self._url, delay)
-            await asyncio.sleep(delay)
-
-    async def _open(self) -> None:
-        if self._session is None or self._session.closed:
-            # Session-wide timeouts off: the connect timeout bounds the handshake, the heartbeat
-            # and the reply watchdog bound the rest.
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
-        ws = await self._session.ws_connect(
-            self._url,
-            heartbeat=self._heartbeat,
-            max_msg_size=MAX_MESSAGE_BYTES,
-            ssl=self._ssl_context if self._ssl_context is not None else True,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_GOODBYE_TIMEOUT_S),
-        )
-        self._ws = ws
-        self._closed_event.clear()
-        self._outbox.clear()
-        self._outbox_chars = 0
-        self._outbox_idle.set()
-        self._warned.clear()
-        self._reader = asyncio.create_task(self._read_loop(ws), name=f"torrent read {self._url}")
-        self._writer = asyncio.create_task(self._write_loop(ws), name=f"torrent write {self._url}")
+    async def _connect(self) -> None:
+        await self._link.open()
 
     def _on_connected(self) -> None:
         self._up.set()
@@ -735,63 +622,31 @@ class TorrentRelay:
             room.requested = True
             room.wake.set()
 
+    async def _wait_disconnected(self) -> None:
+        await self._link.wait_closed()
+
+    def _abort_connection(self) -> None:
+        self._teardown()
+
+    def _detach_tasks(self) -> list[asyncio.Task[None]]:
+        tasks = [r.task for r in self._rooms.values() if r.task is not None]
+        for room in self._rooms.values():
+            room.task = None
+        return tasks
+
+    async def _shutdown(self) -> None:
+        if not await self._link.drain():  # e.g. a stopped announce from remove()
+            log.info("%s: tracker did not take our last frames in time; closing anyway", self._url)
+        self._teardown()
+        await self._link.release()
+
     def _teardown(self) -> None:
         """Forget the current connection at once and close it in the background. Idempotent."""
-        ws, self._ws = self._ws, None
-        if ws is not None:
+        if self._link.drop():
             self._generation += 1
         self._up.clear()
         for room in self._rooms.values():
             self._clear_reply_timer(room)
-        current = asyncio.current_task()
-        for task in (self._reader, self._writer):
-            if task is not None and task is not current and not task.done():
-                task.cancel()
-        self._reader = self._writer = None
-        self._outbox.clear()
-        self._outbox_chars = 0
-        self._outbox_idle.set()
-        self._closed_event.set()
-        if ws is not None and not ws.closed:
-            closer = asyncio.create_task(self._close_quietly(ws), name=f"torrent close {self._url}")
-            self._closers.add(closer)
-            closer.add_done_callback(self._closers.discard)
-
-    async def _disconnect(self) -> None:
-        if self._ws is not None and not self._outbox_idle.is_set():
-            try:
-                async with asyncio.timeout(_GOODBYE_TIMEOUT_S):
-                    await self._outbox_idle.wait()  # e.g. a stopped announce from remove()
-            except TimeoutError:
-                log.info("%s: tracker did not take our last frames in time; closing anyway", self._url)
-        self._teardown()
-        if self._closers:
-            await asyncio.wait(list(self._closers))
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _close_quietly(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        try:
-            await ws.close()  # bounded by ws_close; aborts the transport on any error
-        except Exception as exc:
-            log.debug("%s: error while dropping the connection: %s", self._url, _describe(exc))
-
-    def _set_state(self, state: RelayState) -> None:
-        if state == self._state:
-            return
-        log.info("%s: %s -> %s", self._url, self._state, state)
-        self._state = state
-        waiters, self._state_waiters = self._state_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-        callback = self.on_state
-        if callback is not None:
-            try:
-                callback(state)
-            except Exception:
-                log.exception("%s: on_state callback failed", self._url)
 
     # ------------------------------------------------------------------ announcing
 
@@ -851,7 +706,7 @@ class TorrentRelay:
                 return
             offers = got
             frame = announce_message(room.info_hash, self._peer_id, offers, self._policy.numwant)
-        if self._ws is None or self._rooms.get(room.info_hash) is not room:
+        if not self._link.connected or self._rooms.get(room.info_hash) is not room:
             # Lost the connection (or the room) while the offers were made: the reconnect
             # announces again; nothing is queued.
             self._counters["announce_skipped"] += 1
@@ -883,8 +738,8 @@ class TorrentRelay:
             raise
         except Exception as exc:
             self._counters["offers_failed"] += 1
-            self._warn_once(
-                "offers_failed", "%s: no offers for %s: %s", self._url, room.info_hash, _describe(exc)
+            self._link.warn_once(
+                "offers_failed", "%s: no offers for %s: %s", self._url, room.info_hash, describe(exc)
             )
             return None
         offers: list[TorrentOffer] = []
@@ -905,7 +760,7 @@ class TorrentRelay:
             offers.append(TorrentOffer(offer_id, sdp))  # type: ignore[arg-type]
         if len(offers) > self._policy.max_offers:
             self._counters["offers_truncated"] += 1
-            self._warn_once(
+            self._link.warn_once(
                 "offers_truncated",
                 "%s: %d offers for %s, announcing the first %d",
                 self._url,
@@ -930,7 +785,7 @@ class TorrentRelay:
 
     def _reply_overdue(self, room: _Room, generation: int) -> None:
         room.reply_timer = None
-        if generation != self._generation or self._ws is None:
+        if generation != self._generation or not self._link.connected:
             return
         self._counters["reply_timeout"] += 1
         log.warning(
@@ -944,60 +799,16 @@ class TorrentRelay:
     # ------------------------------------------------------------------ socket I/O
 
     def _send_frame(self, frame: str) -> bool:
-        if self._ws is None:
+        if not self._link.connected:
             return False
-        if self._outbox_chars >= _OUTBOX_HIGH_WATER:
+        if self._link.backlog >= _OUTBOX_HIGH_WATER:
             self._counters["send_backlog"] += 1
-            self._warn_once("send_backlog", "%s: outbox full (stalled link?); dropping frames", self._url)
+            self._link.warn_once(
+                "send_backlog", "%s: outbox full (stalled link?); dropping frames", self._url
+            )
             return False
-        self._outbox.append(frame)
-        self._outbox_chars += len(frame)
-        self._outbox_idle.clear()
-        self._outbox_wakeup.set()
+        self._link.send(frame)
         return True
-
-    async def _write_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        try:
-            while True:
-                while self._outbox:
-                    frame = self._outbox.popleft()
-                    self._outbox_chars -= len(frame)
-                    await ws.send_str(frame)
-                self._outbox_idle.set()
-                self._outbox_wakeup.clear()
-                await self._outbox_wakeup.wait()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info("%s: send failed: %s", self._url, _describe(exc))
-            if self._ws is ws:
-                self._teardown()
-
-    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        handled = 0
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    self._on_text(msg.data)
-                elif msg.type is aiohttp.WSMsgType.BINARY:
-                    self._drop("not_json", "binary frame")
-                elif msg.type is aiohttp.WSMsgType.ERROR:
-                    log.info("%s: connection error: %s", self._url, _describe(msg.data))
-                    return
-                else:  # CLOSE / CLOSING / CLOSED
-                    log.info("%s: connection closed by the tracker (code %s)", self._url, ws.close_code)
-                    return
-                handled += 1
-                if handled % _READ_YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # a flooding tracker must not starve the loop
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s: reader failed; dropping the connection", self._url)
-        finally:
-            if self._ws is ws:
-                self._teardown()
 
     # ------------------------------------------------------------------ inbound
 
@@ -1020,7 +831,7 @@ class TorrentRelay:
         failure = msg.get("failure reason")
         if failure:
             self._counters["failure"] += 1
-            self._warn_once(
+            self._link.warn_once(
                 "failure",
                 "%s: tracker failure: %.200s (info_hash %.40r)",
                 self._url,
@@ -1037,7 +848,7 @@ class TorrentRelay:
         warning = msg.get("warning message")
         if warning:
             self._counters["warning"] += 1
-            self._warn_once("warning", "%s: tracker warning: %.200s", self._url, str(warning))
+            self._link.warn_once("warning", "%s: tracker warning: %.200s", self._url, str(warning))
         action = msg.get("action", TRACKER_ACTION)
         if action != TRACKER_ACTION:
             self._drop("bad_action", f"{action!r:.40}")
@@ -1100,7 +911,7 @@ class TorrentRelay:
             or value < 0
         ):
             self._counters["bad_interval"] += 1
-            self._warn_once("bad_interval", "%s: ignored tracker interval %.40r", self._url, value)
+            self._link.warn_once("bad_interval", "%s: ignored tracker interval %.40r", self._url, value)
             return
         if value == 0:
             return
@@ -1142,13 +953,6 @@ class TorrentRelay:
         if reason in _EXPECTED_DROPS:
             log.debug("%s: dropped a tracker message (%s)", self._url, reason)
             return
-        self._warn_once(
+        self._link.warn_once(
             f"dropped:{reason}", "%s: dropped a tracker message (%s) %s", self._url, reason, detail
         )
-
-    def _warn_once(self, key: str, message: str, *args: object) -> None:
-        # First occurrence per connection at WARNING, the rest at DEBUG: a hostile or broken
-        # tracker must not flood the log.
-        level = logging.DEBUG if key in self._warned else logging.WARNING
-        self._warned.add(key)
-        log.log(level, message, *args)

@@ -60,17 +60,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from signaling.errors import PayloadError
 from signaling.framing import (
     NO_METADATA,
     ChunkLayout,
-    Reassembler,
-    decode_payload,
     from_json,
     progress_byte,
     to_json,
 )
-from signaling.wire.v025 import Presence, Progress, Received
+from signaling.wire.v025 import ChunkDecoder, Presence, Progress, Received
 
 __all__ = [
     "ACTION_LEAVE",
@@ -214,7 +211,7 @@ class RoomEncoder:
 # --- receiving ------------------------------------------------------------------------------------
 
 
-class Decoder:
+class Decoder(ChunkDecoder):
     """Turns the messages of one (room, remote peer) channel into v025's event types.
 
     Chunks are keyed by (action, nonce) and concatenated in arrival order, bounded by the same
@@ -233,22 +230,11 @@ class Decoder:
         max_buffered_bytes: int = 32 * 1024 * 1024,
         accepts: Callable[[str], bool] | None = None,
     ) -> None:
+        super().__init__(
+            max_action_bytes=max_action_bytes, max_pending=max_pending, max_buffered_bytes=max_buffered_bytes
+        )
         self.token = token
         self._accepts = accepts
-        self._reassembler: Reassembler[tuple[str, int]] = Reassembler(
-            max_message_bytes=max_action_bytes,
-            max_pending=max_pending,
-            max_buffered_bytes=max_buffered_bytes,
-        )
-        self.ignored = 0
-
-    @property
-    def buffered_bytes(self) -> int:
-        return self._reassembler.buffered_bytes
-
-    @property
-    def pending_count(self) -> int:
-        return self._reassembler.pending_count
 
     def feed(self, message: bytes | bytearray | memoryview | str) -> list[Event]:
         """Decode one data-channel message into zero or one event.
@@ -266,34 +252,15 @@ class Decoder:
         if self._accepts is not None and not self._accepts(header.action):
             self.ignored += 1
             return []
-        key = (header.action, header.nonce)
-        meta: Any = NO_METADATA
-        if header.is_meta:
-            try:
-                meta = from_json(payload)
-            except ValueError as exc:
-                raise PayloadError(f"metadata of {header.action!r} is not JSON") from exc
-        done = self._reassembler.add(key, payload, last=header.is_last, meta=meta)
-        if done is None:
-            metadata = self._reassembler.metadata(key)
-            return [Progress(self.token, header.action, header.nonce, header.progress / 255, metadata)]
-        try:
-            # JS decodes by the flags of the last chunk, binary first.
-            value = decode_payload(done.data, header.flags)
-        except ValueError as exc:
-            raise PayloadError(f"payload of {header.action!r} is not JSON") from exc
-        # JS calls onComplete(data, id, meta) for binary and onComplete(data, id) otherwise.
-        metadata = done.metadata if header.is_binary else NO_METADATA
-        return [Received(self.token, header.action, header.nonce, value, metadata)]
+        return self._chunk(
+            self.token, (header.action, header.nonce), header, payload, meta_with_binary_only=True
+        )
 
     def forget_room(self, token: str) -> int:
         """Drop half-received actions if ``token`` is this decoder's room; returns how many."""
         if token != self.token:
             return 0
         return self._reassembler.discard(lambda _key: True)
-
-    def reset(self) -> None:
-        self._reassembler.clear()
 
 
 # --- signalling profile (spec §9.2-9.6) -----------------------------------------------------------

@@ -49,6 +49,7 @@ from signaling.crypto import gen_id, password_response, verify_password_response
 from signaling.errors import HandshakeError, PayloadError
 from signaling.framing import (
     NO_METADATA,
+    ChunkHeader,
     ChunkLayout,
     Reassembler,
     decode_payload,
@@ -248,12 +249,12 @@ def _parse_frame(buf: memoryview) -> _RoomFrame | Presence | None:
     return Presence(decode_text(buf[4:end]), buf[1] == 1)
 
 
-class Decoder:
-    """Turns one remote peer's data-channel messages into events, across all rooms it shares.
+class ChunkDecoder:
+    """Reassembly shared by both wires' decoders (v022.Decoder too): chunks in, events out.
 
-    Half-received actions are keyed by (token, action, nonce) and bounded by the caps below;
-    passing one raises FramingError and the caller should drop the peer. The defaults allow a
-    16 MiB action; raise ``max_action_bytes`` if the application sends larger blobs.
+    Half-received actions are bounded by the caps below; passing one raises FramingError and the
+    caller should drop the peer. The defaults allow a 16 MiB action; raise ``max_action_bytes``
+    if the application sends larger blobs.
     """
 
     def __init__(
@@ -263,7 +264,8 @@ class Decoder:
         max_pending: int = 32,
         max_buffered_bytes: int = 32 * 1024 * 1024,
     ) -> None:
-        self._reassembler: Reassembler[tuple[str, str, int]] = Reassembler(
+        # Keys are (token, action, nonce) on 0.25 and (action, nonce) on 0.22.
+        self._reassembler: Reassembler[tuple[Any, ...]] = Reassembler(
             max_message_bytes=max_action_bytes,
             max_pending=max_pending,
             max_buffered_bytes=max_buffered_bytes,
@@ -277,6 +279,41 @@ class Decoder:
     @property
     def pending_count(self) -> int:
         return self._reassembler.pending_count
+
+    def reset(self) -> None:
+        self._reassembler.clear()
+
+    def _chunk(
+        self, token: str, key: Any, header: ChunkHeader, payload: memoryview, *, meta_with_binary_only: bool
+    ) -> list[Progress | Received]:
+        """Add one chunk of the action ``key``; a Progress, or the Received that completes it."""
+        meta: Any = NO_METADATA
+        if header.is_meta:
+            try:
+                meta = from_json(payload)
+            except ValueError as exc:
+                raise PayloadError(f"metadata of {header.action!r} is not JSON") from exc
+        done = self._reassembler.add(key, payload, last=header.is_last, meta=meta)
+        if done is None:
+            metadata = self._reassembler.metadata(key)
+            return [Progress(token, header.action, header.nonce, header.progress / 255, metadata)]
+        try:
+            # JS decodes by the flags of the last chunk, binary first.
+            value = decode_payload(done.data, header.flags)
+        except ValueError as exc:
+            raise PayloadError(f"payload of {header.action!r} is not JSON") from exc
+        # 0.22 calls onComplete(data, id, meta) for binary and onComplete(data, id) otherwise.
+        keep_meta = header.is_binary or not meta_with_binary_only
+        return [
+            Received(token, header.action, header.nonce, value, done.metadata if keep_meta else NO_METADATA)
+        ]
+
+
+class Decoder(ChunkDecoder):
+    """Turns one remote peer's data-channel messages into events, across all rooms it shares.
+
+    Half-received actions are keyed by (token, action, nonce).
+    """
 
     def feed(self, message: bytes | bytearray | memoryview | str) -> list[Event]:
         """Decode one data-channel message into zero or one event.
@@ -296,30 +333,17 @@ class Decoder:
         if isinstance(frame, Presence):
             return [frame]
         header, payload = LAYOUT.parse(frame.chunk)
-        key = (frame.token, header.action, header.nonce)
-        meta: Any = NO_METADATA
-        if header.is_meta:
-            try:
-                meta = from_json(payload)
-            except ValueError as exc:
-                raise PayloadError(f"metadata of {header.action!r} is not JSON") from exc
-        done = self._reassembler.add(key, payload, last=header.is_last, meta=meta)
-        if done is None:
-            metadata = self._reassembler.metadata(key)
-            return [Progress(frame.token, header.action, header.nonce, header.progress / 255, metadata)]
-        try:
-            # JS decodes by the flags of the last chunk.
-            value = decode_payload(done.data, header.flags)
-        except ValueError as exc:
-            raise PayloadError(f"payload of {header.action!r} is not JSON") from exc
-        return [Received(frame.token, header.action, header.nonce, value, done.metadata)]
+        return self._chunk(
+            frame.token,
+            (frame.token, header.action, header.nonce),
+            header,
+            payload,
+            meta_with_binary_only=False,
+        )
 
     def forget_room(self, token: str) -> int:
         """Drop half-received actions of one room; returns how many were dropped."""
         return self._reassembler.discard(lambda key: key[0] == token)
-
-    def reset(self) -> None:
-        self._reassembler.clear()
 
 
 # --- admission ------------------------------------------------------------------------------------
