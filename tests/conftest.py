@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from p2pdiff.app import create_app
 from p2pdiff.config import Config
+from tests.support import loop_errors_caught
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
@@ -21,6 +22,13 @@ def config(tmp_path: Path) -> Config:
     cfg.store.path = str(tmp_path / "db.sqlite3")
     cfg.p2p.enabled = False
     return cfg
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Unhandled exceptions reported to the event loop during the test (must stay empty)."""
+    with loop_errors_caught() as errors:
+        yield errors
 
 
 @pytest.fixture

@@ -41,12 +41,18 @@ async def test_api_only_helper_keeps_a_room_on_its_wire() -> None:
     assert err.value.code == "wire_mismatch"
 
 
-async def test_p2p_helper_refuses_a_wire_its_strategy_lacks() -> None:
-    """Torrent has no 0.22 strategy yet: a 400 for that join, not a crash."""
+async def test_p2p_helper_joins_torrent_rooms_on_either_wire() -> None:
+    """Every strategy speaks both wires; a wire the library does not know is a 400, not a crash
+    (the REST layer validates it first, this is the helper's own guard)."""
     helper = make_helper(P2PConfig(strategy="torrent", relay_urls=["ws://127.0.0.1:9"]))
     try:
+        old = await helper.join("old", "0.22")
+        new = await helper.join("new", "0.25")
+        assert (old.wire, new.wire) == ("0.22", "0.25")
+        assert {r.room_id: r.to_json()["wire"] for r in helper.rooms()} == {"old": "0.22", "new": "0.25"}
         with pytest.raises(BadRequest) as err:
-            await helper.join("r", "0.22")
-        assert err.value.code == "invalid_wire" and helper.rooms() == []
+            await helper.join("r", "0.23")
+        assert err.value.code == "invalid_wire" and "0.23" in err.value.message
+        assert {r.room_id for r in helper.rooms()} == {"old", "new"}
     finally:
         await helper.close()

@@ -3,7 +3,8 @@
 ``mosquitto``: a fresh broker per test (tests kill and restart it). ``room_config(**overrides)``:
 a RoomConfig for that broker with ICE restricted to loopback and no STUN, and an app id unique to
 the test, so brokers, rooms and sessions never leak between tests. The default signaling session
-is closed after every test that used ``room_config``.
+is closed after every test that used ``room_config``. ``sessions(role)``: fresh sessions that
+offer or answer (``session_factory``: the same, closed before the broker stops).
 """
 
 from __future__ import annotations
@@ -11,34 +12,42 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import signaling
 from signaling import RoomConfig
-from signaling.crypto import gen_id
-from tests.services import Mosquitto
+from tests.interop.jspeer import loopback_only_problem
+from tests.services import Mosquitto, running
+from tests.support import LOOPBACK_ICE, SessionFactory, config_factory, session_pool
 
-LOOPBACK_ICE = ["127.0.0.1"]
+__all__ = [
+    "ANSWERER_PREFIX",
+    "LOOPBACK_ICE",
+    "OFFERER_PREFIX",
+    "RoomConfigFactory",
+    "SessionFactory",
+    "require_loopback_netns",
+]
 
 RoomConfigFactory = Callable[..., RoomConfig]
-SessionFactory = Callable[..., signaling.Session]
 
 #: selfIds that make us offer (the smaller id offers, spec §2.2) or answer against any JS peer.
 OFFERER_PREFIX = "00"
 ANSWERER_PREFIX = "zz"
 
 
+def require_loopback_netns() -> None:
+    """Fail (never skip) unless this runs in a loopback-only network namespace (for Chromium)."""
+    if problem := loopback_only_problem():
+        pytest.fail(problem, pytrace=False)
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """An anonymous mosquitto on 127.0.0.1 (``.ws_url`` for Trystero, ``.tcp_url`` for raw clients)."""
-    broker = Mosquitto(tmp_path / "mosquitto")
-    broker.start()
-    try:
+    with running(Mosquitto(tmp_path / "mosquitto")) as broker:
         yield broker
-    finally:
-        broker.cleanup()
 
 
 @pytest.fixture
@@ -55,31 +64,18 @@ async def signaling_cleanup() -> AsyncIterator[None]:
 
 @pytest.fixture
 def room_config(mosquitto: Mosquitto, app_id: str, signaling_cleanup: None) -> RoomConfigFactory:
-    def make(**overrides: Any) -> RoomConfig:
-        settings: dict[str, Any] = {
-            "app_id": app_id,
-            "relay_urls": [mosquitto.ws_url],
-            "ice_servers": [],
-            "ice_host_addresses": LOOPBACK_ICE,
-        }
-        settings.update(overrides)
-        return RoomConfig(**settings)
-
-    return make
+    return config_factory(app_id, [mosquitto.ws_url])
 
 
 @pytest.fixture
-async def session_factory(mosquitto: Mosquitto) -> AsyncIterator[SessionFactory]:
-    """``session_factory(role)``: a fresh session whose selfId makes it the offerer (``"offer"``),
-    the answerer (``"answer"``) or random (``None``). Closed before the broker stops."""
-    made: list[signaling.Session] = []
+async def sessions() -> AsyncIterator[SessionFactory]:
+    """``sessions(role)``: a fresh session whose selfId makes it the offerer (``"offer"``), the
+    answerer (``"answer"``) or random (``None``) on wire 0.25. Closed after the test."""
+    async with session_pool({"offer": OFFERER_PREFIX, "answer": ANSWERER_PREFIX}) as make:
+        yield make
 
-    def make(role: str | None = None) -> signaling.Session:
-        prefix = {"offer": OFFERER_PREFIX, "answer": ANSWERER_PREFIX, None: ""}[role]
-        self_id = prefix + gen_id(20 - len(prefix)) if prefix else None
-        made.append(signaling.Session(self_id))
-        return made[-1]
 
-    yield make
-    for session in made:
-        await session.close()
+@pytest.fixture
+def session_factory(mosquitto: Mosquitto, sessions: SessionFactory) -> SessionFactory:
+    """``sessions``, closed before the broker stops."""
+    return sessions

@@ -1,30 +1,48 @@
-"""Interop cases shared by the nostr and torrent room tests (test_room_nostr.py, test_room_torrent.py).
+"""Room interop helpers and cases shared by the room tests (test_room_mqtt.py, test_room_nostr.py,
+test_room_torrent.py, test_room_wire022.py, test_nostr_etiquette.py).
 
-The MQTT file (test_room_mqtt.py) spells the same cases out for one broker; here they take a
-:class:`Rig`: the strategy, the relay URLs the JS peers use, and a RoomConfig factory for ours.
-Payload exchange and the Watch helper are the MQTT file's, unchanged.
+A :class:`Rig` says how one test's JS peers and our rooms meet: the strategy, the relay URLs the
+JS peers use, and a RoomConfig factory for ours. :class:`Watch` records what a room sees. The
+payload exchanges are built from steps that the 0.22 file reuses (0.22 allows metadata only with
+binary data). The cases at the end are run as they are by the nostr and torrent files; the MQTT
+file runs the password case with its own timings and spells its stricter versions of the others
+out for one broker, from the same steps.
 """
+
+# Timeouts are parameters on purpose (ASYNC109): on expiry the helpers raise an AssertionError
+# naming what was awaited and the room's counters, which a bare asyncio.timeout would lose.
+# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import signaling
-from signaling import Room, RoomConfig
-from signaling.crypto import gen_id
-from tests.interop.jspeer import JsPeer
-from tests.interop.test_room_mqtt import JOIN_TIMEOUT, MIB, STEP, Watch, eventually, exchange_payloads
-
-from .conftest import ANSWERER_PREFIX, LOOPBACK_ICE, OFFERER_PREFIX
+from signaling import Action, Room, RoomConfig
+from signaling.framing import to_json
+from signaling.relays import Relay
+from signaling.session import PeerLink
+from tests.interop.jspeer import JsPeer, action_bytes, js_json, pattern_bytes, pattern_text, sha256_hex
+from tests.support import (
+    LOOPBACK_ICE,
+    STEP,
+    SessionFactory,
+    changed_until,
+    config_factory,
+    eventually,
+    loop_errors_caught,
+)
 
 __all__ = [
+    "BIG_DOC",
     "JOIN_TIMEOUT",
     "LOOPBACK_ICE",
     "MIB",
@@ -36,11 +54,17 @@ __all__ = [
     "exchange_payloads",
     "loop_errors_caught",
     "new_room_id",
-    "session_pool",
+    "rig_factory",
+    "session_relay",
     "silent_listener",
 ]
 
-SessionFactory = Callable[..., signaling.Session]
+MIB = 1 << 20
+JOIN_TIMEOUT = 20.0  # joins take 0.1-1.4 s; a failed attempt is retried within seconds
+#: ~300 KB of JSON (19 chunks): a structure, not one long string.
+BIG_DOC = {"rows": [{"i": i, "name": f"row {i} ✓", "tags": ["a", "b"], "v": i / 7} for i in range(4200)]}
+
+R = TypeVar("R", bound=Relay)
 
 
 class Restartable(Protocol):
@@ -56,41 +80,6 @@ def new_room_id(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:8]}"
 
 
-def make_session(role: str | None = None) -> signaling.Session:
-    """A session whose selfId makes it the offerer ("offer"), the answerer ("answer") or random."""
-    prefix = {"offer": OFFERER_PREFIX, "answer": ANSWERER_PREFIX, None: ""}[role]
-    return signaling.Session(prefix + gen_id(20 - len(prefix)) if prefix else None)
-
-
-@contextlib.asynccontextmanager
-async def session_pool() -> AsyncIterator[SessionFactory]:
-    """``make(role)``: fresh sessions (see make_session), all closed on exit."""
-    made: list[signaling.Session] = []
-
-    def make(role: str | None = None) -> signaling.Session:
-        made.append(make_session(role))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for session in made:
-            await session.close()
-
-
-@contextlib.contextmanager
-def loop_errors_caught() -> Iterator[list[dict[str, Any]]]:
-    """Unhandled exceptions reported to the running loop inside the block (should stay empty)."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    try:
-        yield errors
-    finally:
-        loop.set_exception_handler(previous)
-
-
 @contextlib.contextmanager
 def silent_listener() -> Iterator[str]:
     """A TCP port whose kernel accepts connections that nobody ever reads or answers."""
@@ -100,11 +89,77 @@ def silent_listener() -> Iterator[str]:
         yield f"ws://127.0.0.1:{sock.getsockname()[1]}/"
 
 
+def session_relay(url: str, cls: type[R]) -> R:
+    """The default session's relay client for ``url`` (it must be a ``cls``)."""
+    relay = next(r for r in signaling.default_session().hub.relays() if r.url == url)
+    assert isinstance(relay, cls)
+    return relay
+
+
+class Watch:
+    """Records a room's peer joins/leaves and received actions; every wait has a timeout."""
+
+    def __init__(self, room: Room, *actions: str) -> None:
+        self.room = room
+        self.joined: list[str] = []
+        self.left: list[str] = []
+        self.received: dict[str, list[tuple[Any, str, Any]]] = {name: [] for name in actions}
+        self._read: dict[tuple[str, str], int] = {}
+        self._changed = asyncio.Event()
+        room.on_peer_join(self._record(self.joined))
+        room.on_peer_leave(self._record(self.left))
+        for name in actions:
+            room.make_action(name).on_receive(self._record_action(self.received[name]))
+
+    def _record(self, into: list[str]) -> Callable[[str], None]:
+        def record(peer_id: str) -> None:
+            into.append(peer_id)
+            self._changed.set()
+
+        return record
+
+    def _record_action(self, into: list[tuple[Any, str, Any]]) -> Callable[[Any, str, Any], None]:
+        def record(payload: Any, peer_id: str, metadata: Any) -> None:
+            into.append((payload, peer_id, metadata))
+            self._changed.set()
+
+        return record
+
+    async def until(self, predicate: Callable[[], bool], what: str, timeout: float = STEP) -> None:
+        try:
+            await changed_until(self._changed, predicate, timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"room {self.room.room_id}: no {what} within {timeout}s; stats {self.room.stats}"
+            ) from None
+
+    async def join_of(self, peer_id: str, timeout: float = JOIN_TIMEOUT) -> None:
+        await self.until(lambda: peer_id in self.joined, f"join of {peer_id}", timeout)
+
+    async def leave_of(self, peer_id: str, timeout: float = STEP) -> None:
+        await self.until(lambda: peer_id in self.left, f"leave of {peer_id}", timeout)
+
+    async def next_action(self, name: str, peer_id: str, timeout: float = 60.0) -> tuple[Any, str, Any]:
+        """The next not yet consumed message of ``name`` from ``peer_id`` (in arrival order)."""
+        inbox = self.received[name]
+
+        def find() -> int | None:
+            start = self._read.get((name, peer_id), 0)
+            return next((i for i in range(start, len(inbox)) if inbox[i][1] == peer_id), None)
+
+        await self.until(lambda: find() is not None, f"{name!r} from {peer_id}", timeout)
+        index = find()
+        assert index is not None
+        self._read[(name, peer_id)] = index + 1
+        return inbox[index]
+
+
 @dataclass
 class Rig:
     """How the JS peers and we reach each other in one test."""
 
-    strategy: str
+    #: The JS peers' strategy (None: the JS peer's default, MQTT).
+    strategy: str | None
     #: Relays the JS peers join (ours may list more, see ``make_config``).
     urls: list[str]
     make_config: Callable[..., RoomConfig]
@@ -144,6 +199,146 @@ class Rig:
         return room, watch, join_ms
 
 
+RigFactory = Callable[..., Rig]
+
+
+def rig_factory(strategy: str, default_urls: list[str], app_id: str) -> RigFactory:
+    """``rig(js_urls=None, our_urls=None, **config)``: JS on ``js_urls`` (default:
+    ``default_urls``), us on ``our_urls`` (default: the same) with ``config`` in our RoomConfigs."""
+
+    def make(js_urls: list[str] | None = None, our_urls: list[str] | None = None, **base: Any) -> Rig:
+        js = js_urls or list(default_urls)
+        return Rig(strategy, js, config_factory(app_id, our_urls or js, strategy=strategy, **base))
+
+    return make
+
+
+# --------------------------------------------------------------------------- payload steps
+
+
+async def text_and_binary_from_js(js: JsPeer, watch: Watch, room_id: str) -> None:
+    """JS -> us: text, small binary with metadata, and 1 MiB of binary."""
+    me, other = watch.room.self_id, js.self_id
+    await js.send(room_id, "data", "plain text ✓", target=me)
+    assert await watch.next_action("data", other) == ("plain text ✓", other, None)
+    small = bytes(range(256)) * 5
+    await js.send(room_id, "data", small, meta={"k": "bin"}, target=me)
+    assert await watch.next_action("data", other) == (small, other, {"k": "bin"})
+    sent = await js.send(room_id, "data", size=MIB, seed=7, target=me)
+    payload, _, meta = await watch.next_action("data", other)
+    assert isinstance(payload, bytes) and meta is None
+    assert hashlib.sha256(payload).hexdigest() == sent["sha256"] == sha256_hex(pattern_bytes(MIB, 7))
+
+
+async def binary_to_js(js: JsPeer, data: Action, room_id: str) -> None:
+    """Us -> JS on ``data``: small binary with metadata, and 1 MiB of binary."""
+    me, other = data.room.self_id, js.self_id
+    small = bytes(range(256)) * 5
+    since = js.mark()
+    await data.send(small, metadata={"k": "bin"})
+    ev = await js.wait_action(room_id, "data", peer=me, since=since)
+    assert (ev["kind"], action_bytes(ev), ev["meta"]) == ("binary", small, {"k": "bin"})
+    blob = pattern_bytes(MIB, 8)
+    since = js.mark()
+    await data.send(blob, target=[other])
+    ev = await js.wait_action(room_id, "data", peer=me, since=since, timeout=60)
+    assert (ev["kind"], ev["bytes"], ev["sha256"]) == ("binary", MIB, sha256_hex(blob))
+
+
+async def big_payloads_both_ways(js: JsPeer, data: Action, watch: Watch, room_id: str) -> None:
+    """BIG_DOC both ways on ``data``, and ~300 KB of text from JS."""
+    me, other = data.room.self_id, js.self_id
+    encoded = to_json(BIG_DOC)
+    since = js.mark()
+    await data.send(BIG_DOC)
+    ev = await js.wait_action(room_id, "data", peer=me, since=since, timeout=60)
+    assert (ev["kind"], ev["len"], ev["sha256"]) == ("json", len(encoded), sha256_hex(encoded))
+    await js.send(room_id, "data", BIG_DOC, target=me)
+    assert (await watch.next_action("data", other))[0] == BIG_DOC
+    await js.send(room_id, "data", kind="text", size=300_000, seed=9, target=me)
+    assert (await watch.next_action("data", other))[0] == pattern_text(300_000, 9)
+
+
+async def exchange_payloads(
+    js: JsPeer, room: Room, watch: Watch, room_id: str, *, big_json: bool = True
+) -> None:
+    """JSON (+meta), text, small binary (+meta) and 1 MiB binary both ways; big JSON optionally."""
+    me, other = room.self_id, js.self_id
+    data = room.make_action("data")
+
+    # JS -> us
+    value = {"n": 1, "s": "héllo ✓", "list": [1, 2.5, None, True], "nested": {"a": []}}
+    await js.send(room_id, "data", value, meta={"seq": 1}, target=me)
+    assert await watch.next_action("data", other) == (value, other, {"seq": 1})
+    await text_and_binary_from_js(js, watch, room_id)
+
+    # us -> JS
+    since = js.mark()
+    await data.send(value, target=other, metadata={"seq": 2})
+    ev = await js.wait_action(room_id, "data", peer=me, since=since)
+    assert (ev["kind"], ev["value"], ev["meta"]) == ("json", value, {"seq": 2})
+    assert ev["sha256"] == sha256_hex(js_json(value)) == sha256_hex(to_json(value))
+    since = js.mark()
+    await data.send("plain text ✓")
+    ev = await js.wait_action(room_id, "data", peer=me, since=since)
+    assert (ev["kind"], ev["value"], "meta" in ev) == ("text", "plain text ✓", False)
+    await binary_to_js(js, data, room_id)
+
+    if not big_json:
+        return
+    assert 280_000 < len(to_json(BIG_DOC)) < 330_000
+    await big_payloads_both_ways(js, data, watch, room_id)
+
+
+async def meet_with_password(good: JsPeer, room: Room, room_id: str) -> Watch:
+    """``good`` (joined with the room's password) and our ``room`` meet; data flows both ways."""
+    watch = Watch(room, "data")
+    await watch.join_of(good.self_id)
+    await good.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT)
+    since = good.mark()
+    await room.make_action("data").send({"secret": True})
+    ev = await good.wait_action(room_id, "data", peer=room.self_id, since=since)
+    assert ev["value"] == {"secret": True}
+    await good.send(room_id, "data", "back", target=room.self_id)
+    assert (await watch.next_action("data", good.self_id))[0] == "back"
+    return watch
+
+
+async def rejoin_then_we_leave(rig: Rig, js: JsPeer, room_id: str, watch: Watch, link: PeerLink) -> None:
+    """JS, gone from our room, joins again over the idle connection ``link`` (reused: presence and
+    handshake, no new offer); then we leave, and JS sees it."""
+    room = watch.room
+    session = signaling.default_session()
+    since = js.mark()
+    await rig.js_join(js, room_id)
+    await watch.until(lambda: watch.joined.count(js.self_id) == 2, "second join", JOIN_TIMEOUT)
+    await js.wait_peer_join(room_id, room.self_id, since=since, timeout=JOIN_TIMEOUT)
+    assert session.links(room.app_id)[js.self_id] is link
+
+    since = js.mark()
+    await room.leave()
+    await js.wait_peer_leave(room_id, room.self_id, since=since, timeout=10)
+    assert room.left and room.peers == {}
+    assert session.links(room.app_id) == {}
+
+
+async def wrong_password_stays_out(
+    watch: Watch, good: JsPeer, bad: JsPeer, *, timeout: float = STEP, quiet: float
+) -> None:
+    """``bad`` joined our room (where ``good`` is) with a wrong password: whoever offers, the other
+    side cannot decrypt it (we count it, JS reports join-error); ``quiet`` seconds later only
+    ``good`` is in."""
+    room = watch.room
+    await eventually(
+        lambda: room.stats["dropped"].get("decrypt_failed", 0) > 0 or bool(bad.events("join-error")),
+        "a decrypt failure on either side",
+        timeout=timeout,
+    )
+    await asyncio.sleep(quiet)
+    assert set(room.peers) == {good.self_id}
+    assert bad.self_id not in watch.joined
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -175,32 +370,18 @@ async def payloads(rig: Rig) -> Room:
         return room
 
 
-async def password(rig: Rig) -> Room:
-    """(c) A password room: the right password gets in, a wrong one never connects."""
+async def password(rig: Rig, *, timeout: float = JOIN_TIMEOUT, quiet: float = 2.0) -> Room:
+    """(c) A password room: the right password gets in, a wrong one never connects (a decrypt
+    failure within ``timeout``, then ``quiet`` seconds to see it stay out)."""
     room_id = new_room_id("pw")
     async with JsPeer.start("node", name="good") as good, JsPeer.start("node", name="bad") as bad:
         await rig.js_join(good, room_id, password="s3cret")
         room = signaling.join_room(rig.make_config(password="s3cret"), room_id)
-        watch = Watch(room, "data")
-        await watch.join_of(good.self_id)
-        await good.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT)
-        since = good.mark()
-        await room.make_action("data").send({"secret": True})
-        ev = await good.wait_action(room_id, "data", peer=room.self_id, since=since)
-        assert ev["value"] == {"secret": True}
-        await good.send(room_id, "data", "back", target=room.self_id)
-        assert (await watch.next_action("data", good.self_id))[0] == "back"
+        watch = await meet_with_password(good, room, room_id)
 
+        # A peer with the wrong password: its SDPs do not decrypt; it must never get in.
         await rig.js_join(bad, room_id, password="wrong")
-        # Whoever offers, the other side cannot decrypt it (we count it, JS reports join-error).
-        await eventually(
-            lambda: room.stats["dropped"].get("decrypt_failed", 0) > 0 or bool(bad.events("join-error")),
-            "a decrypt failure on either side",
-            timeout=JOIN_TIMEOUT,
-        )
-        await asyncio.sleep(2)
-        assert set(room.peers) == {good.self_id}
-        assert bad.self_id not in watch.joined
+        await wrong_password_stays_out(watch, good, bad, timeout=timeout, quiet=quiet)
         assert await bad.peers(room_id) == []
         assert bad.self_id not in signaling.default_session().links(rig.app_id)
         assert 0 < await room.ping(good.self_id) < 2000
@@ -218,18 +399,7 @@ async def leave_both_ways(rig: Rig) -> None:
         await js.leave(room_id)
         await watch.leave_of(js.self_id, timeout=10)
         assert room.peers == {}
-
-        since = js.mark()
-        await rig.js_join(js, room_id)
-        await watch.until(lambda: watch.joined.count(js.self_id) == 2, "second join", JOIN_TIMEOUT)
-        await js.wait_peer_join(room_id, room.self_id, since=since, timeout=JOIN_TIMEOUT)
-        assert session.links(room.app_id)[js.self_id] is link
-
-        since = js.mark()
-        await room.leave()
-        await js.wait_peer_leave(room_id, room.self_id, since=since, timeout=10)
-        assert room.left and room.peers == {}
-        assert session.links(room.app_id) == {}
+        await rejoin_then_we_leave(rig, js, room_id, watch, link)
 
 
 async def relay_restart(rig: Rig, service: Restartable) -> Room:

@@ -131,6 +131,17 @@ def app_task(task_id: str, created_by: str, prompt: str = "a red fox in fresh sn
     }
 
 
+def progress_msg(task_id: str, chunk_id: str, value: float, worker_id: str) -> dict[str, Any]:
+    """A ``progress`` payload exactly as the app sends it."""
+    return {"taskId": task_id, "chunkId": chunk_id, "progress": value, "workerId": worker_id}
+
+
+def result_msg(task_id: str, chunk_id: str, worker_id: str, data: str | None = None) -> dict[str, Any]:
+    """A completed ``result`` payload exactly as the app sends it (``data``: a data URL, or None
+    when the image follows as ``chunk`` bytes)."""
+    return {"taskId": task_id, "chunkId": chunk_id, "workerId": worker_id, "data": data, "status": "complete"}
+
+
 # -- 1. tracking: a browser's task, its progress and its result, seen over REST ---------------------
 
 
@@ -158,31 +169,14 @@ async def test_a_browser_task_progress_and_result_show_over_rest(
 
     # The app broadcasts progress on each step; the first one claims the task for its worker.
     for step in (1, 5, 10):
-        await js.send(
-            ROOM,
-            "progress",
-            {
-                "taskId": task_id,
-                "chunkId": f"{task_id}_chunk_0",
-                "progress": step / 20,
-                "workerId": js.self_id,
-            },
-        )
+        await js.send(ROOM, "progress", progress_msg(task_id, f"{task_id}_chunk_0", step / 20, js.self_id))
     await poll(lambda: _has(client, task_id, status="processing", progress=0.5, claimedBy=js.self_id))
 
     # A small result as a data URL (the app's canvas.toDataURL()).
     png = b"\x89PNG\r\n\x1a\n" + pattern_bytes(30_000, seed=7)
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
     await js.send(
-        ROOM,
-        "result",
-        {
-            "taskId": task_id,
-            "chunkId": f"{task_id}_chunk_0",
-            "workerId": js.self_id,
-            "data": "data:image/png;base64," + base64.b64encode(png).decode(),
-            "status": "complete",
-        },
-        target=helper_id,
+        ROOM, "result", result_msg(task_id, f"{task_id}_chunk_0", js.self_id, data_url), target=helper_id
     )
     task = await poll(lambda: _has(client, task_id, status="complete"))
     assert task["result"]["image"]["sha256"] == hashlib.sha256(png).hexdigest()
@@ -274,14 +268,7 @@ async def test_dispatch_hands_tasks_fairly_and_reoffers_when_a_worker_leaves(
     # gpu-b starts, then leaves mid-task: its task goes back and gpu-a gets it when free.
     b_task = first_b["value"]["id"]
     await gpu_b.send(
-        ROOM,
-        "progress",
-        {
-            "taskId": b_task,
-            "chunkId": first_b["value"]["chunk"]["id"],
-            "progress": 0.3,
-            "workerId": gpu_b.self_id,
-        },
+        ROOM, "progress", progress_msg(b_task, first_b["value"]["chunk"]["id"], 0.3, gpu_b.self_id)
     )
     await poll(lambda: _has(client, b_task, progress=0.3, claimedBy=gpu_b.self_id))
     await gpu_b.leave(ROOM)
@@ -290,40 +277,12 @@ async def test_dispatch_hands_tasks_fairly_and_reoffers_when_a_worker_leaves(
 
     a_task = first_a["value"]["id"]
     mark = gpu_a.mark()
-    await gpu_a.send(
-        ROOM,
-        "result",
-        {
-            "taskId": a_task,
-            "chunkId": chunk["id"],
-            "workerId": gpu_a.self_id,
-            "data": None,
-            "status": "complete",
-        },
-    )
+    await gpu_a.send(ROOM, "result", result_msg(a_task, chunk["id"], gpu_a.self_id))
     second = await gpu_a.wait_action(ROOM, "task", peer=helper_id, since=mark, predicate=handed)
     assert second["value"]["id"] == b_task  # the re-offered task first: it kept its place
-    await gpu_a.send(
-        ROOM,
-        "progress",
-        {
-            "taskId": b_task,
-            "chunkId": second["value"]["chunk"]["id"],
-            "progress": 0.5,
-            "workerId": gpu_a.self_id,
-        },
-    )
-    await gpu_a.send(
-        ROOM,
-        "result",
-        {
-            "taskId": b_task,
-            "chunkId": second["value"]["chunk"]["id"],
-            "workerId": gpu_a.self_id,
-            "data": None,
-            "status": "complete",
-        },
-    )
+    second_chunk = second["value"]["chunk"]["id"]
+    await gpu_a.send(ROOM, "progress", progress_msg(b_task, second_chunk, 0.5, gpu_a.self_id))
+    await gpu_a.send(ROOM, "result", result_msg(b_task, second_chunk, gpu_a.self_id))
     done = await poll(lambda: _has(client, b_task, status="complete"))
     assert done["claimedBy"] == gpu_a.self_id
     third = await gpu_a.wait_action(
@@ -347,20 +306,13 @@ async def test_a_2mib_result_image_is_stored_and_served_byte_identical(
     task_id = "task_1732550001234_big"
     await js.send(ROOM, "queue", {"tasks": [app_task(task_id, js.self_id)]})
     await poll(lambda: task_json(client, task_id))
-    await js.send(
-        ROOM, "progress", {"taskId": task_id, "chunkId": "c0", "progress": 0.95, "workerId": js.self_id}
-    )
+    await js.send(ROOM, "progress", progress_msg(task_id, "c0", 0.95, js.self_id))
     await poll(lambda: _has(client, task_id, status="processing"))
 
     image = b"\x89PNG\r\n\x1a\n" + pattern_bytes(2 * 1024 * 1024 - 8, seed=42)
     sent = await js.send(ROOM, "chunk", image, meta={"taskId": task_id, "chunkId": "c0"}, target=helper_id)
     assert sent["bytes"] == len(image)
-    await js.send(
-        ROOM,
-        "result",
-        {"taskId": task_id, "chunkId": "c0", "workerId": js.self_id, "data": None, "status": "complete"},
-        target=helper_id,
-    )
+    await js.send(ROOM, "result", result_msg(task_id, "c0", js.self_id), target=helper_id)
     task = await poll(lambda: _has(client, task_id, status="complete"))
     ref = task["result"]["image"]
     assert ref["size"] == len(image) and ref["contentType"] == "image/png"

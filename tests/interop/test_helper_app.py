@@ -13,15 +13,20 @@ from tests.interop.jspeer import JsPeer
 from tests.services import Mosquitto
 
 
-def p2p_config(tmp_path: Path, mosquitto: Mosquitto, app_id: str) -> Config:
+def helper_config(tmp_path: Path, strategy: str, relay_urls: list[str], app_id: str) -> Config:
+    """The server's config with the helper on ``relay_urls`` and ICE on loopback, no STUN."""
     config = Config()
     config.store.path = str(tmp_path / "db.sqlite3")
-    config.p2p.strategy = "mqtt"
+    config.p2p.strategy = strategy
     config.p2p.app_id = app_id
-    config.p2p.relay_urls = [mosquitto.ws_url]
+    config.p2p.relay_urls = relay_urls
     config.p2p.ice_servers = []
     config.p2p.ice_host_addresses = LOOPBACK_ICE
     return config
+
+
+def p2p_config(tmp_path: Path, mosquitto: Mosquitto, app_id: str) -> Config:
+    return helper_config(tmp_path, "mqtt", [mosquitto.ws_url], app_id)
 
 
 async def poll(check: Any, within: float = 20.0) -> Any:
@@ -34,6 +39,12 @@ async def poll(check: Any, within: float = 20.0) -> Any:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {within}s; last: {result!r}")
         await asyncio.sleep(0.1)
+
+
+async def relays_are(client: Any, state: str) -> bool:
+    """Whether /api/health shows every relay of the helper's (first) room in ``state``."""
+    health = await (await client.get("/api/health")).json()
+    return set(health["p2p"]["rooms"][0]["relays"].values()) == {state}
 
 
 async def test_rest_join_meets_a_trystero_peer_and_leave_is_seen(
@@ -97,17 +108,13 @@ async def test_rest_keeps_serving_while_the_broker_is_down(
     client = await aiohttp_client(create_app(p2p_config(tmp_path, mosquitto, app_id)))
     assert (await client.post("/api/join/lobby")).status == 202
 
-    async def relay_state(want: str) -> Any:
-        health = await (await client.get("/api/health")).json()
-        return set(health["p2p"]["rooms"][0]["relays"].values()) == {want}
-
-    await poll(lambda: relay_state("connected"))
+    await poll(lambda: relays_are(client, "connected"))
     mosquitto.kill()
-    await poll(lambda: relay_state("reconnecting"))
+    await poll(lambda: relays_are(client, "reconnecting"))
     for i in range(20):
         resp = await client.post("/api/queue/lobby", json={"id": f"t{i}", "prompt": "still here"})
         assert resp.status == 201
     mosquitto.restart()
-    await poll(lambda: relay_state("connected"), within=60)
+    await poll(lambda: relays_are(client, "connected"), within=60)
     queue = await (await client.get("/api/queue/lobby")).json()
     assert len(queue["queue"]) == 20

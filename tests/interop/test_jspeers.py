@@ -20,12 +20,13 @@ from tests.interop.jspeer import (
     JsPeerError,
     action_bytes,
     js_json,
-    loopback_only_problem,
     pattern_bytes,
     pattern_text,
     sha256_hex,
 )
 from tests.services import Mosquitto, running
+
+from .conftest import require_loopback_netns
 
 MIB = 1 << 20
 JOIN_TIMEOUT = 30.0  # joins take 0.2-1.4 s; Trystero retries a failed attempt after a few seconds
@@ -44,11 +45,6 @@ def mqtt_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def new_room(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:8]}"
-
-
-def require_loopback_netns() -> None:
-    if problem := loopback_only_problem():
-        pytest.fail(problem, pytrace=False)
 
 
 async def meet(a: JsPeer, b: JsPeer, room: str, url: str, app_id: str = "p2pdiff-jspeers") -> None:

@@ -21,11 +21,12 @@ import orjson
 import pytest
 
 import signaling
-from signaling import RoomConfig, crypto
+from signaling import crypto
 from tests.interop.jspeer import JsPeer
-from tests.services import NostrRelay, ServiceNotInstalled
+from tests.services import NostrRelay, running
+from tests.support import loopback_config, service_or_fail
 
-from .room_cases import JOIN_TIMEOUT, LOOPBACK_ICE, Watch, new_room_id
+from .room_cases import JOIN_TIMEOUT, Watch, new_room_id
 
 WINDOW_S = 60.0
 WARMUP_S = 3.0  # Trystero's warm-up lasts 2.1 s after joining
@@ -38,13 +39,8 @@ pytestmark = [
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[NostrRelay]:
-    try:
-        service = NostrRelay(tmp_path / "nostr")
-    except ServiceNotInstalled as exc:
-        pytest.fail(f"{exc} (make test installs it)")
-    service.start()
-    yield service
-    service.cleanup()
+    with running(service_or_fail(NostrRelay, tmp_path / "nostr")) as service:
+        yield service
 
 
 class EventCounter:
@@ -80,13 +76,7 @@ async def test_idle_room_publishes_no_more_than_trystero(
     relay: NostrRelay, app_id: str, signaling_cleanup: None, record_property: Any
 ) -> None:
     room_id = new_room_id("idle")
-    config = RoomConfig(
-        app_id=app_id,
-        strategy="nostr",
-        relay_urls=[relay.url],
-        ice_servers=[],
-        ice_host_addresses=LOOPBACK_ICE,
-    )
+    config = loopback_config(app_id, [relay.url], strategy="nostr")
     async with JsPeer.start("node") as js:
         me = signaling.default_session().self_id
         topics = [crypto.root_topic(app_id, room_id)] + [

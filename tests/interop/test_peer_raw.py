@@ -251,41 +251,19 @@ async def connect(
     return peer, node, inbox, info
 
 
-# (py offers?, node options). "strip" removes candidates from Node's SDP, so the Python side can
+# Node options by case name. "strip" removes candidates from Node's SDP, so the Python side can
 # only learn Node's address from trickled candidates (checked via remote_candidates()).
+NODE_OPTS = {
+    "ndc-after": ("--cand-shape", "ndc", "--order", "desc-first"),
+    "ndc-before-strip": ("--cand-shape", "ndc", "--order", "cands-first", "--sdp-cands", "strip"),
+    "browser-before-strip": ("--cand-shape", "browser", "--order", "cands-first", "--sdp-cands", "strip"),
+    "browser-after-strip": ("--cand-shape", "browser", "--order", "desc-first", "--sdp-cands", "strip"),
+}
+# (py offers?, node options): each set of options with either side offering.
 CASES = [
-    pytest.param(True, ("--cand-shape", "ndc", "--order", "desc-first"), id="py-offers-ndc-after"),
-    pytest.param(
-        True,
-        ("--cand-shape", "ndc", "--order", "cands-first", "--sdp-cands", "strip"),
-        id="py-offers-ndc-before-strip",
-    ),
-    pytest.param(
-        True,
-        ("--cand-shape", "browser", "--order", "cands-first", "--sdp-cands", "strip"),
-        id="py-offers-browser-before-strip",
-    ),
-    pytest.param(
-        True,
-        ("--cand-shape", "browser", "--order", "desc-first", "--sdp-cands", "strip"),
-        id="py-offers-browser-after-strip",
-    ),
-    pytest.param(False, ("--cand-shape", "ndc", "--order", "desc-first"), id="node-offers-ndc-after"),
-    pytest.param(
-        False,
-        ("--cand-shape", "ndc", "--order", "cands-first", "--sdp-cands", "strip"),
-        id="node-offers-ndc-before-strip",
-    ),
-    pytest.param(
-        False,
-        ("--cand-shape", "browser", "--order", "cands-first", "--sdp-cands", "strip"),
-        id="node-offers-browser-before-strip",
-    ),
-    pytest.param(
-        False,
-        ("--cand-shape", "browser", "--order", "desc-first", "--sdp-cands", "strip"),
-        id="node-offers-browser-after-strip",
-    ),
+    pytest.param(py_offers, opts, id=f"{'py' if py_offers else 'node'}-offers-{name}")
+    for py_offers in (True, False)
+    for name, opts in NODE_OPTS.items()
 ]
 
 

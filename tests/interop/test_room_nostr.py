@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +25,28 @@ from aiohttp import web
 
 import signaling
 from p2pdiff.app import create_app
-from p2pdiff.config import Config
-from signaling import RoomConfig, Timeouts, crypto
+from signaling import Timeouts, crypto
 from signaling.relays import NostrKeys
 from signaling.relays import NostrRelay as NostrClient
 from signaling.relays.nostr import event_message, make_event
 from tests.interop.jspeer import JsPeer
-from tests.services import NostrRelay, ServiceNotInstalled
+from tests.interop.test_helper_app import helper_config, poll, relays_are
+from tests.services import NostrRelay, running
+from tests.support import service_or_fail
 
+from .conftest import SessionFactory
 from .room_cases import (
-    LOOPBACK_ICE,
     STEP,
-    Rig,
-    SessionFactory,
+    RigFactory,
     eventually,
     join_and_ping,
     leave_both_ways,
-    loop_errors_caught,
     new_room_id,
     password,
     payloads,
     relay_restart,
-    session_pool,
+    rig_factory,
+    session_relay,
     silent_listener,
     still_fine,
 )
@@ -55,75 +55,30 @@ pytestmark = [
     pytest.mark.interop,
 ]
 
-RigFactory = Callable[..., Rig]
-
-
-def _relay(workdir: Path, **kwargs: Any) -> NostrRelay:
-    try:
-        return NostrRelay(workdir, **kwargs)
-    except ServiceNotInstalled as exc:
-        pytest.fail(f"{exc} (make test installs it)")
-
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay]:
     """A verifying relay shared by the module (unique app ids and rooms keep tests apart)."""
-    service = _relay(tmp_path_factory.mktemp("nostr"))
-    service.start()
-    yield service
-    service.cleanup()
+    with running(service_or_fail(NostrRelay, tmp_path_factory.mktemp("nostr"))) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
 def lax_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay]:
     """A relay that relays events with bad signatures and ids (it verifies nothing)."""
-    service = _relay(tmp_path_factory.mktemp("nostr-lax"), verify=False)
-    service.start()
-    yield service
-    service.cleanup()
-
-
-@pytest.fixture
-async def sessions() -> AsyncIterator[SessionFactory]:
-    async with session_pool() as make:
-        yield make
-
-
-@pytest.fixture
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    with loop_errors_caught() as errors:
-        yield errors
+    with running(service_or_fail(NostrRelay, tmp_path_factory.mktemp("nostr-lax"), verify=False)) as service:
+        yield service
 
 
 @pytest.fixture
 def rig(relay: NostrRelay, app_id: str, signaling_cleanup: None) -> RigFactory:
     """``rig(js_urls=None, our_urls=None, **config)``: JS on ``js_urls`` (default: the shared
     relay), us on ``our_urls`` (default: the same)."""
-
-    def make(js_urls: list[str] | None = None, our_urls: list[str] | None = None, **base: Any) -> Rig:
-        js = js_urls or [relay.url]
-
-        def config(**overrides: Any) -> RoomConfig:
-            settings: dict[str, Any] = {
-                "app_id": app_id,
-                "strategy": "nostr",
-                "relay_urls": our_urls or js,
-                "ice_servers": [],
-                "ice_host_addresses": LOOPBACK_ICE,
-                **base,
-            }
-            settings.update(overrides)
-            return RoomConfig(**settings)
-
-        return Rig("nostr", js, config)
-
-    return make
+    return rig_factory("nostr", [relay.url], app_id)
 
 
 def our_relay(url: str) -> NostrClient:
-    relay = next(r for r in signaling.default_session().hub.relays() if r.url == url)
-    assert isinstance(relay, NostrClient)
-    return relay
+    return session_relay(url, NostrClient)
 
 
 # --------------------------------------------------------------------------- (a) - (f)
@@ -149,13 +104,9 @@ async def test_leave_both_ways(rig: RigFactory) -> None:
 
 
 async def test_relay_restart(tmp_path: Path, rig: RigFactory) -> None:
-    own = _relay(tmp_path / "nostr")
-    own.start()
-    try:
+    with running(service_or_fail(NostrRelay, tmp_path / "nostr")) as own:
         await relay_restart(rig(js_urls=[own.url]), own)
         assert our_relay(own.url).counters["req"] >= 2  # subscriptions re-sent after the restart
-    finally:
-        own.cleanup()
 
 
 # --------------------------------------------------------------------------- duplicates across relays
@@ -354,9 +305,9 @@ async def test_relay_that_closes_mid_subscription(
 async def test_rate_limited_relay_pauses_announces(tmp_path: Path, rig: RigFactory) -> None:
     """A relay that answers rate-limited: our announces there pause (and are not counted as
     sent) instead of going on into the refusal."""
-    strict = _relay(tmp_path / "nostr", rate_limits={"ip": {"EVENT": "1/s"}})
-    strict.start()
-    try:
+    with running(
+        service_or_fail(NostrRelay, tmp_path / "nostr", rate_limits={"ip": {"EVENT": "1/s"}})
+    ) as strict:
         fast = Timeouts(announce_warmup=(0.05,) * 3, announce_interval=1.0, announce_interval_stable=1.0)
         config = rig(js_urls=[strict.url]).make_config(timeouts=fast)
         room = signaling.join_room(config, new_room_id("limited"))
@@ -368,8 +319,6 @@ async def test_rate_limited_relay_pauses_announces(tmp_path: Path, rig: RigFacto
         await asyncio.sleep(3)  # three more 1 s intervals: all deferred
         assert room.stats["announces_out"] == sent
         assert room.relay_states[strict.url] == "connected"
-    finally:
-        strict.cleanup()
 
 
 # --------------------------------------------------------------------------- REST while the relay is down
@@ -378,42 +327,20 @@ async def test_rate_limited_relay_pauses_announces(tmp_path: Path, rig: RigFacto
 async def test_rest_keeps_serving_while_the_relay_is_down(
     aiohttp_client: Any, tmp_path: Path, app_id: str
 ) -> None:
-    own = _relay(tmp_path / "nostr")
-    own.start()
-    try:
-        config = Config()
-        config.store.path = str(tmp_path / "db.sqlite3")
-        config.p2p.strategy = "nostr"
-        config.p2p.app_id = app_id
-        config.p2p.relay_urls = [own.url]
-        config.p2p.ice_servers = []
-        config.p2p.ice_host_addresses = LOOPBACK_ICE
+    with running(service_or_fail(NostrRelay, tmp_path / "nostr")) as own:
+        config = helper_config(tmp_path, "nostr", [own.url], app_id)
         client = await aiohttp_client(create_app(config))
         assert (await client.post("/api/join/lobby")).status == 202
 
-        async def relay_state(want: str) -> bool:
-            health = await (await client.get("/api/health")).json()
-            return set(health["p2p"]["rooms"][0]["relays"].values()) == {want}
-
-        await _poll(lambda: relay_state("connected"))
+        await poll(lambda: relays_are(client, "connected"))
         own.kill()
-        await _poll(lambda: relay_state("reconnecting"))
+        await poll(lambda: relays_are(client, "reconnecting"))
         for i in range(20):
             t0 = time.monotonic()
             resp = await client.post("/api/queue/lobby", json={"id": f"t{i}", "prompt": "still here"})
             assert resp.status == 201
             assert time.monotonic() - t0 < 1.0
         own.start()
-        await _poll(lambda: relay_state("connected"), within=STEP * 3)
+        await poll(lambda: relays_are(client, "connected"), within=STEP * 3)
         queue = await (await client.get("/api/queue/lobby")).json()
         assert len(queue["queue"]) == 20
-    finally:
-        own.cleanup()
-
-
-async def _poll(check: Callable[[], Any], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(0.1)

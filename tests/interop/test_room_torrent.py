@@ -22,26 +22,26 @@ import pytest
 from aiohttp import web
 
 import signaling
-from signaling import RoomConfig, crypto
+from signaling import crypto
 from signaling.relays.torrent import TorrentRelay
 from signaling.torrent_strategy import TorrentRoomSignaller
 from tests.interop.jspeer import JsPeer
-from tests.services import ServiceNotInstalled, Tracker
+from tests.services import Tracker, running
+from tests.support import service_or_fail
 
+from .conftest import SessionFactory
 from .room_cases import (
     JOIN_TIMEOUT,
-    LOOPBACK_ICE,
-    Rig,
-    SessionFactory,
+    RigFactory,
     eventually,
     join_and_ping,
     leave_both_ways,
-    loop_errors_caught,
     new_room_id,
     password,
     payloads,
     relay_restart,
-    session_pool,
+    rig_factory,
+    session_relay,
     silent_listener,
     still_fine,
 )
@@ -56,65 +56,27 @@ pytestmark = [
     pytest.mark.interop,
 ]
 
-RigFactory = Callable[..., Rig]
 
-
-def _tracker(workdir: Path, **kwargs: Any) -> Tracker:
-    try:
-        return Tracker(workdir, interval_ms=INTERVAL_MS, **kwargs)
-    except ServiceNotInstalled as exc:
-        pytest.fail(f"{exc} (make test installs it)")
+def _tracker(workdir: Path) -> Tracker:
+    return service_or_fail(Tracker, workdir, interval_ms=INTERVAL_MS)
 
 
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
     """A tracker shared by the module (unique app ids and rooms keep tests apart)."""
-    service = _tracker(tmp_path_factory.mktemp("tracker"))
-    service.start()
-    yield service
-    service.cleanup()
-
-
-@pytest.fixture
-async def sessions() -> AsyncIterator[SessionFactory]:
-    async with session_pool() as make:
-        yield make
-
-
-@pytest.fixture
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    with loop_errors_caught() as errors:
-        yield errors
+    with running(_tracker(tmp_path_factory.mktemp("tracker"))) as service:
+        yield service
 
 
 @pytest.fixture
 def rig(tracker: Tracker, app_id: str, signaling_cleanup: None) -> RigFactory:
     """``rig(js_urls=None, our_urls=None)``: JS on ``js_urls`` (default: the shared tracker), us on
     ``our_urls`` (default: the same)."""
-
-    def make(js_urls: list[str] | None = None, our_urls: list[str] | None = None) -> Rig:
-        js = js_urls or [tracker.url]
-
-        def config(**overrides: Any) -> RoomConfig:
-            settings: dict[str, Any] = {
-                "app_id": app_id,
-                "strategy": "torrent",
-                "relay_urls": our_urls or js,
-                "ice_servers": [],
-                "ice_host_addresses": LOOPBACK_ICE,
-            }
-            settings.update(overrides)
-            return RoomConfig(**settings)
-
-        return Rig("torrent", js, config)
-
-    return make
+    return rig_factory("torrent", [tracker.url], app_id)
 
 
 def our_tracker(url: str) -> TorrentRelay:
-    relay = next(r for r in signaling.default_session().hub.relays() if r.url == url)
-    assert isinstance(relay, TorrentRelay)
-    return relay
+    return session_relay(url, TorrentRelay)
 
 
 # --------------------------------------------------------------------------- (a) - (f)
@@ -147,13 +109,9 @@ async def test_leave_both_ways(rig: RigFactory) -> None:
 
 
 async def test_tracker_restart(tmp_path: Path, rig: RigFactory) -> None:
-    own = _tracker(tmp_path / "tracker")
-    own.start()
-    try:
+    with running(_tracker(tmp_path / "tracker")) as own:
         await relay_restart(rig(js_urls=[own.url]), own)
         assert our_tracker(own.url).connect_attempts >= 2
-    finally:
-        own.cleanup()
 
 
 async def test_offer_pool_is_bounded_and_reused(rig: RigFactory, sessions: SessionFactory) -> None:

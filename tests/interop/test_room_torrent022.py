@@ -14,20 +14,22 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from signaling import Room, RoomConfig, Session, Timeouts, crypto
-from signaling.crypto import gen_id
+from p2pdiff.app import create_app
+from signaling import Room, Session, Timeouts, crypto
 from signaling.relays.torrent import TORRENT_022, TORRENT_025, TorrentRelay
 from signaling.torrent_strategy import OfferBatches, TorrentRoomSignaller022
 from tests.interop.jspeer import JsPeer
-from tests.services import ServiceNotInstalled, Tracker
+from tests.interop.test_helper_app import helper_config, poll
+from tests.services import Tracker
+from tests.support import SessionFactory, eventually, service_or_fail, session_pool
 
-from .conftest import LOOPBACK_ICE
-from .test_room_mqtt import JOIN_TIMEOUT, MIB, Watch, eventually, new_room_id
-from .test_room_wire022 import exchange_payloads
+from .room_cases import JOIN_TIMEOUT, MIB, Rig, Watch, new_room_id, rig_factory
+from .test_room_wire022 import exchange_payloads, member_undisturbed, no_js_errors, stranger_lines
 
 pytestmark = [
     pytest.mark.interop,
@@ -38,67 +40,34 @@ pytestmark = [
 INTERVAL_MS = 200_000
 #: Joins happen at the joiner's first announce; JS gathers for up to 5 s before it answers.
 FAST_JOIN_S = 8.0
-PREFIX = {"low": "00", "high": "zz"}
 
 
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
     """One tracker for the module, logging the frames clients send (rooms are unique per test)."""
-    try:
-        service = Tracker(tmp_path_factory.mktemp("tracker022"), interval_ms=INTERVAL_MS, log_frames=True)
-    except ServiceNotInstalled as exc:
-        pytest.fail(f"{exc} (make test installs it)")
+    service = service_or_fail(
+        Tracker, tmp_path_factory.mktemp("tracker022"), interval_ms=INTERVAL_MS, log_frames=True
+    )
     service.start()
     yield service
     service.cleanup()
 
 
 @pytest.fixture
-async def sessions() -> AsyncIterator[Any]:
+async def sessions() -> AsyncIterator[SessionFactory]:
     """``sessions(order)``: a fresh Session whose id sorts "low" or "high" (or random: None)."""
-    made: list[Session] = []
-
-    def make(order: str | None = None) -> Session:
-        prefix = PREFIX[order] if order else ""
-        made.append(Session(prefix + gen_id(20 - len(prefix)) if prefix else None))
-        return made[-1]
-
-    yield make
-    for session in made:
-        await session.close()
-
-
-class Torrent:
-    """The tracker URL and app id one test meets on."""
-
-    def __init__(self, tracker: Tracker, app_id: str) -> None:
-        self.url = tracker.url
-        self.app_id = app_id
-
-    def config(self, wire: str = "0.22", **overrides: Any) -> RoomConfig:
-        settings: dict[str, Any] = {
-            "app_id": self.app_id,
-            "strategy": "torrent",
-            "relay_urls": [self.url],
-            "ice_servers": [],
-            "ice_host_addresses": LOOPBACK_ICE,
-            "wire": wire,
-        }
-        settings.update(overrides)
-        return RoomConfig(**settings)
-
-    async def js_join(self, js: JsPeer, room_id: str, **kwargs: Any) -> None:
-        await js.join(room_id, app_id=self.app_id, relay_urls=[self.url], strategy="torrent", **kwargs)
-        await js.make_action(room_id, "data")
+    async with session_pool({"low": "00", "high": "zz"}) as make:
+        yield make
 
 
 @pytest.fixture
-def torrent(tracker: Tracker, app_id: str) -> Torrent:
-    return Torrent(tracker, app_id)
+def torrent(tracker: Tracker, app_id: str) -> Rig:
+    """JS and us on the module's tracker; our rooms on wire 0.22 unless a test says otherwise."""
+    return rig_factory("torrent", [tracker.url], app_id)(wire="0.22")
 
 
 async def meet(
-    js: JsPeer, room_id: str, torrent: Torrent, session: Session, *, js_first: bool
+    js: JsPeer, room_id: str, torrent: Rig, session: Session, *, js_first: bool
 ) -> tuple[Room, Watch, float]:
     """JS and we join ``room_id`` in the given order; returns once both see each other, and how
     long that took after the second joiner joined (seconds)."""
@@ -106,7 +75,7 @@ async def meet(
         await torrent.js_join(js, room_id)
     since = js.mark()
     t0 = time.monotonic()
-    room = session.join(torrent.config(), room_id)
+    room = session.join(torrent.make_config(), room_id)
     watch = Watch(room, "data")
     if not js_first:
         await asyncio.sleep(0.5)  # our first announce is in the swarm before JS arrives
@@ -115,10 +84,6 @@ async def meet(
     await watch.join_of(js.self_id, timeout=JOIN_TIMEOUT)
     await js.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT, since=since)
     return room, watch, time.monotonic() - t0
-
-
-def no_js_errors(js: JsPeer) -> None:
-    assert js.events("error") == [], js.describe()
 
 
 def our_tracker(session: Session, policy_name: str) -> TorrentRelay:
@@ -133,7 +98,7 @@ def our_tracker(session: Session, policy_name: str) -> TorrentRelay:
 
 @pytest.mark.parametrize("order", ["low", "high"], ids=["our-id-low", "our-id-high"])
 @pytest.mark.parametrize("js_first", [True, False], ids=["js-first", "py-first"])
-async def test_join_and_ping(js_first: bool, order: str, torrent: Torrent, sessions: Any) -> None:
+async def test_join_and_ping(js_first: bool, order: str, torrent: Rig, sessions: SessionFactory) -> None:
     session = sessions(order)
     async with JsPeer.start("node", wire="0.22") as js:
         room_id = new_room_id("tj22")
@@ -145,7 +110,7 @@ async def test_join_and_ping(js_first: bool, order: str, torrent: Torrent, sessi
         assert await js.peers(room_id) == [room.self_id]
         assert 0 <= await js.ping(room_id, room.self_id) < 2000
         assert 0 < await room.ping(js.self_id) < 2000
-        assert room.relay_states == {torrent.url: "connected"}
+        assert room.relay_states == {torrent.urls[0]: "connected"}
         assert isinstance(room.signaller, TorrentRoomSignaller022)
         # One connection for the pair, even though both sides offered and both answer offers.
         await asyncio.sleep(1.0)
@@ -158,7 +123,7 @@ async def test_join_and_ping(js_first: bool, order: str, torrent: Torrent, sessi
 # --------------------------------------------------------------------------- (b) payloads
 
 
-async def test_payloads_both_ways(torrent: Torrent, sessions: Any) -> None:
+async def test_payloads_both_ways(torrent: Rig, sessions: SessionFactory) -> None:
     async with JsPeer.start("node", wire="0.22") as js:
         room_id = new_room_id("td22")
         room, watch, _ = await meet(js, room_id, torrent, sessions(), js_first=True)
@@ -171,7 +136,7 @@ async def test_payloads_both_ways(torrent: Torrent, sessions: Any) -> None:
 # --------------------------------------------------------------------------- (c) password
 
 
-async def test_password_room(torrent: Torrent, sessions: Any) -> None:
+async def test_password_room(torrent: Rig, sessions: SessionFactory) -> None:
     room_id = new_room_id("tp22")
     session = sessions()
     async with (
@@ -179,7 +144,7 @@ async def test_password_room(torrent: Torrent, sessions: Any) -> None:
         JsPeer.start("node", wire="0.22", name="bad") as bad,
     ):
         await torrent.js_join(good, room_id, password="s3cret")
-        room = session.join(torrent.config(password="s3cret"), room_id)
+        room = session.join(torrent.make_config(password="s3cret"), room_id)
         watch = Watch(room, "data")
         await watch.join_of(good.self_id, timeout=JOIN_TIMEOUT)
         await good.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT)
@@ -206,7 +171,7 @@ async def test_password_room(torrent: Torrent, sessions: Any) -> None:
 # --------------------------------------------------------------------------- (d) leave
 
 
-async def test_leave_both_ways(torrent: Torrent, sessions: Any) -> None:
+async def test_leave_both_ways(torrent: Rig, sessions: SessionFactory) -> None:
     session = sessions()
     async with JsPeer.start("node", wire="0.22") as js:
         room_id = new_room_id("tl22")
@@ -237,14 +202,16 @@ async def test_leave_both_ways(torrent: Torrent, sessions: Any) -> None:
 # --------------------------------------------------------------------------- (e) on the tracker
 
 
-async def test_announces_carry_ten_fresh_offers(tracker: Tracker, torrent: Torrent, sessions: Any) -> None:
+async def test_announces_carry_ten_fresh_offers(
+    tracker: Tracker, torrent: Rig, sessions: SessionFactory
+) -> None:
     """What the tracker sees from us is what it sees from a 0.22 browser: numwant 10 and ten
     new offers every announce, SDPs without the trickle option, sealed with the room key."""
     session = sessions()
     room_id = new_room_id("tf22")
     async with JsPeer.start("node", wire="0.22") as js:
         await torrent.js_join(js, room_id)
-        room = session.join(torrent.config(), room_id)
+        room = session.join(torrent.make_config(), room_id)
         await eventually(lambda: js.self_id in room.peers, "the join", JOIN_TIMEOUT)
         signaller = room.signaller
         assert isinstance(signaller, TorrentRoomSignaller022) and isinstance(signaller.pool, OfferBatches)
@@ -284,7 +251,7 @@ async def test_announces_carry_ten_fresh_offers(tracker: Tracker, torrent: Torre
 # --------------------------------------------------------------------------- (f) both wires
 
 
-async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Torrent, sessions: Any) -> None:
+async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Rig, sessions: SessionFactory) -> None:
     """Each wire gets its own tracker client (its own cadence and dedupe) on the same URL."""
     session = sessions()
     old_room, new_room = new_room_id("old"), new_room_id("new")
@@ -294,8 +261,8 @@ async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Torrent, ses
     ):
         await torrent.js_join(js022, old_room)
         await torrent.js_join(js025, new_room)
-        room022 = session.join(torrent.config(wire="0.22"), old_room)
-        room025 = session.join(torrent.config(wire="0.25"), new_room)
+        room022 = session.join(torrent.make_config(wire="0.22"), old_room)
+        room025 = session.join(torrent.make_config(wire="0.25"), new_room)
         w022, w025 = Watch(room022, "data"), Watch(room025, "data")
         await w022.join_of(js022.self_id, timeout=JOIN_TIMEOUT)
         await w025.join_of(js025.self_id, timeout=JOIN_TIMEOUT)
@@ -324,31 +291,9 @@ async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Torrent, ses
 
 # --------------------------------------------------------------------------- (g) strangers
 
-STRANGER_LOG = "seems to speak Trystero wire"
-
-
-def stranger_lines(caplog: pytest.LogCaptureFixture, peer_id: str) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "signaling.strangers" and STRANGER_LOG in r.getMessage() and peer_id in r.getMessage()
-    ]
-
-
-async def member_undisturbed(room: Room, watch: Watch, member: JsPeer, room_id: str) -> None:
-    assert set(room.peers) == {member.self_id} and watch.left == []
-    assert 0 < await room.ping(member.self_id) < 2000
-    since = member.mark()
-    await room.make_action("data").send({"still": "here"})
-    assert (await member.wait_action(room_id, "data", peer=room.self_id, since=since))["value"] == {
-        "still": "here"
-    }
-    await member.send(room_id, "data", "and back", target=room.self_id)
-    assert (await watch.next_action("data", member.self_id))[0] == "and back"
-
 
 async def test_025_peer_in_022_torrent_room(
-    torrent: Torrent, sessions: Any, caplog: pytest.LogCaptureFixture
+    torrent: Rig, sessions: SessionFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Tracker frames look the same for both wires, so a 0.25 browser connects to our 0.22 room;
     its first data-channel message (a presence frame) gives it away before it ever joins."""
@@ -375,19 +320,20 @@ async def test_025_peer_in_022_torrent_room(
         assert len(stranger_lines(caplog, stranger.self_id)) == 1
         assert stranger.self_id not in watch.joined and room.stats["foreign_wire_peers"] == 1
         assert stranger.self_id not in session.links(torrent.app_id, room_id)
-        await member_undisturbed(room, watch, member, room_id)
+        assert set(room.peers) == {member.self_id}
+        await member_undisturbed(room, member, room_id, watch)
         no_js_errors(member)
 
 
 async def test_022_peer_in_025_torrent_room(
-    torrent: Torrent, sessions: Any, caplog: pytest.LogCaptureFixture
+    torrent: Rig, sessions: SessionFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A 0.22 browser connects to our 0.25 torrent room but never sends ``@_hsready`` (0.22 has
     no handshake, and this one sends nothing): not admitted, named once, disconnected."""
     caplog.set_level(logging.WARNING, logger="signaling.strangers")
     session = sessions()
     room_id = new_room_id("tmix25")
-    config = torrent.config(wire="0.25", timeouts=Timeouts(handshake=3.0))
+    config = torrent.make_config(wire="0.25", timeouts=Timeouts(handshake=3.0))
     async with (
         JsPeer.start("node", wire="0.25", name="member") as member,
         JsPeer.start("node", wire="0.22", name="stranger") as stranger,
@@ -408,5 +354,38 @@ async def test_022_peer_in_025_torrent_room(
             "the stranger's connection to close",
         )
         assert stranger.self_id not in watch.joined and room.stats["foreign_wire_peers"] == 1
-        await member_undisturbed(room, watch, member, room_id)
+        assert set(room.peers) == {member.self_id}
+        await member_undisturbed(room, member, room_id, watch)
         no_js_errors(member)
+
+
+# --------------------------------------------------------------------------- (h) the helper
+
+
+async def test_helper_joins_a_022_torrent_room_over_rest(
+    aiohttp_client: Any, tmp_path: Path, torrent: Rig
+) -> None:
+    """p2pdiff with ``strategy = "torrent"``: ``POST /api/join`` with ``{"wire": "0.22"}`` puts
+    the helper in the room as a 0.22 tracker peer; a real 0.22 browser meets it and sees it go."""
+    config = helper_config(tmp_path, "torrent", [torrent.urls[0]], torrent.app_id)
+    room_id = new_room_id("rest22")
+    async with JsPeer.start("node", wire="0.22") as js:
+        await torrent.js_join(js, room_id)
+        client = await aiohttp_client(create_app(config))
+        since = js.mark()
+        resp = await client.post(f"/api/join/{room_id}", json={"wire": "0.22"})
+        assert resp.status == 202 and (await resp.json())["wire"] == "0.22"
+        helper_id = (await js.wait_peer_join(room_id, since=since, timeout=JOIN_TIMEOUT))["peer"]
+
+        async def helper_room() -> dict[str, Any] | None:
+            health = await (await client.get("/api/health")).json()
+            (room,) = [r for r in health["p2p"]["rooms"] if r["roomId"] == room_id]
+            return room if [p["id"] for p in room["peers"]] == [js.self_id] else None
+
+        room = await poll(helper_room)
+        assert room["wire"] == "0.22"
+        assert 0 <= await js.ping(room_id, helper_id) < 2000
+        since = js.mark()
+        await client.close()  # the helper leaves its rooms: @_leave to each peer
+        await js.wait_peer_leave(room_id, helper_id, since=since, timeout=10)
+        no_js_errors(js)

@@ -14,7 +14,6 @@ Who offers on 0.22 (signaling.legacy): the larger id offers, the smaller asks fo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,17 +23,27 @@ from typing import Any
 import pytest
 
 from p2pdiff.app import create_app
-from p2pdiff.config import Config
 from signaling import Room, RoomConfig, Session
-from signaling.crypto import gen_id
 from signaling.framing import to_json
-from tests.interop.jspeer import JsPeer, action_bytes, js_json, pattern_bytes, pattern_text, sha256_hex
-from tests.services import Mosquitto, NostrRelay, ServiceNotInstalled
+from tests.interop.jspeer import JsPeer, js_json, pattern_bytes, sha256_hex
+from tests.interop.test_helper_app import helper_config
+from tests.services import Mosquitto, NostrRelay, running
+from tests.support import SessionFactory, config_factory, service_or_fail, session_pool
 
-from .conftest import LOOPBACK_ICE
-from .test_room_mqtt import JOIN_TIMEOUT, Watch, eventually, new_room_id
+from .room_cases import (
+    JOIN_TIMEOUT,
+    MIB,
+    Rig,
+    Watch,
+    big_payloads_both_ways,
+    binary_to_js,
+    eventually,
+    meet_with_password,
+    new_room_id,
+    text_and_binary_from_js,
+    wrong_password_stays_out,
+)
 
-MIB = 1 << 20
 STRANGER_LOG = "seems to speak Trystero wire"
 
 pytestmark = [
@@ -51,65 +60,31 @@ PREFIX = {"offer": "zz", "answer": "00"}
 @pytest.fixture(scope="module")
 def nostr_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay]:
     """One local NIP-01 relay for the module (a start costs ~1.5 s); rooms are unique per test."""
-    try:
-        relay = NostrRelay(tmp_path_factory.mktemp("nostr-relay"))
-    except ServiceNotInstalled as exc:
-        pytest.fail(f"{exc} (make test installs it)")
-    relay.start()
-    yield relay
-    relay.cleanup()
+    with running(service_or_fail(NostrRelay, tmp_path_factory.mktemp("nostr-relay"))) as relay:
+        yield relay
 
 
 @pytest.fixture
-async def sessions() -> AsyncIterator[Any]:
+async def sessions() -> AsyncIterator[SessionFactory]:
     """``sessions(role)``: a fresh Session that offers ("offer") or answers ("answer") on 0.22,
     or has a random id (None). Closed after the test, before the services stop."""
-    made: list[Session] = []
-
-    def make(role: str | None = None) -> Session:
-        prefix = PREFIX[role] if role else ""
-        made.append(Session(prefix + gen_id(20 - len(prefix)) if prefix else None))
-        return made[-1]
-
-    yield make
-    for session in made:
-        await session.close()
+    async with session_pool(PREFIX) as make:
+        yield make
 
 
-@pytest.fixture
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    """Unhandled exceptions reported to the event loop during the test (must stay empty)."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield errors
-    loop.set_exception_handler(previous)
-
-
-class Relays:
-    """Where the rooms of one test meet: ``strategy`` plus the one local relay URL."""
+class Relays(Rig):
+    """Where the rooms of one test meet: ``strategy`` plus the one local relay URL; our rooms are
+    on wire 0.22 unless ``config`` says otherwise."""
 
     def __init__(self, strategy: str, url: str, app_id: str) -> None:
-        self.strategy = strategy
-        self.url = url
-        self.app_id = app_id
+        super().__init__(strategy, [url], config_factory(app_id, [url], strategy=strategy, wire="0.22"))
 
-    def config(self, wire: str = "0.22", **overrides: Any) -> RoomConfig:
-        settings: dict[str, Any] = {
-            "app_id": self.app_id,
-            "strategy": self.strategy,
-            "relay_urls": [self.url],
-            "ice_servers": [],
-            "ice_host_addresses": LOOPBACK_ICE,
-            "wire": wire,
-        }
-        settings.update(overrides)
-        return RoomConfig(**settings)
+    @property
+    def url(self) -> str:
+        return self.urls[0]
 
-    async def js_join(self, js: JsPeer, room_id: str, **kwargs: Any) -> None:
-        await js.join(room_id, app_id=self.app_id, relay_urls=[self.url], strategy=self.strategy, **kwargs)
-        await js.make_action(room_id, "data")
+    def config(self, **overrides: Any) -> RoomConfig:
+        return self.make_config(**overrides)
 
 
 @pytest.fixture(params=["mqtt", "nostr"])
@@ -128,18 +103,7 @@ async def meet(
     js: JsPeer, room_id: str, relays: Relays, session: Session, *, js_first: bool, **config: Any
 ) -> tuple[Room, Watch, float]:
     """JS and we join ``room_id`` in the given order; returns once both see each other."""
-    if js_first:
-        await relays.js_join(js, room_id)
-    since = js.mark()
-    t0 = time.monotonic()
-    room = session.join(relays.config(**config), room_id)
-    watch = Watch(room, "data")
-    if not js_first:
-        await relays.js_join(js, room_id)
-    await watch.join_of(js.self_id)
-    join_ms = (time.monotonic() - t0) * 1000
-    await js.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT, since=since)
-    return room, watch, join_ms
+    return await relays.meet(js, room_id, js_first=js_first, session=session, config=relays.config(**config))
 
 
 def no_js_errors(*peers: JsPeer) -> None:
@@ -189,15 +153,7 @@ async def exchange_payloads(js: JsPeer, room: Room, watch: Watch, room_id: str) 
     value = {"n": 1, "s": "héllo ✓", "list": [1, 2.5, None, True], "nested": {"a": []}}
     await js.send(room_id, "data", value, target=me)
     assert await watch.next_action("data", other) == (value, other, None)
-    await js.send(room_id, "data", "plain text ✓", target=me)
-    assert await watch.next_action("data", other) == ("plain text ✓", other, None)
-    small = bytes(range(256)) * 5
-    await js.send(room_id, "data", small, meta={"k": "bin"}, target=me)
-    assert await watch.next_action("data", other) == (small, other, {"k": "bin"})
-    sent = await js.send(room_id, "data", size=MIB, seed=7, target=me)
-    payload, _, meta = await watch.next_action("data", other)
-    assert isinstance(payload, bytes) and meta is None
-    assert hashlib.sha256(payload).hexdigest() == sent["sha256"] == sha256_hex(pattern_bytes(MIB, 7))
+    await text_and_binary_from_js(js, watch, room_id)
 
     # us -> JS
     with pytest.raises(ValueError, match="only with binary"):
@@ -211,27 +167,10 @@ async def exchange_payloads(js: JsPeer, room: Room, watch: Watch, room_id: str) 
     await data.send("plain text ✓")
     ev = await js.wait_action(room_id, "data", peer=me, since=since)
     assert (ev["kind"], ev["value"]) == ("text", "plain text ✓")
-    since = js.mark()
-    await data.send(small, metadata={"k": "bin"})
-    ev = await js.wait_action(room_id, "data", peer=me, since=since)
-    assert (ev["kind"], action_bytes(ev), ev["meta"]) == ("binary", small, {"k": "bin"})
-    blob = pattern_bytes(MIB, 8)
-    since = js.mark()
-    await data.send(blob, target=[other])
-    ev = await js.wait_action(room_id, "data", peer=me, since=since, timeout=60)
-    assert (ev["kind"], ev["bytes"], ev["sha256"]) == ("binary", MIB, sha256_hex(blob))
+    await binary_to_js(js, data, room_id)
 
     # ~300 KB of JSON (19 chunks of 16369 bytes) and of text, both ways
-    doc = {"rows": [{"i": i, "name": f"row {i} ✓", "tags": ["a", "b"], "v": i / 7} for i in range(4200)]}
-    encoded = to_json(doc)
-    since = js.mark()
-    await data.send(doc)
-    ev = await js.wait_action(room_id, "data", peer=me, since=since, timeout=60)
-    assert (ev["kind"], ev["len"], ev["sha256"]) == ("json", len(encoded), sha256_hex(encoded))
-    await js.send(room_id, "data", doc, target=me)
-    assert (await watch.next_action("data", other))[0] == doc
-    await js.send(room_id, "data", kind="text", size=300_000, seed=9, target=me)
-    assert (await watch.next_action("data", other))[0] == pattern_text(300_000, 9)
+    await big_payloads_both_ways(js, data, watch, room_id)
 
 
 async def test_payloads_both_ways(relays: Relays, sessions: Any) -> None:
@@ -257,26 +196,12 @@ async def test_password_room(role: str, mqtt: Relays, sessions: Any) -> None:
     ):
         await mqtt.js_join(good, room_id, password="s3cret")
         room = session.join(mqtt.config(password="s3cret"), room_id)
-        watch = Watch(room, "data")
-        await watch.join_of(good.self_id)
-        await good.wait_peer_join(room_id, room.self_id, timeout=JOIN_TIMEOUT)
-        since = good.mark()
-        await room.make_action("data").send({"secret": True})
-        ev = await good.wait_action(room_id, "data", peer=room.self_id, since=since)
-        assert ev["value"] == {"secret": True}
-        await good.send(room_id, "data", "back", target=room.self_id)
-        assert (await watch.next_action("data", good.self_id))[0] == "back"
+        watch = await meet_with_password(good, room, room_id)
 
         # 0.22 has no password handshake: a wrong password only fails SDP decryption, on our
         # side (we count it) or on JS's (join-error), whoever received the offer.
         await mqtt.js_join(bad, room_id, password="wrong")
-        await eventually(
-            lambda: room.stats["dropped"].get("decrypt_failed", 0) > 0 or bool(bad.events("join-error")),
-            "a decrypt failure on either side",
-        )
-        await asyncio.sleep(3)
-        assert set(room.peers) == {good.self_id}
-        assert bad.self_id not in watch.joined
+        await wrong_password_stays_out(watch, good, bad, quiet=3.0)
         assert room.self_id not in await bad.peers(room_id)
         assert bad.self_id not in session.links(mqtt.app_id, room_id)
         assert 0 < await room.ping(good.self_id) < 2000  # the good peer is unaffected
@@ -365,6 +290,18 @@ async def test_two_wires_one_session(mqtt: Relays, sessions: Any) -> None:
 # --------------------------------------------------------------------------- (f) strangers
 
 
+async def member_undisturbed(room: Room, member: JsPeer, room_id: str, watch: Watch) -> None:
+    """The member JS peer stays connected: a ping, data both ways, no leave."""
+    assert 0 < await room.ping(member.self_id) < 2000
+    since = member.mark()
+    await room.make_action("data").send({"still": "here"})
+    ev = await member.wait_action(room_id, "data", peer=room.self_id, since=since)
+    assert ev["value"] == {"still": "here"}
+    await member.send(room_id, "data", "and back", target=room.self_id)
+    assert (await watch.next_action("data", member.self_id))[0] == "and back"
+    assert watch.left == []
+
+
 def stranger_lines(caplog: pytest.LogCaptureFixture, peer_id: str) -> list[str]:
     return [
         r.getMessage()
@@ -399,14 +336,7 @@ async def test_022_peer_in_025_room(
         assert await stranger.peers(room_id) == []
 
         # the member is undisturbed: same connection, data and pings both ways
-        assert 0 < await room.ping(member.self_id) < 2000
-        since = member.mark()
-        await room.make_action("data").send({"still": "here"})
-        ev = await member.wait_action(room_id, "data", peer=session.self_id, since=since)
-        assert ev["value"] == {"still": "here"}
-        await member.send(room_id, "data", "and back", target=session.self_id)
-        assert (await watch.next_action("data", member.self_id))[0] == "and back"
-        assert watch.left == []
+        await member_undisturbed(room, member, room_id, watch)
         no_js_errors(member, stranger)
     assert loop_errors == []
 
@@ -441,14 +371,7 @@ async def test_025_peer_in_022_room(
         assert stats["app"]["negotiations"] == 0  # our offer to it was abandoned when it was found
         assert await stranger.peers(room_id) == []
 
-        assert 0 < await room.ping(member.self_id) < 2000
-        since = member.mark()
-        await room.make_action("data").send({"still": "here"})
-        ev = await member.wait_action(room_id, "data", peer=session.self_id, since=since)
-        assert ev["value"] == {"still": "here"}
-        await member.send(room_id, "data", "and back", target=session.self_id)
-        assert (await watch.next_action("data", member.self_id))[0] == "and back"
-        assert watch.left == []
+        await member_undisturbed(room, member, room_id, watch)
         no_js_errors(member, stranger)
     assert loop_errors == []
 
@@ -461,13 +384,7 @@ async def test_helper_serves_both_wires_and_keeps_them_across_restart(
 ) -> None:
     """p2pdiff over REST: one room joined with wire 0.22, one with the default 0.25; a restart
     rejoins each with its wire (stored), and real peers of each version meet the helper."""
-    config = Config()
-    config.store.path = str(tmp_path / "db.sqlite3")
-    config.p2p.strategy = "mqtt"  # the default is nostr now
-    config.p2p.app_id = mqtt.app_id
-    config.p2p.relay_urls = [mqtt.url]
-    config.p2p.ice_servers = []
-    config.p2p.ice_host_addresses = LOOPBACK_ICE
+    config = helper_config(tmp_path, "mqtt", [mqtt.url], mqtt.app_id)  # the default is nostr now
 
     async def helper_rooms(client: Any) -> dict[str, Any]:
         health = await (await client.get("/api/health")).json()

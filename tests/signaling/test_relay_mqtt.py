@@ -21,79 +21,25 @@ from signaling.relays.mqtt import _decode_frame, _encode_frame, _WebSocketStream
 from tests.services import Mosquitto, make_tls_files
 
 from .conftest import MosquittoFactory
+from .relay_helpers import (
+    Inbox,
+    Ticker,
+    close_before_start_and_while_retrying,
+    relays_closed_after,
+    sender_and_receiver,
+    until,
+    wait_state,
+)
 
-# Quick retries keep restart tests short; the production default is 1 s doubling to 30 s.
-FAST = Backoff(initial=0.05, factor=2.0, cap=0.4, jitter=0.5)
 TOPIC = "3x0s2j5a6b1i2d2z2l5d6m2k2o69335n6b4h1t"  # shaped like a Trystero topic hash
 
 RelayFactory = Callable[..., MqttRelay]
 
 
-class Inbox:
-    """An on_message callback that records (topic, text) and can be awaited."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, topic: str, text: str) -> None:
-        self.items.append((topic, text))
-        self._changed.set()
-
-    @property
-    def texts(self) -> list[str]:
-        return [text for _, text in self.items]
-
-    async def wait_for(self, count: int, limit: float = 5.0) -> list[str]:
-        async with asyncio.timeout(limit):
-            while len(self.items) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.texts
-
-
-async def wait_state(relay: MqttRelay, state: RelayState, limit: float = 5.0) -> None:
-    """Wait for ``state`` via on_state (chained to the callback the test may have set)."""
-    reached = asyncio.Event()
-    previous = relay.on_state
-
-    def watch(new_state: RelayState) -> None:
-        if previous is not None:
-            previous(new_state)
-        if new_state == state:
-            reached.set()
-
-    relay.on_state = watch
-    try:
-        if relay.state != state:
-            async with asyncio.timeout(limit):
-                await reached.wait()
-    finally:
-        relay.on_state = previous
-
-
-async def eventually(predicate: Callable[[], bool], limit: float = 3.0) -> bool:
-    """Poll something outside the loop's reach (e.g. a server's log file)."""
-    for _ in range(int(limit / 0.02)):
-        if predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return predicate()
-
-
 @pytest.fixture
 async def make_relay() -> AsyncIterator[RelayFactory]:
-    relays: list[MqttRelay] = []
-
-    def make(url: str, **kwargs: object) -> MqttRelay:
-        kwargs.setdefault("backoff", FAST)
-        relay = MqttRelay(url, **kwargs)  # type: ignore[arg-type]
-        relays.append(relay)
-        return relay
-
-    yield make
-    for relay in relays:
-        await relay.close()
+    async with relays_closed_after(MqttRelay) as make:
+        yield make
 
 
 def url_of(broker: Mosquitto, kind: str) -> str:
@@ -120,32 +66,6 @@ def silent_listener() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         yield sock.getsockname()[1]
-
-
-class Ticker:
-    """Measures how long the event loop goes without running a 10 ms periodic callback."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self.max_gap = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            self.ticks += 1
-            last = now
-
-    def __enter__(self) -> Ticker:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 # ---------------------------------------------------------------------- URL parsing (no broker)
@@ -286,13 +206,7 @@ async def test_large_message_and_burst_keep_order(
 ) -> None:
     # The receiver is on plain MQTT: mosquitto 2.0.11 paces its WebSocket output (~40 kB/s,
     # also with paho's own WebSocket transport), see the next test for the receiving side.
-    a, b = make_relay(url_of(mosquitto, kind)), make_relay(mosquitto.tcp_url)
-    inbox = Inbox()
-    b.on_message = inbox
-    b.subscribe(TOPIC)
-    await a.start()
-    await b.start()
-    await asyncio.gather(a.wait_connected(), b.wait_connected())
+    a, _, inbox = await sender_and_receiver(make_relay, url_of(mosquitto, kind), mosquitto.tcp_url, TOPIC)
 
     big = "x" * 300_000  # 64-bit WebSocket length, several partial socket writes
     a.publish(TOPIC, big)
@@ -307,13 +221,7 @@ async def test_large_message_and_burst_keep_order(
 async def test_websocket_receiver_reassembles_large_messages(
     mosquitto: Mosquitto, make_relay: RelayFactory
 ) -> None:
-    a, b = make_relay(mosquitto.tcp_url), make_relay(mosquitto.ws_url)
-    inbox = Inbox()
-    b.on_message = inbox
-    b.subscribe(TOPIC)
-    await a.start()
-    await b.start()
-    await asyncio.gather(a.wait_connected(), b.wait_connected())
+    a, _, inbox = await sender_and_receiver(make_relay, mosquitto.tcp_url, mosquitto.ws_url, TOPIC)
 
     big = "é" * 15_000  # 30 kB of UTF-8: arrives in several pieces
     a.publish(TOPIC, big)
@@ -345,7 +253,7 @@ async def test_wire_options_match_trystero(mosquitto: Mosquitto, make_relay: Rel
     await relay.start()
     await relay.wait_connected()
     # MQTT 3.1.1 ("p2"), clean session ("c1"), keepalive 60 s, mqtt.js-style client id.
-    assert await eventually(lambda: f"as {relay.client_id} (p2, c1, k60)" in mosquitto.log_text())
+    await until(lambda: f"as {relay.client_id} (p2, c1, k60)" in mosquitto.log_text(), timeout=3.0)
 
     watcher, received = raw_subscriber(mosquitto.ports["tcp"], TOPIC)
     relay.publish(TOPIC, '{"peerId":"x"}')
@@ -521,7 +429,7 @@ async def test_keepalive_runs_on_the_loop_and_detects_a_hung_broker(
     mosquitto.pause()
     try:
         started = time.monotonic()
-        await wait_state(relay, "reconnecting", limit=8)
+        await wait_state(relay, "reconnecting", timeout=8)
         detected_after = time.monotonic() - started
     finally:
         mosquitto.resume()
@@ -532,13 +440,7 @@ async def test_keepalive_runs_on_the_loop_and_detects_a_hung_broker(
 async def test_non_utf8_payload_is_ignored(
     mosquitto: Mosquitto, make_relay: RelayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    a, b = make_relay(mosquitto.ws_url), make_relay(mosquitto.ws_url)
-    inbox = Inbox()
-    b.on_message = inbox
-    b.subscribe(TOPIC)
-    await a.start()
-    await b.start()
-    await asyncio.gather(a.wait_connected(), b.wait_connected())
+    a, b, inbox = await sender_and_receiver(make_relay, mosquitto.ws_url, mosquitto.ws_url, TOPIC)
 
     with caplog.at_level(logging.WARNING, logger="signaling.relays.base"):
         raw_publish(mosquitto.ports["tcp"], TOPIC, b"\xff\xfe not utf-8 \xc3")
@@ -598,7 +500,7 @@ async def test_close_is_clean(mosquitto: Mosquitto, make_relay: RelayFactory) ->
     gc.collect()
 
     # The broker saw a proper DISCONNECT from both, not a dropped connection.
-    await eventually(lambda: mosquitto.log_text().count(" disconnected.") >= 2)
+    await until(lambda: mosquitto.log_text().count(" disconnected.") >= 2, timeout=3.0)
     log_text = mosquitto.log_text()
     assert f"Client {a.client_id} disconnected." in log_text
     assert f"Client {b.client_id} disconnected." in log_text
@@ -608,19 +510,12 @@ async def test_close_while_retrying_and_before_start(
     mosquitto_factory: MosquittoFactory, make_relay: RelayFactory
 ) -> None:
     broker = mosquitto_factory(start=False)
-    never_started = make_relay(broker.tcp_url)
-    await never_started.close()
-    assert never_started.state == "closed"
 
-    relay = make_relay(broker.tcp_url)
-    relay.publish(TOPIC, "never sent")
-    await relay.start()
-    await asyncio.sleep(0.2)
-    started = time.monotonic()
-    await relay.close()
-    assert time.monotonic() - started < 0.1
-    assert relay.state == "closed" and relay.queued == 0
-    assert asyncio.all_tasks() == {asyncio.current_task()}
+    def queue(relay: MqttRelay) -> None:
+        relay.publish(TOPIC, "never sent")
+
+    relay = await close_before_start_and_while_retrying(make_relay, broker.tcp_url, queue, limit=0.1)
+    assert relay.queued == 0
 
 
 async def test_no_threads(mosquitto: Mosquitto, make_relay: RelayFactory) -> None:
@@ -662,13 +557,7 @@ async def test_tls_round_trip(
 ) -> None:
     broker, context = tls_broker
     url = broker.mqtts_url if scheme == "mqtts" else broker.wss_url + "/mqtt"
-    a, b = make_relay(url, ssl_context=context), make_relay(url, ssl_context=context)
-    inbox = Inbox()
-    b.on_message = inbox
-    b.subscribe(TOPIC)
-    await a.start()
-    await b.start()
-    await asyncio.gather(a.wait_connected(), b.wait_connected())
+    a, _, inbox = await sender_and_receiver(make_relay, url, url, TOPIC, ssl_context=context)
     # Several TLS records per read (mosquitto paces its wss output, so keep that one smaller).
     text = "over tls " + "y" * (50_000 if scheme == "mqtts" else 20_000)
     a.publish(TOPIC, text)

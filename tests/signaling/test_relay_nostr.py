@@ -14,7 +14,6 @@ import json
 import logging
 import random
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,11 +22,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from signaling.bounded import LruSet
 from signaling.crypto import ID_CHARSET, nostr_event_id, nostr_kind, root_topic, self_topic
-from signaling.relays import Backoff, RelayState
+from signaling.relays import RelayState
 from signaling.relays.nostr import (
     DEFAULT_RELAY_URLS,
     DEFAULT_RELAY_URLS_022,
@@ -45,10 +43,23 @@ from signaling.relays.nostr import (
     verify_signature,
 )
 from tests.services import NostrRelay as NostrRelayServer
-from tests.services import ServiceNotInstalled
+from tests.services import running
+from tests.support import service_or_fail, service_pool
 
-FAST = Backoff(initial=0.05, factor=2.0, cap=0.4, jitter=0.5)
-INTEROP_DIR = Path(__file__).resolve().parents[1] / "interop"
+from . import relay_helpers
+from .relay_helpers import (
+    FakeServer,
+    Inbox,
+    Ticker,
+    close_before_start_and_while_retrying,
+    heartbeat_finds_dead_server,
+    relays_closed_after,
+    sender_and_receiver,
+    servers_stopped_after,
+    until,
+    wait_state,
+)
+from .wire_helpers import run_node
 
 # §10 vectors (appId harness-app, roomId r1, peer AbCdEfGhIjKlMnOpQrSt).
 ROOT = "575i5ptb234329582o5d374u6f1s95l92g63"
@@ -143,99 +154,6 @@ def independently_valid(event: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------- helpers
 
 
-
-def run_node(script: str, stdin: str = "") -> str:
-    """Run an ES module snippet in tests/interop (for its pinned node_modules)."""
-    done = subprocess.run(
-        ["node", "--input-type=module", "-e", script],
-        cwd=INTEROP_DIR,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-class Inbox:
-    """An on_message callback that records (topic, text) and can be awaited."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, topic: str, text: str) -> None:
-        self.items.append((topic, text))
-        self._changed.set()
-
-    @property
-    def texts(self) -> list[str]:
-        return [text for _, text in self.items]
-
-    async def wait_for(self, count: int, limit: float = 5.0) -> list[str]:
-        async with asyncio.timeout(limit):
-            while len(self.items) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.texts
-
-
-async def wait_state(relay: NostrRelay, state: RelayState, limit: float = 5.0) -> None:
-    reached = asyncio.Event()
-    previous = relay.on_state
-
-    def watch(new_state: RelayState) -> None:
-        if previous is not None:
-            previous(new_state)
-        if new_state == state:
-            reached.set()
-
-    relay.on_state = watch
-    try:
-        if relay.state != state:
-            async with asyncio.timeout(limit):
-                await reached.wait()
-    finally:
-        relay.on_state = previous
-
-
-async def until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    """Poll state that has no event to wait on (counters, timers)."""
-    for _ in range(int(limit / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    assert predicate(), "condition not reached in time"
-
-
-class Ticker:
-    """Measures how long the event loop goes without running a 10 ms periodic callback."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self.max_gap = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            self.ticks += 1
-            last = now
-
-    def __enter__(self) -> Ticker:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-
-
 def topic(n: int) -> str:
     return root_topic("p2pdiff-test", f"room-{n}")
 
@@ -245,33 +163,15 @@ RelayFactory = Callable[..., NostrRelay]
 
 @pytest.fixture
 async def make_relay() -> AsyncIterator[RelayFactory]:
-    relays: list[NostrRelay] = []
-
-    def make(url: str, **kwargs: Any) -> NostrRelay:
-        kwargs.setdefault("backoff", FAST)
-        relay = NostrRelay(url, **kwargs)
-        relays.append(relay)
-        return relay
-
-    yield make
-    for relay in relays:
-        await relay.close()
-
-
-def _server(workdir: Path, **kwargs: Any) -> NostrRelayServer:
-    try:
-        return NostrRelayServer(workdir, **kwargs)
-    except ServiceNotInstalled as exc:
-        pytest.fail(f"{exc} (make test installs it)")
+    async with relays_closed_after(NostrRelay) as make:
+        yield make
 
 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelayServer]:
     """One relay for the tests that neither restart nor reconfigure it (a start costs ~1.5 s)."""
-    server = _server(tmp_path_factory.mktemp("nostr-relay"))
-    server.start()
-    yield server
-    server.cleanup()
+    with running(service_or_fail(NostrRelayServer, tmp_path_factory.mktemp("nostr-relay"))) as server:
+        yield server
 
 
 ServerFactory = Callable[..., NostrRelayServer]
@@ -279,17 +179,8 @@ ServerFactory = Callable[..., NostrRelayServer]
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    servers: list[NostrRelayServer] = []
-
-    def make(**kwargs: Any) -> NostrRelayServer:
-        server = _server(tmp_path / f"nostr-relay-{len(servers)}", **kwargs)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.cleanup()
+    with service_pool(NostrRelayServer, tmp_path, "nostr-relay") as make:
+        yield make
 
 
 async def raw_publish(url: str, *events: dict[str, Any]) -> list[list[Any]]:
@@ -308,24 +199,7 @@ async def raw_publish(url: str, *events: dict[str, Any]) -> list[list[Any]]:
 Hook = Callable[["FakeConn", list[Any]], Awaitable[None]]
 
 
-class FakeConn:
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, index: int) -> None:
-        self.ws = ws
-        self.request = request
-        self.index = index
-        self.at = time.monotonic()
-        self.frames: list[list[Any]] = []
-        self.raw: list[str] = []
-
-    async def send(self, message: Any) -> None:
-        await self.ws.send_str(message if isinstance(message, str) else json.dumps(message))
-
-    def abort(self) -> None:
-        """Drop the TCP connection without a WebSocket close."""
-        transport = self.request.transport
-        assert transport is not None
-        transport.abort()
-
+class FakeConn(relay_helpers.FakeConn):
     def of(self, kind: str) -> list[list[Any]]:
         return [f for f in self.frames if f and f[0] == kind]
 
@@ -338,8 +212,10 @@ async def answer_ok(conn: FakeConn, frame: list[Any]) -> None:
     await conn.send(["OK", frame[1]["id"], True, ""])
 
 
-class FakeRelay:
+class FakeRelay(FakeServer[FakeConn]):
     """A NIP-01 server on 127.0.0.1 whose answers are scripted per test; records every frame."""
+
+    conn_class = FakeConn
 
     def __init__(
         self,
@@ -349,86 +225,24 @@ class FakeRelay:
         on_event: Hook | None = answer_ok,
         on_close: Hook | None = None,
     ) -> None:
-        self.read = read
+        super().__init__(read=read)
         self.on_req = on_req
         self.on_event = on_event
         self.on_close = on_close
-        self.connections: list[FakeConn] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
-        self._changed = asyncio.Event()
-
-    async def start(self) -> FakeRelay:
-        app = web.Application()
-        app.router.add_get("/", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"ws://127.0.0.1:{port}/"
-        return self
-
-    async def stop(self) -> None:
-        for task in list(self._handlers):
-            task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    @property
-    def frames(self) -> list[list[Any]]:
-        return [f for conn in self.connections for f in conn.frames]
 
     def of(self, kind: str) -> list[list[Any]]:
         return [f for f in self.frames if f and f[0] == kind]
 
-    async def wait(self, predicate: Callable[[], bool], limit: float = 5.0) -> None:
-        async with asyncio.timeout(limit):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        conn = FakeConn(ws, request, len(self.connections))
-        self.connections.append(conn)
-        self._changed.set()
-        try:
-            if not self.read:
-                await asyncio.sleep(3600)  # accept, then never read nor answer (not even pings)
-            async for msg in ws:
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    continue
-                frame = json.loads(msg.data)
-                conn.raw.append(msg.data)
-                conn.frames.append(frame)
-                self._changed.set()
-                hook = {"REQ": self.on_req, "EVENT": self.on_event, "CLOSE": self.on_close}.get(frame[0])
-                if hook is not None:
-                    await hook(conn, frame)
-        finally:
-            self._handlers.discard(task)
-            self._changed.set()
-        return ws
+    async def on_frame(self, conn: FakeConn, frame: list[Any]) -> None:
+        hook = {"REQ": self.on_req, "EVENT": self.on_event, "CLOSE": self.on_close}.get(frame[0])
+        if hook is not None:
+            await hook(conn, frame)
 
 
 @pytest.fixture
 async def fake_relay() -> AsyncIterator[Callable[..., Awaitable[FakeRelay]]]:
-    relays: list[FakeRelay] = []
-
-    async def make(**kwargs: Any) -> FakeRelay:
-        relay = FakeRelay(**kwargs)
-        relays.append(relay)
-        return await relay.start()
-
-    yield make
-    for relay in relays:
-        await relay.stop()
+    async with servers_stopped_after(FakeRelay) as make:
+        yield make
 
 
 def signed(keys: NostrKeys, topic_: str, content: str, **changes: Any) -> dict[str, Any]:
@@ -776,11 +590,11 @@ async def test_real_relay_rate_limit_pauses_announces(
     await relay.wait_connected()
     for i in range(3):
         relay.publish(ROOT, f"announce {i}")
-    await until(lambda: relay.counters.get("rejected:rate-limited") == 1, limit=10)
+    await until(lambda: relay.counters.get("rejected:rate-limited") == 1, timeout=10)
     assert 25 < relay.announce_backoff <= 30
     relay.publish(ROOT, "announce 3")  # paused: not sent
     relay.publish(SELF, "a signal")  # signals still go out (and this relay refuses it too)
-    await until(lambda: relay.counters.get("rejected:rate-limited") == 2, limit=10)
+    await until(lambda: relay.counters.get("rejected:rate-limited") == 2, timeout=10)
     assert relay.counters["announce_suppressed"] == 1 and relay.counters["published"] == 4
     assert 25 < relay.announce_backoff <= 30  # a rejection inside the pause does not stretch it
     assert relay.state == "connected"
@@ -935,12 +749,7 @@ async def test_relay_that_never_answers(
     assert ticker.max_gap < 0.5
 
     # Without topics there is nothing to acknowledge: the heartbeat finds the dead relay.
-    quiet = make_relay(server.url, heartbeat=0.4)
-    await quiet.start()
-    await quiet.wait_connected()
-    started = time.monotonic()
-    await wait_state(quiet, "reconnecting", limit=3)
-    assert time.monotonic() - started < 1.5
+    await heartbeat_finds_dead_server(make_relay, server.url)
 
 
 async def test_relay_that_stops_answering_eose_is_dropped(
@@ -961,7 +770,7 @@ async def test_relay_that_stops_answering_eose_is_dropped(
     late = relay.subscribe(SELF)  # this REQ is never answered
     done, _ = await asyncio.wait([late], timeout=0.2)
     assert not done
-    await wait_state(relay, "reconnecting", limit=3)
+    await wait_state(relay, "reconnecting", timeout=3)
     assert relay.counters["eose_timeout"] == 1
     await asyncio.wait_for(relay.wait_connected(), 3)  # next connection: EOSE again
     await asyncio.wait_for(late, 1)  # the waiter is resolved by the resubscription
@@ -1003,7 +812,7 @@ async def test_closed_subscription_reconnects_after_a_growing_penalty(
     relay = make_relay(server.url, penalty_backoff=(0.4, 1.0))
     relay.subscribe(ROOT)
     await relay.start()
-    await server.wait(lambda: len(server.connections) >= 3, limit=5)
+    await server.wait(lambda: len(server.connections) >= 3, timeout=5)
     await until(lambda: relay.counters.get("penalty") == 3)
     assert relay.counters["closed"] == 3 and 0 < relay.penalty_remaining <= 1.0
     # Pauses of 0.4 s, then 0.8 s (then the 1.0 s cap). JS would have dropped the relay for good.
@@ -1136,29 +945,16 @@ async def test_close_is_clean(
 
 
 async def test_close_while_retrying_and_before_start(make_relay: RelayFactory) -> None:
-    never_started = make_relay("ws://127.0.0.1:1/")
-    await never_started.close()
-    assert never_started.state == "closed"
-    relay = make_relay("ws://127.0.0.1:1/")
-    relay.publish(SELF, "never sent")
-    await relay.start()
-    await asyncio.sleep(0.2)
-    started = time.monotonic()
-    await relay.close()
-    assert time.monotonic() - started < 0.2
-    assert relay.state == "closed" and relay.queued == 0
-    assert asyncio.all_tasks() == {asyncio.current_task()}
+    def queue(relay: NostrRelay) -> None:
+        relay.publish(SELF, "never sent")
+
+    relay = await close_before_start_and_while_retrying(make_relay, "ws://127.0.0.1:1/", queue, limit=0.2)
+    assert relay.queued == 0
 
 
 async def test_no_threads(shared_server: NostrRelayServer, make_relay: RelayFactory) -> None:
     before = threading.active_count()
-    a, b = make_relay(shared_server.url), make_relay(shared_server.url)
-    inbox = Inbox()
-    b.on_message = inbox
-    b.subscribe(topic(400))
-    await a.start()
-    await b.start()
-    await asyncio.gather(a.wait_connected(), b.wait_connected())
+    a, b, inbox = await sender_and_receiver(make_relay, shared_server.url, shared_server.url, topic(400))
     a.publish(topic(400), "ping")
     await inbox.wait_for(1)
     await a.close()

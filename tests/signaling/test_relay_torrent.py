@@ -25,10 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from signaling.crypto import decrypt, derive_key, encrypt, gen_id, root_topic, torrent_info_hash
 from signaling.relays import Backoff, RelayState
@@ -45,10 +43,20 @@ from signaling.relays.torrent import (
     passive_announce_message,
     stopped_message,
 )
-from tests.services import ServiceNotInstalled, Tracker
+from tests.services import INTEROP_DIR, Tracker, running
+from tests.support import changed_until, service_or_fail, service_pool
 
-FAST = Backoff(initial=0.05, factor=2.0, cap=0.4, jitter=0.5)
-INTEROP_DIR = Path(__file__).resolve().parents[1] / "interop"
+from . import relay_helpers
+from .relay_helpers import (
+    FakeServer,
+    Ticker,
+    close_before_start_and_while_retrying,
+    heartbeat_finds_dead_server,
+    relays_closed_after,
+    servers_stopped_after,
+    until,
+    wait_state,
+)
 
 # §10 vectors: appId harness-app, roomId r1, peer AbCdEfGhIjKlMnOpQrSt.
 SPEC_ROOT = "575i5ptb234329582o5d374u6f1s95l92g63"
@@ -87,67 +95,10 @@ class Signals:
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> list[tuple[str, str, str, str]]:
         try:
-            async with asyncio.timeout(timeout):
-                while len(self.items) < count:
-                    self._changed.clear()
-                    await self._changed.wait()
+            await changed_until(self._changed, lambda: len(self.items) >= count, timeout)
         except TimeoutError:
             raise AssertionError(f"{count} signals expected, got {self.items}") from None
         return self.items
-
-
-async def wait_state(relay: TorrentRelay, state: RelayState, timeout: float = 5.0) -> None:
-    reached = asyncio.Event()
-    previous = relay.on_state
-
-    def watch(new_state: RelayState) -> None:
-        if previous is not None:
-            previous(new_state)
-        if new_state == state:
-            reached.set()
-
-    relay.on_state = watch
-    try:
-        if relay.state != state:
-            async with asyncio.timeout(timeout):
-                await reached.wait()
-    finally:
-        relay.on_state = previous
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll state that has no event to wait on (counters, tracker logs)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.01)
-
-
-class Ticker:
-    """Measures how long the event loop goes without running a 10 ms periodic callback."""
-
-    def __init__(self) -> None:
-        self.ticks = 0
-        self.max_gap = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            self.ticks += 1
-            last = now
-
-    def __enter__(self) -> Ticker:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 RelayFactory = Callable[..., TorrentRelay]
@@ -155,34 +106,15 @@ RelayFactory = Callable[..., TorrentRelay]
 
 @pytest.fixture
 async def make_relay() -> AsyncIterator[RelayFactory]:
-    relays: list[TorrentRelay] = []
-
-    def make(url: str, **kwargs: Any) -> TorrentRelay:
-        kwargs.setdefault("backoff", FAST)
-        kwargs.setdefault("peer_id", pid())
-        relay = TorrentRelay(url, **kwargs)
-        relays.append(relay)
-        return relay
-
-    yield make
-    for relay in relays:
-        await relay.close()
-
-
-def _tracker(workdir: Path, **kwargs: Any) -> Tracker:
-    try:
-        return Tracker(workdir, **kwargs)
-    except ServiceNotInstalled as exc:
-        pytest.fail(f"{exc} (make test installs it)")
+    async with relays_closed_after(TorrentRelay, peer_id=pid) as make:
+        yield make
 
 
 @pytest.fixture(scope="module")
 def shared_tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
     """One tracker for tests that neither restart nor reconfigure it (rooms keep tests apart)."""
-    tracker = _tracker(tmp_path_factory.mktemp("tracker"), log_frames=True)
-    tracker.start()
-    yield tracker
-    tracker.cleanup()
+    with running(service_or_fail(Tracker, tmp_path_factory.mktemp("tracker"), log_frames=True)) as tracker:
+        yield tracker
 
 
 TrackerFactory = Callable[..., Tracker]
@@ -190,17 +122,8 @@ TrackerFactory = Callable[..., Tracker]
 
 @pytest.fixture
 def tracker_factory(tmp_path: Path) -> Iterator[TrackerFactory]:
-    trackers: list[Tracker] = []
-
-    def make(**kwargs: Any) -> Tracker:
-        tracker = _tracker(tmp_path / f"tracker-{len(trackers)}", **kwargs)
-        trackers.append(tracker)
-        tracker.start()
-        return tracker
-
-    yield make
-    for tracker in trackers:
-        tracker.cleanup()
+    with service_pool(Tracker, tmp_path, "tracker") as make:
+        yield make
 
 
 class OfferPool:
@@ -252,25 +175,7 @@ def swarm_pair(
 Hook = Callable[["FakeConn", dict[str, Any]], Awaitable[None]]
 
 
-class FakeConn:
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, index: int) -> None:
-        self.ws = ws
-        self.request = request
-        self.index = index
-        self.at = time.monotonic()
-        self.raw: list[str] = []
-        self.frames: list[dict[str, Any]] = []
-        self.times: list[float] = []
-
-    async def send(self, message: Any) -> None:
-        await self.ws.send_str(message if isinstance(message, str) else json.dumps(message))
-
-    def abort(self) -> None:
-        """Drop the TCP connection without a WebSocket close."""
-        transport = self.request.transport
-        assert transport is not None
-        transport.abort()
-
+class FakeConn(relay_helpers.FakeConn):
     def announces(self, info_hash: str | None = None) -> list[dict[str, Any]]:
         return [
             f
@@ -299,71 +204,17 @@ def bt_reply(interval: Any = 120) -> Hook:
     return reply
 
 
-class FakeTracker:
+class FakeTracker(FakeServer[FakeConn]):
     """A WebSocket tracker on 127.0.0.1 whose answers are scripted; records every frame."""
 
+    conn_class = FakeConn
+
     def __init__(self, *, read: bool = True, on_frame: Hook | None = None) -> None:
-        self.read = read
-        self.on_frame = on_frame if on_frame is not None else bt_reply()
-        self.connections: list[FakeConn] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
-        self._changed = asyncio.Event()
+        super().__init__(read=read)
+        self.hook = on_frame if on_frame is not None else bt_reply()
 
-    async def start(self) -> FakeTracker:
-        app = web.Application()
-        app.router.add_get("/", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"ws://127.0.0.1:{self._runner.addresses[0][1]}/"
-        return self
-
-    async def stop(self) -> None:
-        for task in list(self._handlers):
-            task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    @property
-    def frames(self) -> list[dict[str, Any]]:
-        return [f for conn in self.connections for f in conn.frames]
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"tracker condition not reached; frames: {self.frames}") from None
-
-    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        ws = web.WebSocketResponse(autoping=self.read)
-        await ws.prepare(request)
-        conn = FakeConn(ws, request, len(self.connections))
-        self.connections.append(conn)
-        self._changed.set()
-        try:
-            if not self.read:
-                await asyncio.sleep(3600)  # accept, then never read nor answer (not even pings)
-            async for msg in ws:
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    continue
-                conn.raw.append(msg.data)
-                conn.frames.append(json.loads(msg.data))
-                conn.times.append(time.monotonic())
-                self._changed.set()
-                await self.on_frame(conn, conn.frames[-1])
-        finally:
-            self._handlers.discard(task)
-            self._changed.set()
-        return ws
+    async def on_frame(self, conn: FakeConn, frame: dict[str, Any]) -> None:
+        await self.hook(conn, frame)
 
 
 FakeFactory = Callable[..., Awaitable[FakeTracker]]
@@ -371,16 +222,8 @@ FakeFactory = Callable[..., Awaitable[FakeTracker]]
 
 @pytest.fixture
 async def fake_tracker() -> AsyncIterator[FakeFactory]:
-    trackers: list[FakeTracker] = []
-
-    async def make(**kwargs: Any) -> FakeTracker:
-        tracker = FakeTracker(**kwargs)
-        trackers.append(tracker)
-        return await tracker.start()
-
-    yield make
-    for tracker in trackers:
-        await tracker.stop()
+    async with servers_stopped_after(FakeTracker) as make:
+        yield make
 
 
 async def connected_with_room(
@@ -394,25 +237,23 @@ async def connected_with_room(
     return relay, server.connections[0]
 
 
-def offer_frame(peer: str, offer_id: str, sdp: str = "sealed", info_hash: str = SPEC_IH) -> dict[str, Any]:
-    """What bittorrent-tracker forwards to an offer's receiver."""
+def forwarded(kind: str, peer: str, offer_id: str, sdp: str, info_hash: str) -> dict[str, Any]:
+    """What bittorrent-tracker forwards of an offer or answer ``kind`` to its receiver."""
     return {
         "action": "announce",
-        "offer": {"type": "offer", "sdp": sdp},
+        kind: {"type": kind, "sdp": sdp},
         "offer_id": offer_id,
         "peer_id": peer,
         "info_hash": info_hash,
     }
+
+
+def offer_frame(peer: str, offer_id: str, sdp: str = "sealed", info_hash: str = SPEC_IH) -> dict[str, Any]:
+    return forwarded("offer", peer, offer_id, sdp, info_hash)
 
 
 def answer_frame(peer: str, offer_id: str, sdp: str = "sealed", info_hash: str = SPEC_IH) -> dict[str, Any]:
-    return {
-        "action": "announce",
-        "answer": {"type": "answer", "sdp": sdp},
-        "offer_id": offer_id,
-        "peer_id": peer,
-        "info_hash": info_hash,
-    }
+    return forwarded("answer", peer, offer_id, sdp, info_hash)
 
 
 # ---------------------------------------------------------------------- vectors (no network)
@@ -980,12 +821,7 @@ async def test_tracker_that_accepts_and_never_answers(
     assert ticker.max_gap < 0.5
 
     # With no room there is no announce to wait for: the heartbeat finds the dead tracker.
-    quiet = make_relay(server.url, heartbeat=0.4)
-    await quiet.start()
-    await quiet.wait_connected()
-    started = time.monotonic()
-    await wait_state(quiet, "reconnecting", timeout=3)
-    assert time.monotonic() - started < 1.5
+    await heartbeat_finds_dead_server(make_relay, server.url)
 
 
 async def test_tracker_that_refuses_every_announce(
@@ -1072,18 +908,11 @@ async def test_close_is_clean(fake_tracker: FakeFactory, make_relay: RelayFactor
 
 
 async def test_close_while_retrying_and_before_start(make_relay: RelayFactory) -> None:
-    never_started = make_relay("ws://127.0.0.1:1/")
-    await never_started.close()
-    assert never_started.state == "closed"
-    relay = make_relay("ws://127.0.0.1:1/")
-    relay.set_announce(SPEC_IH, lambda: offers(3))
-    await relay.start()
-    await asyncio.sleep(0.2)
-    started = time.monotonic()
-    await relay.close()
-    assert time.monotonic() - started < 0.2
-    assert relay.state == "closed" and relay.counters.get("announce", 0) == 0
-    assert asyncio.all_tasks() == {asyncio.current_task()}
+    def queue(relay: TorrentRelay) -> None:
+        relay.set_announce(SPEC_IH, lambda: offers(3))
+
+    relay = await close_before_start_and_while_retrying(make_relay, "ws://127.0.0.1:1/", queue, limit=0.2)
+    assert relay.counters.get("announce", 0) == 0
 
 
 # ---------------------------------------------------------------------- a real Trystero torrent peer
@@ -1105,7 +934,7 @@ async def test_real_trystero_torrent_peer(tmp_path: Path, make_relay: RelayFacto
     from signaling.peer import Peer
     from tests.interop.jspeer import JsPeer
 
-    tracker = _tracker(tmp_path / "tracker", log_frames=True)
+    tracker = service_or_fail(Tracker, tmp_path / "tracker", log_frames=True)
     tracker.start()
     try:
         app_id, room = f"p2pdiff-test-{uuid.uuid4().hex[:10]}", "torrent-room"

@@ -6,106 +6,34 @@ channel with hand-made 0.25 frames. Every test also checks that the event loop s
 exception.
 """
 
-# Timeouts are parameters on purpose (ASYNC109): the helpers' AssertionError names what was awaited.
-# ruff: noqa: ASYNC109
-
 from __future__ import annotations
 
 import asyncio
-import gc
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
-from aiortc import RTCPeerConnection
 
-from signaling import Limits, Room, RoomConfig, Session, Timeouts, crypto
+from signaling import Limits, Room, RoomConfig, Timeouts, crypto
 from signaling.framing import FLAG_BINARY, FLAG_JSON, FLAG_LAST
 from signaling.peer import ChannelNotOpen
-from signaling.relays import Backoff, MqttRelay
+from signaling.relays import MqttRelay
 from signaling.session import PeerLink
 from signaling.wire import v025
 from tests.services import Mosquitto
-
-LOOPBACK = ["127.0.0.1"]
-STEP = 15.0
+from tests.support import STEP, SessionFactory, config_factory, eventually, open_peer_connections
 
 ConfigFactory = Callable[..., RoomConfig]
-SessionFactory = Callable[[], Session]
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
 
 
 @pytest.fixture
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    """Unhandled exceptions reported to the event loop during the test (must stay empty)."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    yield errors
-    loop.set_exception_handler(previous)
-
-
-@pytest.fixture
-async def sessions(mosquitto: Mosquitto) -> AsyncIterator[SessionFactory]:
-    """Fresh sessions (own selfIds), closed before the broker stops."""
-    made: list[Session] = []
-
-    def make() -> Session:
-        made.append(Session())
-        return made[-1]
-
-    yield make
-    for session in made:
-        await session.close()
-
-
-@pytest.fixture
 def config(mosquitto: Mosquitto) -> ConfigFactory:
-    app_id = f"badinput-{uuid.uuid4().hex[:10]}"
-
-    def make(**overrides: Any) -> RoomConfig:
-        settings: dict[str, Any] = {
-            "app_id": app_id,
-            "relay_urls": [mosquitto.ws_url],
-            "ice_servers": [],
-            "ice_host_addresses": LOOPBACK,
-        }
-        settings.update(overrides)
-        return RoomConfig(**settings)
-
-    return make
-
-
-@pytest.fixture
-async def raw_relay(mosquitto: Mosquitto) -> AsyncIterator[MqttRelay]:
-    """A plain MQTT client on the same broker, for publishing whatever we like."""
-    relay = MqttRelay(mosquitto.tcp_url, backoff=Backoff(initial=0.05, cap=0.2))
-    await relay.start()
-    async with asyncio.timeout(STEP):
-        await relay.wait_connected()
-    yield relay
-    await relay.close()
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = STEP) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
-def open_peer_connections() -> int:
-    gc.collect()
-    return sum(
-        1 for o in gc.get_objects() if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"
-    )
+    return config_factory(f"badinput-{uuid.uuid4().hex[:10]}", [mosquitto.ws_url])
 
 
 async def connected_pair(
@@ -123,6 +51,21 @@ def raw_chunk(action: str, payload: bytes, *, nonce: int, flags: int) -> bytes:
     """One 36-byte-header chunk with any flags (the encoder only makes well-formed runs)."""
     header = v025.LAYOUT.name_field(action) + nonce.to_bytes(2, "big") + bytes((flags, 0))
     return header + payload
+
+
+async def send_unfinished(
+    link: PeerLink, token: str, action: str, *, nonce: int, count: int
+) -> tuple[int, int]:
+    """Send up to ``count`` full chunks of one message that never ends, until the peer drops us
+    (it must); returns the bytes sent and the size of one frame."""
+    chunk = raw_chunk(action, bytes(v025.CHUNK_PAYLOAD_SIZE), nonce=nonce, flags=FLAG_BINARY | FLAG_JSON)
+    frame = v025.wrap_room_frame(token, chunk)
+    sent = 0
+    with pytest.raises(ChannelNotOpen):
+        for _ in range(count):
+            await link.peer.send(frame)
+            sent += len(frame)
+    return sent, len(frame)
 
 
 # --------------------------------------------------------------------------- relay topics
@@ -184,7 +127,7 @@ async def test_garbage_on_room_topics(
     assert dropped("candidate_decrypt_failed") == 2
     app = a.apps[room.app_id]
     await eventually(lambda: not app.negotiator.pending, "bad negotiations to be dropped")
-    await eventually(lambda: open_peer_connections() == 0, "no connection left over")
+    await eventually(lambda: not open_peer_connections(), "no connection left over")
 
     # The room still works: a real peer joins.
     b = sessions()
@@ -233,7 +176,7 @@ async def test_announcement_flood_is_bounded(
 
     # Every fake offer expires; nothing stays allocated.
     await eventually(lambda: not app.negotiator.pending, "fake offers to expire", 10)
-    await eventually(lambda: open_peer_connections() == 0, "sockets to be released")
+    await eventually(lambda: not open_peer_connections(), "sockets to be released")
 
     # A real peer still gets in.
     b = sessions()
@@ -274,17 +217,12 @@ async def test_never_ending_chunk_stream_drops_the_peer(
     )
     left = asyncio.Event()
     room_b.on_peer_leave(lambda peer_id: left.set())
-    chunk = raw_chunk("flood", bytes(v025.CHUNK_PAYLOAD_SIZE), nonce=0, flags=FLAG_BINARY | FLAG_JSON)
-    frame = v025.wrap_room_frame(room_b.token, chunk)
-    sent = 0
-    with pytest.raises(ChannelNotOpen):  # A drops us mid-stream
-        for _ in range(200):  # 3.2 MB of chunks, none of them the last
-            await link_ba.peer.send(frame)
-            sent += len(frame)
+    # 3.2 MB of chunks, none of them the last; A drops us mid-stream
+    sent, frame_size = await send_unfinished(link_ba, room_b.token, "flood", nonce=0, count=200)
     async with asyncio.timeout(STEP):
         await left.wait()
     await eventually(lambda: link_ab.closed, "the link to be dropped")
-    assert cap <= sent < 200 * len(frame)
+    assert cap <= sent < 200 * frame_size
     assert room_a.stats["app"]["dropped_peers"] == 1
     assert room_a.peers == {} and link_ab.decoder.buffered_bytes == 0
     assert loop_errors == []
@@ -355,10 +293,7 @@ async def test_app_reassembly_budget_drops_the_peer(
     room_a, room_b, link_ab, link_ba = await connected_pair(
         sessions, config, "budget", limits=Limits(max_total_buffered_bytes=budget)
     )
-    chunk = raw_chunk("slow", bytes(v025.CHUNK_PAYLOAD_SIZE), nonce=1, flags=FLAG_BINARY | FLAG_JSON)
-    with pytest.raises(ChannelNotOpen):
-        for _ in range(100):
-            await link_ba.peer.send(v025.wrap_room_frame(room_b.token, chunk))
+    await send_unfinished(link_ba, room_b.token, "slow", nonce=1, count=100)
     await eventually(lambda: link_ab.closed, "the link to be dropped")
     assert room_a.stats["app"]["dropped_peers"] == 1
     assert room_a._app.buffered_total == 0

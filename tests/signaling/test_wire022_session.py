@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -27,18 +27,9 @@ from signaling.relays import Backoff, MqttRelay, Relay
 from signaling.strangers import ForeignWireWatch
 from signaling.wire import v022, v025
 from tests.services import Mosquitto
+from tests.support import SessionFactory, config_factory, eventually
 
-LOOPBACK = ["127.0.0.1"]
-STEP = 15.0
 APP = "p2p-webgpu-diffusion-v1"
-
-
-async def eventually(predicate: Callable[[], bool], what: str, limit: float = STEP) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {limit}s")
-        await asyncio.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- traits and keys
@@ -423,48 +414,12 @@ def test_screen_is_bounded_and_logs_once(caplog: pytest.LogCaptureFixture) -> No
 
 
 @pytest.fixture
-async def sessions(mosquitto: Mosquitto) -> AsyncIterator[Callable[[str], Session]]:
-    made: list[Session] = []
-
-    def make(prefix: str = "") -> Session:
-        made.append(Session(prefix + crypto.gen_id(20 - len(prefix)) if prefix else None))
-        return made[-1]
-
-    yield make
-    for session in made:
-        await session.close()
-
-
-@pytest.fixture
 def config(mosquitto: Mosquitto) -> Callable[..., RoomConfig]:
-    app_id = f"wire022-{uuid.uuid4().hex[:10]}"
-
-    def make(**overrides: Any) -> RoomConfig:
-        settings: dict[str, Any] = {
-            "app_id": app_id,
-            "relay_urls": [mosquitto.ws_url],
-            "ice_servers": [],
-            "ice_host_addresses": LOOPBACK,
-            "wire": "0.22",
-        }
-        settings.update(overrides)
-        return RoomConfig(**settings)
-
-    return make
-
-
-@pytest.fixture
-async def raw_relay(mosquitto: Mosquitto) -> AsyncIterator[MqttRelay]:
-    relay = MqttRelay(mosquitto.tcp_url, backoff=Backoff(initial=0.05, cap=0.2))
-    await relay.start()
-    async with asyncio.timeout(STEP):
-        await relay.wait_connected()
-    yield relay
-    await relay.close()
+    return config_factory(f"wire022-{uuid.uuid4().hex[:10]}", [mosquitto.ws_url], wire="0.22")
 
 
 async def test_two_022_sessions_meet_talk_and_leave(
-    sessions: Callable[[str], Session], config: Callable[..., RoomConfig]
+    sessions: SessionFactory, config: Callable[..., RoomConfig]
 ) -> None:
     a, b = sessions("00"), sessions("zz")
     room_a, room_b = a.join(config(), "lobby"), b.join(config(), "lobby")
@@ -499,7 +454,7 @@ async def test_two_022_sessions_meet_talk_and_leave(
 
 
 async def test_a_room_per_wire_in_one_session(
-    sessions: Callable[[str], Session], config: Callable[..., RoomConfig]
+    sessions: SessionFactory, config: Callable[..., RoomConfig]
 ) -> None:
     """Each wire's room meets only its own wire's peers; both at once, on one selfId."""
     helper, old_peer, new_peer = sessions(""), sessions(""), sessions("")
@@ -521,7 +476,7 @@ async def test_a_room_per_wire_in_one_session(
 async def test_strangers_injected_on_the_relay(
     wire: str,
     foreign: str,
-    sessions: Callable[[str], Session],
+    sessions: SessionFactory,
     config: Callable[..., RoomConfig],
     raw_relay: MqttRelay,
     caplog: pytest.LogCaptureFixture,
@@ -553,7 +508,7 @@ async def test_strangers_injected_on_the_relay(
 
 
 async def test_frames_after_leave_do_not_bring_the_peer_back(
-    sessions: Callable[[str], Session], config: Callable[..., RoomConfig]
+    sessions: SessionFactory, config: Callable[..., RoomConfig]
 ) -> None:
     """JS 0.22 keeps answering pings for the 99 ms between its @_leave and closing, so a pong can
     arrive after the leave; the peer stays gone and a rejoin gets a new connection."""

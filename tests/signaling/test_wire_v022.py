@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,29 +31,20 @@ from signaling.wire.v022 import (
     RelaySignal,
     RoomEncoder,
 )
+from tests.services import INTEROP_DIR
+
+from .wire_helpers import feed_all, h, run_node
 
 APP, ROOM = "harness-app", "r1"
 SELF = "AbCdEfGhIjKlMnOpQrSt"  # §10 peer id; also the pinned selfId of the NODE runs
 T = bytes.fromhex("636861740000000000000000")  # §9.11: "chat", NUL-padded to 12 bytes
 IV = bytes(range(16))
 KEY = crypto.derive_key("", APP, ROOM)
-INTEROP_DIR = Path(__file__).resolve().parents[1] / "interop"
 JS_SRC = INTEROP_DIR / "node_modules" / "trystero022" / "src"
-
-
-def h(hex_text: str) -> bytes:
-    return bytes.fromhex(hex_text.replace(" ", ""))
 
 
 def name(action: str) -> bytes:
     return action.encode().ljust(12, b"\0")
-
-
-def feed_all(dec: Decoder, messages: list[bytes]) -> list[object]:
-    events: list[object] = []
-    for message in messages:
-        events.extend(dec.feed(message))
-    return events
 
 
 # --- §9.11 / §10: topics and encryption (unchanged in 0.22, §9.1) -----------------------------------
@@ -815,21 +804,6 @@ def test_detect_wire_version(message: str, expected: str | None) -> None:
 
 
 # --- live cross-checks against trystero@0.22.0 in Node ---------------------------------------------
-
-
-
-def run_node(script: str, stdin: str) -> str:
-    done = subprocess.run(
-        ["node", "--input-type=module", "-e", script],
-        cwd=INTEROP_DIR,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 ROOM_HARNESS = """

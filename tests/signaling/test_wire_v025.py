@@ -16,6 +16,8 @@ from signaling.framing import NO_METADATA, to_json
 from signaling.wire import v025
 from signaling.wire.v025 import Decoder, Presence, Progress, Received, RoomEncoder
 
+from .wire_helpers import feed_all, h
+
 APP, ROOM = "harness-app", "r1"
 TOKEN = "fe369a14485b28120013d1b266b4aeb80c82ac55732f727f4bb3997224cb0f5c"  # §10 room token
 
@@ -26,10 +28,6 @@ def name(action: str) -> bytes:
 
 
 P = name("chat")  # §10: 63686174 followed by 28 bytes 00
-
-
-def h(hex_text: str) -> bytes:
-    return bytes.fromhex(hex_text.replace(" ", ""))
 
 
 # --- §10 action chunk vectors ---------------------------------------------------------------------
@@ -282,13 +280,6 @@ def test_room_encoder_nonce_wraps_at_65536() -> None:
 
 
 # --- Decoder: vectors back to values --------------------------------------------------------------
-
-
-def feed_all(dec: Decoder, frames: list[bytes]) -> list[object]:
-    events: list[object] = []
-    for frame in frames:
-        events.extend(dec.feed(frame))
-    return events
 
 
 def test_decode_spec_room_frame() -> None:
