@@ -651,8 +651,12 @@ class Session:
     """A Trystero identity (selfId) with its relays, rooms and connections. Create it inside a
     running event loop; ``await close()`` when done."""
 
-    def __init__(self, self_id: str | None = None) -> None:
-        self.self_id = self_id or crypto.gen_id(SELF_ID_LENGTH)
+    def __init__(self, self_id: str | None = None, *, id_prefix: str = "") -> None:
+        """``self_id``: the peer id to use; without one, a random id that starts with
+        ``id_prefix`` (who sorts lower leads on topic relays and gets answered on trackers)."""
+        if len(id_prefix) >= SELF_ID_LENGTH:
+            raise ValueError(f"id_prefix must be shorter than {SELF_ID_LENGTH} characters")
+        self.self_id = self_id or id_prefix + crypto.gen_id(SELF_ID_LENGTH - len(id_prefix))
         self.hub = RelayHub()
         #: By legacy.context_key: the app id (0.25: connections shared by the app's rooms), or
         #: (app id, wire, room id) for a wire without shared connections (0.22).

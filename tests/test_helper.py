@@ -49,6 +49,9 @@ async def test_p2p_helper_joins_torrent_rooms_on_either_wire() -> None:
         old = await helper.join("old", "0.22")
         new = await helper.join("new", "0.25")
         assert (old.wire, new.wire) == ("0.22", "0.25")
+        # one selfId for both, sorting low so that tracker browsers answer our offers at once
+        assert old.handle.self_id == new.handle.self_id and old.handle.self_id.startswith("0")
+        assert len(old.handle.self_id) == 20
         assert {r.room_id: r.to_json()["wire"] for r in helper.rooms()} == {"old": "0.22", "new": "0.25"}
         with pytest.raises(BadRequest) as err:
             await helper.join("r", "0.23")
