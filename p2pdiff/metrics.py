@@ -144,8 +144,36 @@ class StateCollector(Collector):
             "Data-channel bytes per helper room and direction",
             labels=["room", "direction"],
         )
+        signaling_dropped = CounterMetricFamily(
+            "p2pdiff_signaling_dropped",
+            "Signals, frames and connections a helper room dropped, by reason (bad input, limits)",
+            labels=["room", "reason"],
+        )
+        strangers = CounterMetricFamily(
+            "p2pdiff_foreign_wire_peers",
+            "Peers found speaking the other Trystero wire per helper room (the room may need the other wire)",
+            labels=["room"],
+        )
+        received = CounterMetricFamily(
+            "p2pdiff_protocol_received",
+            "App protocol messages received from peers per helper room and action",
+            labels=["room", "action"],
+        )
+        ignored = CounterMetricFamily(
+            "p2pdiff_protocol_dropped",
+            "App protocol messages ignored per helper room, action and reason",
+            labels=["room", "action", "reason"],
+        )
         for room in rooms:
             peers.add_metric([room.room_id], len(room.peers()))
+            agent = getattr(room, "agent", None)
+            if agent is not None:
+                # Actions are the app's own (only registered ones are delivered); reasons are ours.
+                for action, count in sorted(agent.received.items()):
+                    received.add_metric([room.room_id, action], count)
+                for key, count in sorted(agent.dropped.items()):
+                    action, _, reason = key.partition(".")
+                    ignored.add_metric([room.room_id, action, reason], count)
             handle = getattr(room, "handle", None)  # a signaling.Room in p2p mode, absent api-only
             if handle is None:
                 continue
@@ -156,9 +184,17 @@ class StateCollector(Collector):
             stats = getattr(handle, "stats", None) or {}
             traffic.add_metric([room.room_id, "in"], stats.get("bytes_in", 0))
             traffic.add_metric([room.room_id, "out"], stats.get("bytes_out", 0))
+            # Reasons are the library's fixed counter names, never remote text.
+            for reason, count in sorted((stats.get("dropped") or {}).items()):
+                signaling_dropped.add_metric([room.room_id, reason], count)
+            strangers.add_metric([room.room_id], stats.get("foreign_wire_peers", 0))
         yield peers
         yield relays
         yield traffic
+        yield signaling_dropped
+        yield strangers
+        yield received
+        yield ignored
 
 
 class Metrics:

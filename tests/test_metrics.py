@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,7 +26,24 @@ class FakeHandle:
         self.peers = {
             pid: SimpleNamespace(id=pid, joined_at=1.0, last_seen=2.0, rtt_ms=3.0) for pid in ("p1", "p2")
         }
-        self.stats = {"peers": 2, "bytes_in": 1234, "bytes_out": 567}
+        self.stats = {
+            "peers": 2,
+            "bytes_in": 1234,
+            "bytes_out": 567,
+            "dropped": {"decrypt_failed": 3, "foreign_wire": 2},
+            "foreign_wire_peers": 1,
+        }
+
+
+class FakeAgent:
+    """The parts of a RoomAgent that the metrics read."""
+
+    def __init__(self) -> None:
+        self.received = Counter({"task": 4, "result": 2})
+        self.dropped = Counter({"result.unknown_task": 1, "task.invalid": 2})
+
+    def peer_info(self, peer_id: str) -> dict[str, Any]:
+        return {}
 
 
 class FakeP2PHelper(ApiOnlyHelper):
@@ -120,6 +138,27 @@ async def test_metrics_show_peers_relays_and_traffic(make_client: ClientFactory,
     assert value(m, "p2pdiff_datachannel_bytes_total", room="lobby", direction="out") == 567
     text = await (await client.get("/metrics")).text()
     assert "relaypass" not in text
+
+
+async def test_metrics_show_dropped_input_strangers_and_protocol(
+    make_client: ClientFactory, config: Config
+) -> None:
+    helper = FakeP2PHelper()
+    client = await make_client(config, helper=helper)
+    assert (await client.post("/api/join/lobby")).status == 202
+    room = helper.room("lobby")
+    assert isinstance(room, P2PRoom)
+    room.agent = FakeAgent()  # type: ignore[assignment]
+    m = await scrape(client)
+    assert value(m, "p2pdiff_signaling_dropped_total", room="lobby", reason="decrypt_failed") == 3
+    assert value(m, "p2pdiff_signaling_dropped_total", room="lobby", reason="foreign_wire") == 2
+    assert value(m, "p2pdiff_foreign_wire_peers_total", room="lobby") == 1
+    assert value(m, "p2pdiff_protocol_received_total", room="lobby", action="task") == 4
+    assert value(m, "p2pdiff_protocol_received_total", room="lobby", action="result") == 2
+    assert value(m, "p2pdiff_protocol_dropped_total", room="lobby", action="task", reason="invalid") == 2
+    assert (
+        value(m, "p2pdiff_protocol_dropped_total", room="lobby", action="result", reason="unknown_task") == 1
+    )
 
 
 def test_http_series_are_bounded() -> None:
