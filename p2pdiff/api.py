@@ -312,8 +312,7 @@ async def join_room(request: web.Request) -> web.Response:
     if dispatch is not None:
         helper.set_dispatch(room_id, dispatch)
     queue.set_helper_joined(room_id, True)
-    if wire is not None:
-        queue.set_helper_wire(room_id, wire)  # rejoined with it after a restart
+    queue.set_helper_options(room_id, wire=wire, dispatch=dispatch)  # rejoined so after a restart
     await queue.flush()
     log.info("helper joined room %s (%s, wire %s)", room_id, helper.mode, joined.wire)
     return json_response(

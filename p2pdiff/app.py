@@ -42,9 +42,11 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
     # Rooms from the config plus those joined over REST before the last restart, in that order.
     wanted = dict.fromkeys([*config.p2p.rooms, *queue.helper_rooms()])
     for room_id in wanted:
-        # A wire chosen over REST sticks (NULL: follow [p2p] wire, which may have changed).
+        # A wire or dispatch chosen over REST sticks (NULL: follow [p2p], which may have changed).
         stored = queue.get_room(room_id)
         await helper.join(room_id, stored.helper_wire if stored is not None else None)
+        if stored is not None and stored.helper_dispatch is not None:
+            helper.set_dispatch(room_id, stored.helper_dispatch)
         queue.set_helper_joined(room_id, True)
     await queue.flush()
     if wanted:

@@ -121,8 +121,10 @@ class Room:
     generated: int = 0
     last_activity: int = 0
     helper_joined: bool = False
-    # The Trystero wire the helper was asked to use here (None: the [p2p] default).
+    # The Trystero wire the helper was asked to use here, and whether it hands out the room's
+    # tasks (None: the [p2p] defaults).
     helper_wire: str | None = None
+    helper_dispatch: bool | None = None
     # Insertion order is queue order: tasks are created in seq order and never re-inserted.
     tasks: dict[str, Task] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
@@ -206,6 +208,7 @@ class QueueManager:
                 last_activity=row.last_activity,
                 helper_joined=row.helper_joined,
                 helper_wire=row.helper_wire,
+                helper_dispatch=row.helper_dispatch,
             )
         for task in tasks:
             room = self._room(task.room_id)
@@ -554,13 +557,19 @@ class QueueManager:
             return
         room.helper_joined = joined
         if not joined:
-            room.helper_wire = None  # a wire choice lasts until the helper leaves the room
+            # Choices made when joining last until the helper leaves the room.
+            room.helper_wire = room.helper_dispatch = None
         self._touch(room, now_ms(self.clock))
         self._emit(events.HELPER_JOINED if joined else events.HELPER_LEFT, room_id, {"roomId": room_id})
 
-    def set_helper_wire(self, room_id: str, wire: str | None) -> None:
-        """Remember the wire the helper was asked to use in the room, for rejoining after a restart."""
+    def set_helper_options(
+        self, room_id: str, *, wire: str | None = None, dispatch: bool | None = None
+    ) -> None:
+        """Remember what the helper was asked to do in the room (None: unchanged), for rejoining
+        the same way after a restart."""
         room = self._room(room_id)
-        if room.helper_wire != wire:
-            room.helper_wire = wire
+        wire = room.helper_wire if wire is None else wire
+        dispatch = room.helper_dispatch if dispatch is None else dispatch
+        if (room.helper_wire, room.helper_dispatch) != (wire, dispatch):
+            room.helper_wire, room.helper_dispatch = wire, dispatch
             self._touch(room, now_ms(self.clock))

@@ -65,6 +65,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE rooms ADD COLUMN helper_wire TEXT",
         ],
     ),
+    (
+        3,
+        [
+            # Whether the helper hands out this room's tasks (POST /api/join {"dispatch"}), 0 or 1;
+            # NULL = follow [p2p] dispatch.
+            "ALTER TABLE rooms ADD COLUMN helper_dispatch INTEGER",
+        ],
+    ),
 ]
 
 TASK_COLUMNS = (
@@ -78,11 +86,11 @@ _UPSERT_TASK = (
     "progress=excluded.progress, result=excluded.result, error=excluded.error, requeues=excluded.requeues"
 )
 _UPSERT_ROOM = (
-    "INSERT INTO rooms (room_id, generated, last_activity, helper_joined, helper_wire) "
-    "VALUES (?, ?, ?, ?, ?) "
+    "INSERT INTO rooms (room_id, generated, last_activity, helper_joined, helper_wire, helper_dispatch) "
+    "VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (room_id) DO UPDATE SET generated=excluded.generated, "
     "last_activity=excluded.last_activity, helper_joined=excluded.helper_joined, "
-    "helper_wire=excluded.helper_wire"
+    "helper_wire=excluded.helper_wire, helper_dispatch=excluded.helper_dispatch"
 )
 
 
@@ -97,6 +105,7 @@ class RoomRow:
     last_activity: int
     helper_joined: bool
     helper_wire: str | None = None
+    helper_dispatch: bool | None = None
 
 
 def _json_or_none(value: Any) -> str | None:
@@ -171,9 +180,17 @@ class Store:
         from p2pdiff.queue import Task
 
         rooms = [
-            RoomRow(id=r[0], generated=r[1], last_activity=r[2], helper_joined=bool(r[3]), helper_wire=r[4])
+            RoomRow(
+                id=r[0],
+                generated=r[1],
+                last_activity=r[2],
+                helper_joined=bool(r[3]),
+                helper_wire=r[4],
+                helper_dispatch=None if r[5] is None else bool(r[5]),
+            )
             for r in self.db.execute(
-                "SELECT room_id, generated, last_activity, helper_joined, helper_wire FROM rooms"
+                "SELECT room_id, generated, last_activity, helper_joined, helper_wire, helper_dispatch "
+                "FROM rooms"
             )
         ]
         tasks = [
@@ -242,7 +259,14 @@ class Store:
     def save_room(self, room: Room) -> None:
         self._write(
             _UPSERT_ROOM,
-            (room.id, room.generated, room.last_activity, int(room.helper_joined), room.helper_wire),
+            (
+                room.id,
+                room.generated,
+                room.last_activity,
+                int(room.helper_joined),
+                room.helper_wire,
+                None if room.helper_dispatch is None else int(room.helper_dispatch),
+            ),
         )
 
     def save_counter(self, name: str, value: int) -> None:

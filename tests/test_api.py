@@ -7,6 +7,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from p2pdiff.config import Config
+from p2pdiff.helper import ApiOnlyHelper
 from tests.conftest import ClientFactory, post_task
 
 APP_TASK = {
@@ -332,6 +333,50 @@ async def test_join_with_a_wire(make_client: ClientFactory, config: Config) -> N
     resp = await client.post("/api/join/old", json={"wire": "0.25"})
     assert resp.status == 202 and (await resp.json())["wire"] == "0.25"
     await client.close()
+
+
+class DispatchRecorder(ApiOnlyHelper):
+    """An API-only helper that records what it is told about dispatch per room."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dispatch: dict[str, bool] = {}
+
+    def set_dispatch(self, room_id: str, enabled: bool) -> None:
+        self.dispatch[room_id] = enabled
+
+
+async def test_join_dispatch_is_kept_across_restart(make_client: ClientFactory, config: Config) -> None:
+    """``{"dispatch": false}`` sticks to the room until the helper leaves it, restarts included."""
+    helper = DispatchRecorder()
+    client = await make_client(config, helper=helper)
+    assert (await client.post("/api/join/off", json={"dispatch": False})).status == 202
+    assert (await client.post("/api/join/on", json={"dispatch": True, "wire": "0.22"})).status == 202
+    assert (await client.post("/api/join/plain")).status == 202
+    assert (await client.post("/api/join/on", json={"wire": "0.22"})).status == 202  # keeps dispatch
+    for bad in ("no", 0, [True]):
+        resp = await client.post("/api/join/x", json={"dispatch": bad})
+        assert resp.status == 400
+        assert_error(await resp.json(), "invalid_dispatch")
+    assert helper.dispatch == {"off": False, "on": True}
+    await client.close()
+
+    again = DispatchRecorder()
+    client = await make_client(config, helper=again)
+    assert again.dispatch == {"off": False, "on": True}  # "plain" follows [p2p] dispatch
+    health = await (await client.get("/api/health")).json()
+    assert {r["roomId"]: r["wire"] for r in health["p2p"]["rooms"]} == {
+        "off": "0.25",
+        "on": "0.22",
+        "plain": "0.25",
+    }
+    assert (await client.delete("/api/join/off")).status == 200  # leaving forgets the choice
+    assert (await client.post("/api/join/off")).status == 202
+    await client.close()
+
+    third = DispatchRecorder()
+    await make_client(config, helper=third)
+    assert third.dispatch == {"on": True}
 
 
 async def test_rooms_from_config_are_joined_at_start(make_client: ClientFactory, config: Config) -> None:

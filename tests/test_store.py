@@ -68,12 +68,12 @@ async def test_v1_store_gains_the_helper_wire(tmp_path: Path, monkeypatch: pytes
 
     store = Store(path)
     store.open()
-    assert store.schema_version() == 2
+    assert store.schema_version() == len(store_module.MIGRATIONS)
     queue = QueueManager(store, lease_seconds=10)
     queue.load()
     room = queue.get_room("old")
     assert room is not None and (room.generated, room.helper_joined, room.helper_wire) == (3, True, None)
-    queue.set_helper_wire("old", "0.22")
+    queue.set_helper_options("old", wire="0.22")
     await queue.flush()
     store.close()
 
