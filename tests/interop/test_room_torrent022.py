@@ -29,7 +29,13 @@ from tests.services import Tracker
 from tests.support import SessionFactory, eventually, service_or_fail, session_pool
 
 from .room_cases import JOIN_TIMEOUT, MIB, Rig, Watch, new_room_id, rig_factory
-from .test_room_wire022 import exchange_payloads, member_undisturbed, no_js_errors, stranger_lines
+from .test_room_wire022 import (
+    exchange_payloads,
+    member_undisturbed,
+    no_js_errors,
+    one_room_per_wire,
+    stranger_lines,
+)
 
 pytestmark = [
     pytest.mark.interop,
@@ -259,18 +265,11 @@ async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Rig, session
         JsPeer.start("node", wire="0.22", name="js022") as js022,
         JsPeer.start("node", wire="0.25", name="js025") as js025,
     ):
-        await torrent.js_join(js022, old_room)
-        await torrent.js_join(js025, new_room)
-        room022 = session.join(torrent.make_config(wire="0.22"), old_room)
-        room025 = session.join(torrent.make_config(wire="0.25"), new_room)
-        w022, w025 = Watch(room022, "data"), Watch(room025, "data")
-        await w022.join_of(js022.self_id, timeout=JOIN_TIMEOUT)
-        await w025.join_of(js025.self_id, timeout=JOIN_TIMEOUT)
-        await js022.wait_peer_join(old_room, session.self_id, timeout=JOIN_TIMEOUT)
-        await js025.wait_peer_join(new_room, session.self_id, timeout=JOIN_TIMEOUT)
+        room022, room025, w022, w025 = await one_room_per_wire(
+            session, js022, js025, torrent.js_join, torrent.make_config, (old_room, new_room)
+        )
         assert our_tracker(session, "0.22").policy is TORRENT_022
         assert our_tracker(session, "0.25").policy is TORRENT_025
-        assert set(room022.peers) == {js022.self_id} and set(room025.peers) == {js025.self_id}
 
         since022, since025 = js022.mark(), js025.mark()
         await room022.make_action("data").send({"wire": "0.22"})
@@ -292,51 +291,33 @@ async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Rig, session
 # --------------------------------------------------------------------------- (g) strangers
 
 
-async def test_025_peer_in_022_torrent_room(
-    torrent: Rig, sessions: SessionFactory, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("wire", "foreign", "evidence"),
+    [
+        ("0.22", "0.25", "room frames on the data channel"),
+        ("0.25", "0.22", "its channel opened but it sent nothing in 3 s"),
+    ],
+    ids=["025-in-022-room", "022-in-025-room"],
+)
+async def test_stranger_on_the_tracker(
+    wire: str,
+    foreign: str,
+    evidence: str,
+    torrent: Rig,
+    sessions: SessionFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Tracker frames look the same for both wires, so a 0.25 browser connects to our 0.22 room;
-    its first data-channel message (a presence frame) gives it away before it ever joins."""
+    """Tracker frames look the same for both wires, so a browser of the other wire connects to
+    our room; its data channel gives it away: a 0.25 peer's first message is a presence frame
+    (caught before it ever joins a 0.22 room), a 0.22 peer never sends ``@_hsready`` (this one
+    sends nothing at all). Not admitted, named once, disconnected, its next offers dropped."""
     caplog.set_level(logging.WARNING, logger="signaling.strangers")
     session = sessions()
-    room_id = new_room_id("tmix22")
+    room_id = new_room_id(f"tmix{wire}")
+    config = torrent.make_config(wire=wire, timeouts=Timeouts(handshake=3.0))
     async with (
-        JsPeer.start("node", wire="0.22", name="member") as member,
-        JsPeer.start("node", wire="0.25", name="stranger") as stranger,
-    ):
-        room, watch, _ = await meet(member, room_id, torrent, session, js_first=True)
-        await torrent.js_join(stranger, room_id)
-        await eventually(
-            lambda: bool(stranger_lines(caplog, stranger.self_id)), "the stranger log line", JOIN_TIMEOUT
-        )
-        (line,) = stranger_lines(caplog, stranger.self_id)
-        assert f"room {room_id} (Trystero wire 0.22)" in line
-        assert "wire 0.25 (room frames on the data channel)" in line
-        await eventually(
-            lambda: stranger.self_id not in session.links(torrent.app_id, room_id),
-            "the stranger's connection to close",
-        )
-        await asyncio.sleep(3)  # its warm-up announces bring more offers: dropped, not answered
-        assert len(stranger_lines(caplog, stranger.self_id)) == 1
-        assert stranger.self_id not in watch.joined and room.stats["foreign_wire_peers"] == 1
-        assert stranger.self_id not in session.links(torrent.app_id, room_id)
-        assert set(room.peers) == {member.self_id}
-        await member_undisturbed(room, member, room_id, watch)
-        no_js_errors(member)
-
-
-async def test_022_peer_in_025_torrent_room(
-    torrent: Rig, sessions: SessionFactory, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A 0.22 browser connects to our 0.25 torrent room but never sends ``@_hsready`` (0.22 has
-    no handshake, and this one sends nothing): not admitted, named once, disconnected."""
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
-    session = sessions()
-    room_id = new_room_id("tmix25")
-    config = torrent.make_config(wire="0.25", timeouts=Timeouts(handshake=3.0))
-    async with (
-        JsPeer.start("node", wire="0.25", name="member") as member,
-        JsPeer.start("node", wire="0.22", name="stranger") as stranger,
+        JsPeer.start("node", wire=wire, name="member") as member,
+        JsPeer.start("node", wire=foreign, name="stranger") as stranger,
     ):
         await torrent.js_join(member, room_id)
         room = session.join(config, room_id)
@@ -347,13 +328,15 @@ async def test_022_peer_in_025_torrent_room(
             lambda: bool(stranger_lines(caplog, stranger.self_id)), "the stranger log line", JOIN_TIMEOUT
         )
         (line,) = stranger_lines(caplog, stranger.self_id)
-        assert f"room {room_id} (Trystero wire 0.25)" in line
-        assert "wire 0.22 (its channel opened but it sent nothing in 3 s)" in line
+        assert f"room {room_id} (Trystero wire {wire})" in line and f"wire {foreign} ({evidence})" in line
         await eventually(
-            lambda: stranger.self_id not in session.links(torrent.app_id),
+            lambda: stranger.self_id not in session.links(torrent.app_id, room_id),
             "the stranger's connection to close",
         )
+        await asyncio.sleep(3)  # its next announces bring more offers: dropped, not answered
+        assert len(stranger_lines(caplog, stranger.self_id)) == 1
         assert stranger.self_id not in watch.joined and room.stats["foreign_wire_peers"] == 1
+        assert stranger.self_id not in session.links(torrent.app_id, room_id)
         assert set(room.peers) == {member.self_id}
         await member_undisturbed(room, member, room_id, watch)
         no_js_errors(member)

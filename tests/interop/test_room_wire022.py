@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,30 @@ async def test_leave_both_ways(relays: Relays, sessions: Any) -> None:
 # --------------------------------------------------------------------------- (e) both wires
 
 
+async def one_room_per_wire(
+    session: Session,
+    js022: JsPeer,
+    js025: JsPeer,
+    js_join: Callable[[JsPeer, str], Awaitable[None]],
+    config: Callable[..., RoomConfig],
+    rooms: tuple[str, str],
+) -> tuple[Room, Room, Watch, Watch]:
+    """Each JS peer joins its room (0.22, 0.25), then ``session`` joins both with the matching
+    wire; returns the two rooms and their watches once all four sides see each other."""
+    old_room, new_room = rooms
+    await js_join(js022, old_room)
+    await js_join(js025, new_room)
+    room022 = session.join(config(wire="0.22"), old_room)
+    room025 = session.join(config(wire="0.25"), new_room)
+    w022, w025 = Watch(room022, "data"), Watch(room025, "data")
+    await w022.join_of(js022.self_id, timeout=JOIN_TIMEOUT)
+    await w025.join_of(js025.self_id, timeout=JOIN_TIMEOUT)
+    await js022.wait_peer_join(old_room, session.self_id, timeout=JOIN_TIMEOUT)
+    await js025.wait_peer_join(new_room, session.self_id, timeout=JOIN_TIMEOUT)
+    assert set(room022.peers) == {js022.self_id} and set(room025.peers) == {js025.self_id}
+    return room022, room025, w022, w025
+
+
 async def test_two_wires_one_session(mqtt: Relays, sessions: Any) -> None:
     """A 0.22 room and a 0.25 room of the same app id at once, on one session (one selfId)."""
     session = sessions()
@@ -255,16 +279,9 @@ async def test_two_wires_one_session(mqtt: Relays, sessions: Any) -> None:
         JsPeer.start("node", wire="0.22", name="js022") as js022,
         JsPeer.start("node", wire="0.25", name="js025") as js025,
     ):
-        await mqtt.js_join(js022, old_room)
-        await mqtt.js_join(js025, new_room)
-        room022 = session.join(mqtt.config(wire="0.22"), old_room)
-        room025 = session.join(mqtt.config(wire="0.25"), new_room)
-        w022, w025 = Watch(room022, "data"), Watch(room025, "data")
-        await w022.join_of(js022.self_id)
-        await w025.join_of(js025.self_id)
-        await js022.wait_peer_join(old_room, session.self_id, timeout=JOIN_TIMEOUT)
-        await js025.wait_peer_join(new_room, session.self_id, timeout=JOIN_TIMEOUT)
-        assert set(room022.peers) == {js022.self_id} and set(room025.peers) == {js025.self_id}
+        room022, room025, w022, w025 = await one_room_per_wire(
+            session, js022, js025, mqtt.js_join, mqtt.config, (old_room, new_room)
+        )
         # the 0.25 room shares connections per app id, the 0.22 room has its own context
         assert set(session.apps) == {mqtt.app_id, (mqtt.app_id, "0.22", old_room)}
         with pytest.raises(ValueError, match=r"already joined with wire 0\.22"):
