@@ -2,7 +2,8 @@
 
 Join: time from a peer's join to its first action round trip (Trystero ping) with a peer already in
 the room — our helper joining vs a second Node peer joining — interleaved, fresh app id each time so
-no shared connection is reused. Throughput: 8 MiB binary action helper->JS and JS->helper vs JS->JS.
+no shared connection is reused; both joiners already have their broker connection. Throughput:
+8 MiB binary action helper->JS and JS->helper vs JS->JS.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ async def helper_join(session: signaling.Session, broker: Mosquitto, host: JsPee
     peer_id = await asyncio.wait_for(joined, 30)
     await room.ping(peer_id)
     elapsed = time.perf_counter() - start
-    await room.leave()
+    # JS first: our leave closes the connection (the app has no room left), and a JS leave that
+    # lands in the same few milliseconds would send its @_leave on a closing channel.
     await host.leave("bench")
+    await room.leave()
     return elapsed
 
 
@@ -106,17 +109,29 @@ async def run() -> None:
         broker.start()
         session = signaling.Session()
         try:
+            # Trystero keeps its relay sockets open between rooms; our relay hub closes a relay
+            # with its last room. A room nobody else joins keeps ours open too, so both sides
+            # join with a warm broker connection, as a helper already serving a room does.
+            signaling.join_room(room_config("bench-anchor", broker), "anchor", session=session)
+            (relay,) = session.hub.relays()
+            await asyncio.wait_for(relay.wait_connected(), 30)
+            ours, theirs = [], []
+            for _ in range(JOINS):
+                # Fresh Node peers (fresh selfIds) for every join: who offers depends on the id
+                # order, and JS<->JS joins over node-datachannel are bimodal with it (~0.05 s or
+                # ~1 s), so a fixed pair would measure one mode for the whole run. Fresh processes
+                # also keep Trystero's idle shared connections (kept 123 s) from piling up.
+                async with JsPeer.start(kind="node") as host:
+                    ours.append(await helper_join(session, broker, host))
+                async with JsPeer.start(kind="node") as host, JsPeer.start(kind="node") as joiner:
+                    theirs.append(await js_join(broker, host, joiner))
             async with JsPeer.start(kind="node") as a, JsPeer.start(kind="node") as b:
-                ours, theirs = [], []
-                for _ in range(JOINS):
-                    ours.append(await helper_join(session, broker, a))
-                    theirs.append(await js_join(broker, a, b))
                 rates = await throughput(session, broker, a, b)
         finally:
             await session.close()
             broker.cleanup()
     ours_med, theirs_med = statistics.median(ours), statistics.median(theirs)
-    print(f"\nP2P join -> first action round trip (median of {JOINS}, interleaved, fresh app id each)\n")
+    print(f"\nP2P join -> first action round trip (median of {JOINS}, interleaved, all fresh)\n")
     print("| joiner | median s | min s | max s |")
     print("|---|---:|---:|---:|")
     print(f"| helper (aiortc) | {ours_med:.3f} | {min(ours):.3f} | {max(ours):.3f} |")

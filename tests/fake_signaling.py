@@ -90,6 +90,9 @@ def fake_p2p_helper(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Fak
     rooms: dict[str, FakeRoom] = {}
 
     class Session:
+        def __init__(self, *, id_prefix: str = "") -> None:
+            self.id_prefix = id_prefix
+
         async def close(self) -> None:
             pass
 

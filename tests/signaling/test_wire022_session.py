@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from signaling import RoomConfig, Session, Timeouts, crypto, legacy
+from signaling import session as session_module
 from signaling.config import DEFAULT_RELAY_URLS, RELAY_FACTORIES, Limits
 from signaling.pacing import AnnouncePacer
 from signaling.relays import Backoff, MqttRelay, Relay
@@ -508,10 +509,13 @@ async def test_strangers_injected_on_the_relay(
 
 
 async def test_frames_after_leave_do_not_bring_the_peer_back(
-    sessions: SessionFactory, config: Callable[..., RoomConfig]
+    sessions: SessionFactory, config: Callable[..., RoomConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """JS 0.22 keeps answering pings for the 99 ms between its @_leave and closing, so a pong can
-    arrive after the leave; the peer stays gone and a rejoin gets a new connection."""
+    arrive after the leave; the peer stays gone until its connection closes."""
+    # Keep the left connection open long enough that a busy loop still delivers the late frames
+    # on it (0.3 s by default; a stall that long would close it first and hide what is tested).
+    monkeypatch.setattr(session_module, "PEER_LEAVE_GRACE", 2.0)
     a, b = sessions("00"), sessions("zz")
     room_a, room_b = a.join(config(), "late"), b.join(config(), "late")
     joins: list[str] = []
@@ -527,4 +531,4 @@ async def test_frames_after_leave_do_not_bring_the_peer_back(
     await eventually(lambda: room_a.stats["dropped"].get("after_leave", 0) == 2, "the late frames")
     assert joins == leaves == [b.self_id] and room_a.peers == {}
     assert link_a.finished
-    await eventually(lambda: link_a.closed, "the left connection to close", 5)
+    await eventually(lambda: link_a.closed, "the left connection to close", 10)
