@@ -260,14 +260,9 @@ async def test_announces_carry_ten_fresh_offers(
 async def test_a_022_and_a_025_torrent_room_in_one_session(torrent: Rig, sessions: SessionFactory) -> None:
     """Each wire gets its own tracker client (its own cadence and dedupe) on the same URL."""
     session = sessions()
-    old_room, new_room = new_room_id("old"), new_room_id("new")
-    async with (
-        JsPeer.start("node", wire="0.22", name="js022") as js022,
-        JsPeer.start("node", wire="0.25", name="js025") as js025,
-    ):
-        room022, room025, w022, w025 = await one_room_per_wire(
-            session, js022, js025, torrent.js_join, torrent.make_config, (old_room, new_room)
-        )
+    rooms = one_room_per_wire(session, torrent.js_join, torrent.make_config)
+    async with rooms as (js022, js025, room022, room025, w022, w025):
+        old_room, new_room = room022.room_id, room025.room_id
         assert our_tracker(session, "0.22").policy is TORRENT_022
         assert our_tracker(session, "0.25").policy is TORRENT_025
 

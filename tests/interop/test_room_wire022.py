@@ -14,11 +14,12 @@ Who offers on 0.22 (signaling.legacy): the larger id offers, the smaller asks fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -247,41 +248,49 @@ async def test_leave_both_ways(relays: Relays, sessions: Any) -> None:
 # --------------------------------------------------------------------------- (e) both wires
 
 
+class WireRooms(NamedTuple):
+    """A 0.22 and a 0.25 room of one session, each with its JS peer of that wire."""
+
+    js022: JsPeer
+    js025: JsPeer
+    room022: Room
+    room025: Room
+    w022: Watch
+    w025: Watch
+
+
+@contextlib.asynccontextmanager
 async def one_room_per_wire(
     session: Session,
-    js022: JsPeer,
-    js025: JsPeer,
     js_join: Callable[[JsPeer, str], Awaitable[None]],
     config: Callable[..., RoomConfig],
-    rooms: tuple[str, str],
-) -> tuple[Room, Room, Watch, Watch]:
-    """Each JS peer joins its room (0.22, 0.25), then ``session`` joins both with the matching
-    wire; returns the two rooms and their watches once all four sides see each other."""
-    old_room, new_room = rooms
-    await js_join(js022, old_room)
-    await js_join(js025, new_room)
-    room022 = session.join(config(wire="0.22"), old_room)
-    room025 = session.join(config(wire="0.25"), new_room)
-    w022, w025 = Watch(room022, "data"), Watch(room025, "data")
-    await w022.join_of(js022.self_id, timeout=JOIN_TIMEOUT)
-    await w025.join_of(js025.self_id, timeout=JOIN_TIMEOUT)
-    await js022.wait_peer_join(old_room, session.self_id, timeout=JOIN_TIMEOUT)
-    await js025.wait_peer_join(new_room, session.self_id, timeout=JOIN_TIMEOUT)
-    assert set(room022.peers) == {js022.self_id} and set(room025.peers) == {js025.self_id}
-    return room022, room025, w022, w025
-
-
-async def test_two_wires_one_session(mqtt: Relays, sessions: Any) -> None:
-    """A 0.22 room and a 0.25 room of the same app id at once, on one session (one selfId)."""
-    session = sessions()
+) -> AsyncIterator[WireRooms]:
+    """A JS 0.22 peer in room "old-…" and a JS 0.25 peer in "new-…", then ``session`` in both
+    with the matching wire; yields once all four sides see each other."""
     old_room, new_room = new_room_id("old"), new_room_id("new")
     async with (
         JsPeer.start("node", wire="0.22", name="js022") as js022,
         JsPeer.start("node", wire="0.25", name="js025") as js025,
     ):
-        room022, room025, w022, w025 = await one_room_per_wire(
-            session, js022, js025, mqtt.js_join, mqtt.config, (old_room, new_room)
-        )
+        await js_join(js022, old_room)
+        await js_join(js025, new_room)
+        room022 = session.join(config(wire="0.22"), old_room)
+        room025 = session.join(config(wire="0.25"), new_room)
+        w022, w025 = Watch(room022, "data"), Watch(room025, "data")
+        await w022.join_of(js022.self_id, timeout=JOIN_TIMEOUT)
+        await w025.join_of(js025.self_id, timeout=JOIN_TIMEOUT)
+        await js022.wait_peer_join(old_room, session.self_id, timeout=JOIN_TIMEOUT)
+        await js025.wait_peer_join(new_room, session.self_id, timeout=JOIN_TIMEOUT)
+        assert set(room022.peers) == {js022.self_id} and set(room025.peers) == {js025.self_id}
+        yield WireRooms(js022, js025, room022, room025, w022, w025)
+
+
+async def test_two_wires_one_session(mqtt: Relays, sessions: Any) -> None:
+    """A 0.22 room and a 0.25 room of the same app id at once, on one session (one selfId)."""
+    session = sessions()
+    rooms = one_room_per_wire(session, mqtt.js_join, mqtt.config)
+    async with rooms as (js022, js025, room022, room025, w022, w025):
+        old_room, new_room = room022.room_id, room025.room_id
         # the 0.25 room shares connections per app id, the 0.22 room has its own context
         assert set(session.apps) == {mqtt.app_id, (mqtt.app_id, "0.22", old_room)}
         with pytest.raises(ValueError, match=r"already joined with wire 0\.22"):
