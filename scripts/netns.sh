@@ -3,7 +3,7 @@
 # tests start (broker, relays, Trystero peers, Chromium, aiortc) can reach or gather any other
 # address. Root uses `unshare -n`; other users get an unprivileged user+net namespace (`unshare -rn`).
 set -euo pipefail
-if [ "${P2PDIFF_IN_NETNS:-0}" = "1" ]; then
+if [ "${IN_P2PDIFF_NETNS:-0}" = "1" ]; then
   exec "$@"
 fi
 if [ "$(id -u)" -eq 0 ]; then
@@ -11,4 +11,4 @@ if [ "$(id -u)" -eq 0 ]; then
 else
   flags=(-r -n)
 fi
-exec unshare "${flags[@]}" -- bash -c 'ip link set lo up; export P2PDIFF_IN_NETNS=1; exec "$@"' netns "$@"
+exec unshare "${flags[@]}" -- bash -c 'ip link set lo up; export IN_P2PDIFF_NETNS=1; exec "$@"' netns "$@"
