@@ -260,3 +260,39 @@ async def test_dashboard_shows_peers_rtt_and_relays(
     await expect(peer).to_have_count(1)
     await expect(page.locator('[data-total="peers"]')).to_have_text("1")
     assert problems == []
+
+
+async def test_a_stale_health_answer_does_not_undo_newer_peer_events(
+    browser: Browser, make_client: ClientFactory, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A /api/health snapshot taken before a peer joined, answered after the page applied the
+    peer's event, must not wipe the peer (it would stay hidden until the next health poll)."""
+    helper, rooms = fake_p2p_helper(monkeypatch)
+    client = await make_client(config, helper=helper)
+    page, problems = await open_dashboard(browser, client, mode="p2p")
+    await page.fill("#join-room-input", "race")
+    await page.click("#join-room-btn")
+    card = page.locator('section.room[data-room="race"]')
+    await expect(card.locator(".badge.joined")).to_be_visible()
+
+    snapshot_taken, release, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def hold(route: Any) -> None:
+        response = await route.fetch()  # the snapshot, before the peer joins
+        snapshot_taken.set()
+        await release.wait()
+        await route.fulfill(response=response)
+        answered.set()
+
+    await page.route("**/api/health", hold)
+    await page.evaluate("() => { refreshHealth(); }")
+    await asyncio.wait_for(snapshot_taken.wait(), 5)
+    rooms["race"].add_peer("peer-0c1d2e3f4a5b6c7d8e9f")
+    peer = card.locator(".peer")
+    await expect(peer).to_have_count(1)
+    release.set()
+    await asyncio.wait_for(answered.wait(), 5)
+    await asyncio.sleep(0.3)  # the page has applied the stale answer by now
+    await expect(peer).to_have_count(1)
+    await page.unroute("**/api/health")
+    assert problems == []

@@ -122,8 +122,9 @@ async function loadRoom(id) {
 }
 
 async function loadAll() {
+  const since = netEvents;
   const [health, stats] = await Promise.all([get('/api/health'), get('/api/stats')]);
-  applyHealth(health);
+  applyHealth(health, since);
   applyStats(stats);
   const ids = new Set([...Object.keys(stats.rooms), ...stats.helperRooms]);
   for (const id of [...state.rooms.keys()]) if (!ids.has(id)) state.rooms.delete(id);
@@ -135,7 +136,11 @@ async function loadAll() {
   render();
 }
 
-function applyHealth(health) {
+// Peer and relay events applied so far. A /api/health answer is a snapshot taken at some point
+// after its request left: where a peer or relay event arrived since then, the event is newer.
+let netEvents = 0;
+
+function applyHealth(health, since) {
   state.health = health;
   state.mode = health.p2p.mode;
   const joined = new Set();
@@ -144,6 +149,7 @@ function applyHealth(health) {
     joined.add(hr.roomId);
     r.helperJoined = true;
     r.selfId = hr.selfId || null;
+    if ((r.netAt || 0) > since) continue;
     if (hr.relays) r.relays = { ...hr.relays };
     r.peers = new Map((hr.peers || []).map((p) => [p.id, p]));
   }
@@ -174,7 +180,8 @@ function refreshStatsSoon() {
 }
 
 async function refreshHealth() {
-  try { applyHealth(await get('/api/health')); scheduleRender(); } catch (e) { /* shown by conn state */ }
+  const since = netEvents;
+  try { applyHealth(await get('/api/health'), since); scheduleRender(); } catch (e) { /* shown by conn state */ }
 }
 
 // ---------------------------------------------------------------- events
@@ -200,12 +207,15 @@ function applyEvent(ev) {
     }
     case 'peer.joined': case 'peer.rtt': case 'peer.capabilities':
       room(ev.room).peers.set(d.peer.id, { ...(room(ev.room).peers.get(d.peer.id) || {}), ...d.peer });
+      room(ev.room).netAt = ++netEvents;
       break;
     case 'peer.left':
       room(ev.room).peers.delete(d.peer.id);
+      room(ev.room).netAt = ++netEvents;
       break;
     case 'relay.state':
       room(ev.room).relays[d.url] = d.state;
+      room(ev.room).netAt = ++netEvents;
       break;
     case 'tasks.pruned':
       loadRoom(ev.room).then(scheduleRender, showError);
