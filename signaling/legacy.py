@@ -208,12 +208,8 @@ class Negotiator022(Negotiator):
     def handle_022(
         self, room: RoomSignaller, url: str, sig: v022.RelaySignal, *, on_root: bool, offer_id: str = ""
     ) -> None:
-        if self._closed:
-            return
         peer_id = sig.peer_id
-        if self._links.is_connected(peer_id):
-            # JS ignores relay traffic from a peer it has an open channel to (spec §9.2).
-            self._links.on_signal_from_connected(peer_id, room)
+        if not self._wants_signal_from(peer_id, room):
             return
         neg = self._pending.get(peer_id)
         if sig.offer is not None:

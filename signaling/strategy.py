@@ -187,7 +187,7 @@ class RoomSignaller:
         self.has_active_peers: Callable[[], bool] = lambda: False
 
     def __repr__(self) -> str:
-        return f"<RoomSignaller {self.app_id}/{self.room_id}>"
+        return f"<{type(self).__name__} {self.app_id}/{self.room_id}>"
 
     @property
     def relay_states(self) -> dict[str, RelayState]:
@@ -363,13 +363,8 @@ class Negotiator:
 
     def handle(self, room: RoomSignaller, url: str, sig: Signal) -> None:
         """One validated relay message from ``room`` via relay ``url``."""
-        if self._closed:
-            return
         peer_id = sig.peer_id
-        if self._links.is_connected(peer_id):
-            # JS ignores relay traffic from peers it has a live channel to (spec §2.2); it only
-            # means that peer is in this room as well (§2.4).
-            self._links.on_signal_from_connected(peer_id, room)
+        if not self._wants_signal_from(peer_id, room):
             return
         neg = self._pending.get(peer_id)
         if sig.offer is not None:
@@ -380,6 +375,16 @@ class Negotiator:
             self._on_answer(room, sig, sig.answer, neg)
         else:
             self._on_announcement(room, url, peer_id, neg)
+
+    def _wants_signal_from(self, peer_id: str, room: RoomSignaller) -> bool:
+        """False once closed, or for a peer with a live channel: JS ignores relay traffic from
+        those (spec §2.2, §9.2); it only means that peer is in this room as well (§2.4)."""
+        if self._closed:
+            return False
+        if self._links.is_connected(peer_id):
+            self._links.on_signal_from_connected(peer_id, room)
+            return False
+        return True
 
     def drop_room(self, room: RoomSignaller) -> None:
         """Abandon negotiations that run over ``room``'s topics (the room is being left)."""
@@ -585,10 +590,7 @@ class Negotiator:
         becomes that peer's negotiation, as if we had offered to it directly. Returns whether
         the answer was taken.
         """
-        if self._closed:
-            return False
-        if self._links.is_connected(peer_id):
-            self._links.on_signal_from_connected(peer_id, room)
+        if not self._wants_signal_from(peer_id, room):
             return False
         if peer_id in self._pending:
             # e.g. it answered one of ours while we answer one of its (possible only when our
