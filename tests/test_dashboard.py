@@ -60,6 +60,15 @@ async def open_dashboard(
     return page, problems
 
 
+async def join_from_the_page(page: Page, room_id: str) -> Any:
+    """Join ``room_id`` with the page's own form; returns the room's card once it shows joined."""
+    await page.fill("#join-room-input", room_id)
+    await page.click("#join-room-btn")
+    card = page.locator(f'section.room[data-room="{room_id}"]')
+    await expect(card.locator(".badge.joined")).to_be_visible()
+    return card
+
+
 def row(page: Page, task_id: str) -> Any:
     return page.locator(f'tr[data-task-id="{task_id}"]')
 
@@ -114,9 +123,7 @@ async def test_dashboard_is_live(browser: Browser, client: TestClient) -> None:
     await expect(row(page, "old-1").locator(".cancel-btn")).to_have_count(0)
 
     # Join a room from the page, then leave it from its card.
-    await page.fill("#join-room-input", "studio")
-    await page.click("#join-room-btn")
-    studio = page.locator('section.room[data-room="studio"]')
+    studio = await join_from_the_page(page, "studio")
     await expect(studio.locator(".badge.joined")).to_have_text("helper in room")
     health = await (await client.get("/api/health")).json()
     assert [r["roomId"] for r in health["p2p"]["rooms"]] == ["studio"]
@@ -192,9 +199,7 @@ async def test_dashboard_asks_for_the_admin_token(
     await expect(row(page, "t1").locator(".status")).to_have_text("cancelled")
     assert await page.evaluate("sessionStorage.getItem('p2pdiff.adminToken')") == TOKEN
     # The stored token is sent from now on: joining does not ask again.
-    await page.fill("#join-room-input", "vault")
-    await page.click("#join-room-btn")
-    await expect(page.locator('section.room[data-room="vault"] .badge.joined')).to_be_visible()
+    await join_from_the_page(page, "vault")
     await expect(dialog).to_be_hidden()
     # Cancelling the dialog leaves things as they were and says why.
     await page.click("#token-btn")  # forget the token
@@ -215,10 +220,7 @@ async def test_dashboard_shows_peers_rtt_and_relays(
     helper, rooms = fake_p2p_helper(monkeypatch)
     client = await make_client(config, helper=helper)
     page, problems = await open_dashboard(browser, client, mode="p2p")
-    await page.fill("#join-room-input", "mesh")
-    await page.click("#join-room-btn")
-    card = page.locator('section.room[data-room="mesh"]')
-    await expect(card.locator(".badge.joined")).to_be_visible()
+    card = await join_from_the_page(page, "mesh")
     await expect(card.locator(".relay")).to_have_text("127.0.0.1:1883: connecting")
 
     room = rooms["mesh"]
@@ -270,10 +272,7 @@ async def test_a_stale_health_answer_does_not_undo_newer_peer_events(
     helper, rooms = fake_p2p_helper(monkeypatch)
     client = await make_client(config, helper=helper)
     page, problems = await open_dashboard(browser, client, mode="p2p")
-    await page.fill("#join-room-input", "race")
-    await page.click("#join-room-btn")
-    card = page.locator('section.room[data-room="race"]')
-    await expect(card.locator(".badge.joined")).to_be_visible()
+    card = await join_from_the_page(page, "race")
 
     snapshot_taken, release, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
