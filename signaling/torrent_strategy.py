@@ -337,9 +337,6 @@ class TorrentRoomSignaller(RoomSignaller):
             name=f"room {self.room_id}",
         )
 
-    def __repr__(self) -> str:
-        return f"<TorrentRoomSignaller {self.app_id}/{self.room_id}>"
-
     def start(self) -> None:
         """Announce the room with its offers on every tracker (returns at once)."""
         factory = functools.partial(SharedTracker, peer_id=self.self_id, policy=self.POLICY)
@@ -460,9 +457,6 @@ class TorrentRoomSignaller022(TorrentRoomSignaller):
     def __init__(self, **kwargs: Any) -> None:
         kwargs["wire"] = v022.WIRE_VERSION
         super().__init__(**kwargs)
-
-    def __repr__(self) -> str:
-        return f"<TorrentRoomSignaller022 {self.app_id}/{self.room_id}>"
 
     def _make_pool(self) -> OfferBatches:
         return OfferBatches(

@@ -23,7 +23,6 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from signaling import RoomConfig, Session
-from signaling.crypto import gen_id
 from tests.services import Service, ServiceNotInstalled
 
 #: ICE host addresses of every room in the tests: loopback only.
@@ -121,7 +120,7 @@ def config_factory(app_id: str, relay_urls: list[str], **defaults: Any) -> Calla
 
 def make_session(prefix: str = "") -> Session:
     """A session whose selfId starts with ``prefix`` (none: a random selfId)."""
-    return Session(prefix + gen_id(20 - len(prefix)) if prefix else None)
+    return Session(id_prefix=prefix)
 
 
 @contextlib.asynccontextmanager
