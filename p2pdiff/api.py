@@ -16,7 +16,7 @@ from aiohttp import web
 from p2pdiff import validate
 from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from p2pdiff.helper import WIRES, Helper, p2p_available
-from p2pdiff.keys import CONFIG, EVENTS, HELPER, QUEUE, STARTED_AT
+from p2pdiff.keys import EVENTS, HELPER, QUEUE, STARTED_AT
 from p2pdiff.queue import QueueManager, Room, Task
 
 log = logging.getLogger(__name__)
@@ -238,12 +238,12 @@ async def get_queue(request: web.Request) -> web.Response:
 async def _add_task(request: web.Request, room_id: str | None) -> web.Response:
     body = await read_json(request)
     new = validate.new_task(body)
-    if room_id is None:
-        room_id = body.get("roomId") if isinstance(body, dict) and "roomId" in body else None
-        room_id = request.app[CONFIG].server.default_room if room_id is None else room_id
-    room_id = validate.room_id(room_id)
+    if room_id is None and isinstance(body, dict) and body.get("roomId") is not None:
+        room_id = validate.room_id(body["roomId"])
     queue = request.app[QUEUE]
-    added = queue.add(room_id, new)
+    # No room at all: the task the browser app announced to its room, or one for the default room.
+    added = queue.add_unplaced(new) if room_id is None else queue.add(room_id, new)
+    room_id = added.task.room_id
     if added.created:
         await queue.flush()
         log.info("task %s added to room %s at position %s", added.task.id, room_id, added.position)

@@ -130,7 +130,12 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     app[api.CORS] = cors
     app[STORE] = store
     app[EVENTS] = bus
-    app[QUEUE] = QueueManager(store, lease_seconds=config.queue.lease_seconds, publish=bus.publish)
+    app[QUEUE] = QueueManager(
+        store,
+        lease_seconds=config.queue.lease_seconds,
+        publish=bus.publish,
+        default_room=config.server.default_room,
+    )
     app[HELPER] = helper if helper is not None else make_helper(config.p2p)
     app[HELPER].attach(bus.publish)
     # Result images from peers: files next to the store, served at /api/queue/{room}/{task}/result.

@@ -38,6 +38,8 @@ TASK_COMPLETE = "task.complete"
 TASK_FAILED = "task.failed"
 TASK_CANCELLED = "task.cancelled"
 TASK_REQUEUED = "task.requeued"  # data.reason: "requeue" (a worker asked), "lease_expired", "worker_left"
+TASK_UPDATED = "task.updated"  # a later submission of the same task filled fields it lacked
+TASK_MOVED = "task.moved"  # data.fromRoom: it was in the default room until its room named it
 TASK_RESULT = "task.result"  # a complete task's result gained its image (bytes after the result message)
 TASKS_PRUNED = "tasks.pruned"  # retention removed finished tasks of an idle room
 QUEUE_RELOADED = "queue.reloaded"  # the store failed a commit and memory was reloaded: refetch
@@ -77,6 +79,13 @@ class Event:
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "room": self.room, "ts": self.ts, "data": self.data}
 
+    def concerns(self, room: str | None) -> bool:
+        """Whether a stream of ``room``'s events (None: all) carries this one. A task that moved
+        away is news for the room it left as well."""
+        if room is None or self.room is None or self.room == room:
+            return True
+        return self.type == TASK_MOVED and self.data.get("fromRoom") == room
+
 
 class Subscriber:
     """One consumer's bounded buffer. ``room`` None means every room."""
@@ -100,7 +109,7 @@ class Subscriber:
         self.peak = 0  # the largest the buffer ever got (tests and stats)
 
     def wants(self, event: Event) -> bool:
-        return self.room is None or event.room is None or event.room == self.room
+        return event.concerns(self.room)
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -246,7 +255,7 @@ class EventBus:
         oldest_known = self._backlog[0].id if self._backlog else self._next_id
         if last_id + 1 < oldest_known or last_id >= self._next_id:
             return None
-        return [e for e in self._events_after(last_id) if room is None or e.room is None or e.room == room]
+        return [e for e in self._events_after(last_id) if e.concerns(room)]
 
     def _events_after(self, last_id: int) -> Iterable[Event]:
         # Ids in the backlog are consecutive, so the start index is arithmetic, not a search.

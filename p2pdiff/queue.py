@@ -67,6 +67,15 @@ ACTION_EVENT = {
 MAX_CACHED_VIEWS = 16
 
 
+def same_task(existing: Task, new: NewTask) -> bool:
+    """Whether ``new`` describes ``existing``: the same prompt, and options that agree wherever both
+    sides have some. An empty options object means "not given": the browser app's ``queue``
+    message carries none, its POST of the same task carries them all."""
+    return existing.prompt == new.prompt and (
+        existing.options == new.options or not existing.options or not new.options
+    )
+
+
 def now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
 
@@ -186,11 +195,14 @@ class QueueManager:
         lease_seconds: float,
         clock: Callable[[], float] = time.time,
         publish: events.Publish | None = None,
+        default_room: str = "default",
     ) -> None:
         self.store = store
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.publish = publish
+        # Where POST /api/queue puts a task that names no room ([server] default_room).
+        self.default_room = default_room
         self.rooms: dict[str, Room] = {}
         self._seq = 0
         self.requeues = 0
@@ -363,11 +375,12 @@ class QueueManager:
         room = self._room(room_id)
         if new.id is not None and new.id in room.tasks:
             existing = room.tasks[new.id]
-            if existing.prompt != new.prompt or existing.options != new.options:
+            if not same_task(existing, new):
                 raise Conflict(
                     f"task '{new.id}' already exists in room '{room_id}' with a different prompt or options",
                     code="task_exists",
                 )
+            self._fill(room, existing, new)
             return AddResult(existing, room.position(existing), created=False)
         now = now_ms(self.clock)
         self._seq += 1
@@ -390,6 +403,54 @@ class QueueManager:
         self.store.save_task(task)
         self._emit(events.TASK_CREATED, room_id, {"task": task.to_json(room.counts[PENDING])})
         return AddResult(task, room.counts[PENDING], created=True)
+
+    def add_unplaced(self, new: NewTask) -> AddResult:
+        """A task posted without a room (``POST /api/queue``). The browser app posts every task it
+        has just announced to its room this way: when a room the helper is in already holds a task
+        with this id and prompt, that task is the one meant, and the body fills what the room's
+        ``queue`` message lacked (one id, one task). Anything else goes to the default room."""
+        default = self.rooms.get(self.default_room)
+        if new.id is not None and (default is None or new.id not in default.tasks):
+            for room in self.rooms.values():
+                existing = room.tasks.get(new.id) if room.helper_joined else None
+                if existing is not None and same_task(existing, new):
+                    self._fill(room, existing, new)
+                    return AddResult(existing, room.position(existing), created=False)
+        return self.add(self.default_room, new)
+
+    def _fill(self, room: Room, task: Task, new: NewTask) -> None:
+        """Complete ``task`` with what another submission of it carries and it lacks (options,
+        extra fields such as ``negativePrompt``); what it has already is never overwritten."""
+        options = new.options if not task.options and new.options else task.options
+        extra = {k: v for k, v in new.extra.items() if k not in task.extra}
+        if options is task.options and not extra:
+            return
+        task.options = options
+        task.extra = {**task.extra, **extra}
+        now = now_ms(self.clock)
+        task.updated_at = now
+        self._touch(room, now)
+        self.store.save_task(task)
+        self._emit(events.TASK_UPDATED, room.id, {"task": task.to_json(room.position(task))})
+
+    def _move(self, task: Task, to_room: str) -> Task:
+        """Move ``task`` (any state) to the end of ``to_room``'s queue, as one store transaction."""
+        source = self.rooms[task.room_id]
+        del source.tasks[task.id]
+        source.counts[task.status] -= 1
+        self.store.delete_tasks(source.id, [task.id])
+        now = now_ms(self.clock)
+        self._touch(source, now)
+        room = self._room(to_room)
+        self._seq += 1
+        task.room_id, task.seq, task.updated_at = to_room, self._seq, now
+        room.tasks[task.id] = task
+        room.counts[task.status] += 1
+        self._touch(room, now)
+        self.store.save_task(task)
+        data = {"task": task.to_json(room.position(task)), "fromRoom": source.id}
+        self._emit(events.TASK_MOVED, to_room, data)
+        return task
 
     def update(self, room_id: str, task_id: str, update: TaskUpdate, *, reason: str | None = None) -> Task:
         """Apply one worker action. ``reason`` names why a requeue happened in its event (default
@@ -436,12 +497,22 @@ class QueueManager:
         room = self.rooms.get(room_id)
         existing = room.tasks.get(new.id) if room is not None and new.id is not None else None
         if existing is not None:
-            if existing.prompt != new.prompt or existing.options != new.options:
+            if not same_task(existing, new):
                 raise Conflict(
                     f"task '{new.id}' already exists in room '{room_id}' with a different prompt or options",
                     code="task_exists",
                 )
+            assert room is not None
+            self._fill(room, existing, new)
             return AddResult(existing, self.position(existing), created=False)
+        default = self.rooms.get(self.default_room) if room_id != self.default_room else None
+        parked = default.tasks.get(new.id) if default is not None and new.id is not None else None
+        if parked is not None and same_task(parked, new):
+            # The app's POST without a room reached us before its `queue` message: the task
+            # belongs here. It keeps the state it has (a REST worker may hold it already).
+            task = self._move(parked, room_id)
+            self._fill(self.rooms[room_id], task, new)
+            return AddResult(task, self.position(task), created=True)
         added = self.add(room_id, new)
         task = added.task
         if status in (PROCESSING, COMPLETE, FAILED):

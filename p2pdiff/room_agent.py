@@ -16,10 +16,12 @@ What it does:
   server that queues) and the room's active tasks; broadcasts a ``queue`` message when a task is
   created over REST.
 - **Dispatch** (when enabled): hands pending tasks to idle GPU peers as ``task`` messages, one
-  task at a time per peer, least recently served first. A peer that leaves has its task
-  re-offered at once; one that goes silent loses it when the queue's lease expires (the
-  ``task.requeued`` event with reason ``lease_expired``) and gets no new work until it speaks
-  again.
+  task at a time per peer, least recently served first. The published app never sends
+  ``result``: a worker's ``progress`` of 1.0 finishes its chunk (a ``result`` or image that
+  comes later still attaches to the task). A peer that leaves has its task re-offered at once;
+  one that goes silent loses it when the queue's lease expires (the ``task.requeued`` event
+  with reason ``lease_expired``) and rests: it is tried again after a backoff that doubles with
+  each lost task, or at once when it speaks.
 
 Anything malformed or out of turn is ignored and counted by ``<action>.<reason>`` (shown in
 ``/api/stats``); no payload can raise out of here into the room.
@@ -55,7 +57,16 @@ MAX_PEERS = 512  # peer records (signaling admits at most 256 connections per ap
 MAX_PLANS = 1024  # tasks being dispatched at once; past it nothing new is handed out until one ends
 MAX_STAGED = 256  # images that arrived before their result message (LRU; the file stays for gc)
 MAX_HISTORY = 4096  # (task, worker) pairs a task was taken from, to tell late from foreign (LRU)
+MAX_FINISHED = 256  # dispatched tasks finished by progress, kept to attach a later result (LRU)
 STORE_RETRY_SECONDS = 1.0  # dispatch pauses this long after the store failed to commit a claim
+# A worker that lost a task to the lease rests this long before it is offered work again,
+# doubling with each task it loses in a row (up to the cap); anything it sends ends the rest.
+REST_FIRST_SECONDS, REST_MAX_SECONDS = 15.0, 600.0
+# The published app announces a task with a `queue` message that has no options and POSTs the
+# full task ~10 ms later: a task announced without options is not dispatched before that POST
+# filled it in, or this long after the announcement (a page without the backend never POSTs).
+FILL_GRACE_SECONDS = 1.0
+MAX_UNFILLED = 1024  # announced tasks waiting for their options (LRU; the oldest just go out)
 # Per peer token buckets (like REST's per-client limit): messages of any action, and new tasks a
 # peer may add to the durable queue. A browser steps at well under 100 progress messages per
 # second; a joining browser may announce a few hundred queued tasks at once, then few.
@@ -64,6 +75,14 @@ NEW_TASKS_PER_SECOND, NEW_TASK_BURST = 10.0, 500
 # A `queue` message the helper sends stays under this many bytes of task JSON (the newest tasks
 # are always in it; older active ones fill the rest).
 MAX_QUEUE_MESSAGE_BYTES = 1024 * 1024
+
+
+def _put_bounded(items: OrderedDict[Any, Any], key: Any, value: Any, cap: int) -> None:
+    """Insert or refresh ``key`` as the newest entry; the oldest go beyond ``cap``."""
+    items[key] = value
+    items.move_to_end(key)
+    while len(items) > cap:
+        items.popitem(last=False)
 
 
 @dataclass(slots=True)
@@ -97,7 +116,8 @@ class PeerState:
     capabilities: rp.Capabilities | None = None
     last_served: int = 0  # dispatch sequence number of its last hand-out; least recent goes first
     assignment: tuple[str, str] | None = None  # (task id, chunk id) it is working on
-    stalled: bool = False  # lost a task to the lease: no new work until it speaks again
+    silences: int = 0  # tasks lost to the lease in a row (reset when it speaks)
+    resting_until: float = 0.0  # loop time before which it gets no new work
 
     @property
     def has_gpu(self) -> bool:
@@ -109,7 +129,8 @@ class ChunkState:
     plan: rp.ChunkPlan
     worker: str | None = None
     progress: float = 0.0
-    done: bool = False
+    done: bool = False  # by its result message or progress 1.0
+    reported: bool = False  # its result message came (the published app never sends one)
     result: dict[str, Any] | None = None
     image: StoredImage | None = None
 
@@ -124,6 +145,18 @@ class TaskPlan:
 
     def progress(self) -> float:
         return sum(1.0 if c.done else c.progress for c in self.chunks.values()) / len(self.chunks)
+
+    def result(self, room_id: str) -> dict[str, Any] | None:
+        """The task's result once every chunk is done: the chunk's own for one chunk; for several,
+        all of them, with the image of the last chunk that has one (the final steps)."""
+        chunks = list(self.chunks.values())
+        if len(chunks) == 1:
+            return chunks[0].result
+        result: dict[str, Any] = {"chunks": [c.result for c in chunks], "status": "complete"}
+        final = next((c.image for c in reversed(chunks) if c.image is not None), None)
+        if final is not None:
+            result["image"] = final.to_json(room_id, self.task_id)
+        return result
 
 
 class RoomAgent:
@@ -152,6 +185,13 @@ class RoomAgent:
         # Images for tracked (not dispatched) tasks, waiting for the result message; by task id.
         self.staged: OrderedDict[str, StoredImage] = OrderedDict()
         self.history: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Dispatched tasks completed by their workers' progress, by task id: a result or image
+        # that arrives afterwards still finds its chunk.
+        self.finished: OrderedDict[str, TaskPlan] = OrderedDict()
+        self._rest_timers: dict[str, asyncio.TimerHandle] = {}
+        # Tasks peers announced without options, by id: when the grace for their POST ends.
+        self._unfilled: OrderedDict[str, float] = OrderedDict()
+        self._fill_timer: asyncio.TimerHandle | None = None
         self.received: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
@@ -203,6 +243,10 @@ class RoomAgent:
 
     async def close(self) -> None:
         self.closed = True
+        for timer in [*self._rest_timers.values(), self._fill_timer]:
+            if timer is not None:
+                timer.cancel()
+        self._rest_timers.clear()
         tasks = list(self._tasks)
         for task in tasks:
             if task is not self._flush_task:
@@ -214,18 +258,8 @@ class RoomAgent:
         log.debug("room %s: ignored %s from %s: %s %s", self.room_id, action, peer_id, reason, detail)
 
     def _remember(self, task_id: str, worker: str | None) -> None:
-        if worker is None:
-            return
-        self.history[(task_id, worker)] = None
-        self.history.move_to_end((task_id, worker))
-        while len(self.history) > MAX_HISTORY:
-            self.history.popitem(last=False)
-
-    def _stage(self, task_id: str, image: StoredImage) -> None:
-        self.staged[task_id] = image
-        self.staged.move_to_end(task_id)
-        while len(self.staged) > MAX_STAGED:
-            self.staged.popitem(last=False)
+        if worker is not None:
+            _put_bounded(self.history, (task_id, worker), None, MAX_HISTORY)
 
     # -- peers -----------------------------------------------------------------------------------
 
@@ -256,6 +290,9 @@ class RoomAgent:
         if self.closed:
             return  # the helper is leaving the room: the peers keep their work
         state = self.peers.pop(peer_id, None)
+        timer = self._rest_timers.pop(peer_id, None)
+        if timer is not None:
+            timer.cancel()
         if state is not None and state.assignment is not None:
             task_id, chunk_id = state.assignment
             plan = self.plans.get(task_id)
@@ -323,9 +360,33 @@ class RoomAgent:
 
     def _heard_from(self, peer_id: str) -> None:
         state = self.peers.get(peer_id)
-        if state is not None and state.stalled:
-            state.stalled = False  # it is alive after all: it may have work again
-            self._kick()
+        if state is not None and state.silences:
+            self._wake(state)  # it is alive after all: it may have work again
+
+    def _wake(self, state: PeerState) -> None:
+        state.silences = 0
+        state.resting_until = 0.0
+        timer = self._rest_timers.pop(state.id, None)
+        if timer is not None:
+            timer.cancel()
+        self._kick()
+
+    def _rest(self, state: PeerState) -> None:
+        """``state`` lost a task to the lease: no new work for a while, then it is tried again
+        (it may have been busy, or its messages lost), the wait doubling while it stays silent."""
+        state.silences += 1
+        wait = min(REST_FIRST_SECONDS * 2 ** (state.silences - 1), REST_MAX_SECONDS)
+        loop = asyncio.get_running_loop()
+        state.resting_until = loop.time() + wait
+        old = self._rest_timers.pop(state.id, None)
+        if old is not None:
+            old.cancel()
+        self._rest_timers[state.id] = loop.call_later(wait, self._end_rest, state.id)
+        log.info("room %s: %s lost a task to the lease; next offer in %.0f s", self.room_id, state.id, wait)
+
+    def _end_rest(self, peer_id: str) -> None:
+        self._rest_timers.pop(peer_id, None)
+        self._kick()
 
     def _on_capabilities(self, payload: Any, peer_id: str, metadata: Any) -> None:
         caps = rp.parse_capabilities(payload)
@@ -333,7 +394,7 @@ class RoomAgent:
         if state is None:
             raise rp.ProtocolError(rp.NOT_A_PEER, f"not an active peer, or more than {MAX_PEERS}")
         state.capabilities = caps
-        state.stalled = False
+        self._heard_from(peer_id)
         if self.emit is not None:
             self.emit(events.PEER_CAPABILITIES, {"peer": {"id": peer_id, "capabilities": caps.to_json()}})
         if caps.has_gpu:
@@ -367,6 +428,9 @@ class RoomAgent:
             finally:
                 self._from_peer = False
             created = created or added.created
+            if added.created and not added.task.options:
+                deadline = asyncio.get_running_loop().time() + FILL_GRACE_SECONDS
+                _put_bounded(self._unfilled, added.task.id, deadline, MAX_UNFILLED)
             room = self.queue.get_room(self.room_id)
         if created:
             self._flush_soon()
@@ -376,13 +440,19 @@ class RoomAgent:
         # The helper announces hasGPU: false, so a well-behaved app never sends it work.
         raise rp.ProtocolError(rp.NOT_A_WORKER)
 
-    def _find_chunk(self, plan: TaskPlan, chunk_id: str | None, peer_id: str) -> ChunkState | None:
+    def _find_chunk(
+        self, plan: TaskPlan, chunk_id: str | None, peer_id: str, *, reported: bool = False
+    ) -> ChunkState | None:
         """The chunk of a dispatched task that ``peer_id`` holds: the one named, or (no id, or an
-        id the helper did not make, e.g. an app numbering chunks its own way) the one it has."""
+        id the helper did not make, e.g. an app numbering chunks its own way) the one it has that
+        is not done (``reported``: whose result message has not come, though progress 1.0 may)."""
         chunk = plan.chunks.get(chunk_id) if chunk_id is not None else None
         if chunk is not None:
             return chunk if chunk.worker == peer_id else None
-        return next((c for c in plan.chunks.values() if c.worker == peer_id and not c.done), None)
+        for chunk in plan.chunks.values():
+            if chunk.worker == peer_id and not (chunk.reported if reported else chunk.done):
+                return chunk
+        return None
 
     def _not_yours(self, task: Task | None, task_id: str, peer_id: str) -> str:
         """Why a worker's message about a task it does not hold is ignored."""
@@ -404,6 +474,9 @@ class RoomAgent:
         msg = rp.parse_progress(payload)
         self._heard_from(peer_id)
         plan = self.plans.get(msg.task_id)
+        # The published app's worker reports progress up to 1.0 and never sends a result: 1.0
+        # is "done" (a result or image that comes later still attaches; see _on_result).
+        done = msg.progress >= 1.0
         if plan is not None:
             chunk = self._find_chunk(plan, msg.chunk_id, peer_id)
             if chunk is None:
@@ -411,6 +484,11 @@ class RoomAgent:
             if chunk.done:
                 raise rp.ProtocolError(rp.DUPLICATE)
             chunk.progress = msg.progress
+            if done:
+                self._chunk_done(
+                    plan, chunk, self._result_fields(plan.task_id, chunk.plan.id, peer_id, chunk.image)
+                )
+                return
             update = TaskUpdate("progress", plan.claimer, plan.progress(), None, None)
             self._queue_call(
                 rp.PROGRESS, peer_id, lambda: self.queue.update(self.room_id, plan.task_id, update)
@@ -429,6 +507,11 @@ class RoomAgent:
                 peer_id,
                 lambda: self.queue.worker_progress(self.room_id, msg.task_id, peer_id, msg.progress),
             )
+            if done:
+                image = self.staged.pop(msg.task_id, None)
+                fields = self._result_fields(msg.task_id, msg.chunk_id, peer_id, image)
+                self.queue.worker_complete(self.room_id, msg.task_id, peer_id, fields)
+                _put_bounded(self.finished, msg.task_id, None, MAX_FINISHED)
         self._flush_soon()
 
     def _image_from_data(self, data: Any) -> StoredImage | None:
@@ -459,28 +542,43 @@ class RoomAgent:
         self._flush_soon()
         self._kick()
 
-    def _result_fields(self, msg: rp.Result, peer_id: str, image: StoredImage | None) -> dict[str, Any]:
-        fields: dict[str, Any] = {"chunkId": msg.chunk_id, "workerId": peer_id, "status": "complete"}
-        if image is None:
+    def _result_fields(
+        self,
+        task_id: str,
+        chunk_id: str | None,
+        peer_id: str,
+        image: StoredImage | None,
+        msg: rp.Result | None = None,
+    ) -> dict[str, Any]:
+        """A worker's result as the task keeps it: its image, else the ``data`` of its result
+        message (none yet when progress 1.0 finished it)."""
+        fields: dict[str, Any] = {"chunkId": chunk_id, "workerId": peer_id, "status": "complete"}
+        if image is not None:
+            fields["image"] = image.to_json(self.room_id, task_id)
+        elif msg is not None:
             fields["data"] = rp.small_data(msg.data)
-        else:
-            fields["image"] = image.to_json(self.room_id, msg.task_id)
         return fields
 
     def _on_result(self, payload: Any, peer_id: str, metadata: Any) -> None:
         msg = rp.parse_result(payload)
         self._heard_from(peer_id)
-        chunk: ChunkState | None = None
-        plan = self.plans.get(msg.task_id)
         task = self._task_or_none(msg.task_id)
         if task is None:
             raise rp.ProtocolError(rp.UNKNOWN_TASK)
+        plan = self.plans.get(msg.task_id)
+        if plan is None and msg.task_id in self.finished:
+            self._late_result(task, self.finished[msg.task_id], msg, peer_id)
+            return
+        chunk: ChunkState | None = None
         if plan is not None:
-            chunk = self._find_chunk(plan, msg.chunk_id, peer_id)
-            if chunk is None or chunk.done:
+            chunk = self._find_chunk(plan, msg.chunk_id, peer_id, reported=True)
+            if chunk is None or chunk.reported:
                 raise rp.ProtocolError(
                     rp.DUPLICATE if chunk is not None else self._not_yours(task, msg.task_id, peer_id)
                 )
+            if chunk.done:  # finished by progress 1.0, other chunks still running
+                self._late_result(task, plan, msg, peer_id)
+                return
         elif task.status != PROCESSING or task.claimed_by not in (None, peer_id):
             raise rp.ProtocolError(self._not_yours(task, msg.task_id, peer_id))
         if msg.status == "failed":
@@ -494,41 +592,80 @@ class RoomAgent:
             raise
         if plan is None:
             image = image or self.staged.pop(msg.task_id, None)
-            fields = self._result_fields(msg, peer_id, image)
+            fields = self._result_fields(msg.task_id, msg.chunk_id, peer_id, image, msg)
             self._queue_call(
                 rp.RESULT,
                 peer_id,
                 lambda: self.queue.worker_complete(self.room_id, msg.task_id, peer_id, fields),
             )
+            self._flush_soon()
         else:
             assert chunk is not None
             chunk.image = image or chunk.image
-            chunk.done = True
-            chunk.result = self._result_fields(msg, peer_id, chunk.image)
-            self._free(peer_id)
-            self._finish_chunk(plan)
-        self._flush_soon()
-        self._kick()
+            chunk.reported = True
+            self._chunk_done(
+                plan, chunk, self._result_fields(plan.task_id, msg.chunk_id, peer_id, chunk.image, msg)
+            )
 
-    def _finish_chunk(self, plan: TaskPlan) -> None:
+    def _late_result(self, task: Task, plan: TaskPlan | None, msg: rp.Result, peer_id: str) -> None:
+        """A ``result`` after progress 1.0 finished the sender's work: its data and image join the
+        task's result (``plan`` None: a task the helper did not dispatch)."""
+        if plan is None:
+            if task.status != COMPLETE or task.claimed_by != peer_id:
+                raise rp.ProtocolError(self._not_yours(task, task.id, peer_id))
+            chunk_id: str | None = msg.chunk_id
+        else:
+            chunk = self._find_chunk(plan, msg.chunk_id, peer_id, reported=True)
+            if chunk is None:
+                raise rp.ProtocolError(self._not_yours(task, task.id, peer_id))
+            if chunk.reported:
+                raise rp.ProtocolError(rp.DUPLICATE)
+            chunk_id = msg.chunk_id or chunk.plan.id
+        if msg.status == "failed":
+            raise rp.ProtocolError(rp.LATE)  # its progress said done; the task stays complete
+        image = self._image_from_data(msg.data)
+        if plan is None:
+            self.finished.pop(task.id, None)  # one result per task: a second is a duplicate
+            fields = self._result_fields(task.id, chunk_id, peer_id, image, msg)
+            self._queue_call(
+                rp.RESULT, peer_id, lambda: self.queue.attach_result(self.room_id, task.id, peer_id, fields)
+            )
+        else:
+            chunk.reported = True
+            chunk.image = image or chunk.image
+            chunk.result = self._result_fields(task.id, chunk_id, peer_id, chunk.image, msg)
+            self._attach_plan_result(plan)
+        self._flush_soon()
+
+    def _attach_plan_result(self, plan: TaskPlan) -> None:
+        """A finished chunk gained its data or image: the complete task's result follows."""
+        if plan.task_id not in self.finished:
+            return  # other chunks still run: the result is built when the last one is done
+        result = plan.result(self.room_id)
+        if all(c.reported for c in plan.chunks.values()):
+            self.finished.pop(plan.task_id, None)
+        if result is not None:
+            self.queue.attach_result(self.room_id, plan.task_id, plan.claimer, result)
+
+    def _chunk_done(self, plan: TaskPlan, chunk: ChunkState, result: dict[str, Any]) -> None:
+        """``chunk``'s worker is done with it (its result, or progress 1.0): the worker is free,
+        and the task completes with its last chunk."""
+        chunk.done = True
+        chunk.result = result
+        if chunk.worker is not None:
+            self._free(chunk.worker)
         if not all(c.done for c in plan.chunks.values()):
             update = TaskUpdate("progress", plan.claimer, plan.progress(), None, None)
             self.queue.update(self.room_id, plan.task_id, update)
-            return
-        self.plans.pop(plan.task_id, None)
-        chunks = list(plan.chunks.values())
-        if len(chunks) == 1:
-            result = chunks[0].result
         else:
-            # The image of a split task is the one of its last chunk (the final steps).
-            final = next((c for c in reversed(chunks) if c.image is not None), None)
-            result = {"chunks": [c.result for c in chunks], "status": "complete"}
-            if final is not None:
-                result["image"] = final.image.to_json(self.room_id, plan.task_id)  # type: ignore[union-attr]
-        self.queue.update(
-            self.room_id, plan.task_id, TaskUpdate("complete", plan.claimer, None, result, None)
-        )
-        self.counts["completed"] += 1
+            self.plans.pop(plan.task_id, None)
+            if not all(c.reported for c in plan.chunks.values()):
+                _put_bounded(self.finished, plan.task_id, plan, MAX_FINISHED)
+            update = TaskUpdate("complete", plan.claimer, None, plan.result(self.room_id), None)
+            self.queue.update(self.room_id, plan.task_id, update)
+            self.counts["completed"] += 1
+        self._flush_soon()
+        self._kick()
 
     def _on_chunk(self, payload: Any, peer_id: str, metadata: Any) -> None:
         data, meta = rp.parse_chunk(payload, metadata)
@@ -536,8 +673,8 @@ class RoomAgent:
         task = self._task_or_none(meta.task_id)
         if task is None:
             raise rp.ProtocolError(rp.UNKNOWN_TASK)
-        plan = self.plans.get(meta.task_id)
-        chunk = self._find_chunk(plan, meta.chunk_id, peer_id) if plan is not None else None
+        plan = self.plans.get(meta.task_id) or self.finished.get(meta.task_id)
+        chunk = self._find_chunk(plan, meta.chunk_id, peer_id, reported=True) if plan is not None else None
         if plan is not None and chunk is None:
             raise rp.ProtocolError(self._not_yours(task, meta.task_id, peer_id))
         attach = False
@@ -545,7 +682,7 @@ class RoomAgent:
             if task.status == COMPLETE and task.claimed_by == peer_id:
                 if task_image(task.result) is not None:
                     raise rp.ProtocolError(rp.DUPLICATE)
-                attach = True  # the bytes came after the result message
+                attach = True  # the bytes came after the result message (or progress 1.0)
             elif task.status != PROCESSING or task.claimed_by not in (None, peer_id):
                 raise rp.ProtocolError(self._not_yours(task, meta.task_id, peer_id))
         elif chunk is not None and chunk.image is not None:
@@ -558,9 +695,12 @@ class RoomAgent:
             raise
         image = self._save(data)
         if chunk is not None:
+            assert plan is not None
             chunk.image = image
-            if chunk.result is not None:  # a chunk of a split task whose result came first
+            if chunk.result is not None:  # its result (or progress 1.0) came first
                 chunk.result["image"] = image.to_json(self.room_id, task.id)
+                self._attach_plan_result(plan)
+                self._flush_soon()
         elif attach:
             fields = {"image": image.to_json(self.room_id, task.id)}
             self._queue_call(
@@ -568,7 +708,7 @@ class RoomAgent:
             )
             self._flush_soon()
         else:
-            self._stage(task.id, image)
+            _put_bounded(self.staged, task.id, image, MAX_STAGED)
 
     _handlers: dict[str, Callable[[RoomAgent, Any, str, Any], None]] = {
         rp.CAPABILITIES: _on_capabilities,
@@ -590,13 +730,16 @@ class RoomAgent:
             if not self._from_peer:
                 self._announce_task(task_id)
             self._kick()
+        elif event.type == events.TASK_MOVED and event.room == self.room_id:
+            self._kick()  # a peer's `queue` named a task the app had posted without a room
+        elif event.type == events.TASK_UPDATED and task_id in self._unfilled:
+            self._kick()  # the app's POST filled in the options: it may go out now
         elif event.type == events.TASK_REQUEUED and task_id is not None:
             plan = self.plans.pop(task_id, None)
             if plan is not None:
                 # Lease expired (nobody sent progress for lease_seconds) or a REST requeue: the
-                # holders lose it; silent ones get nothing new until they speak again.
-                stalled = event.data.get("reason") == "lease_expired"
-                self._release(plan, stall=stalled)
+                # holders lose it; silent ones rest (see _rest).
+                self._release(plan, silent=event.data.get("reason") == "lease_expired")
                 self.counts["reoffered"] += 1
             self.staged.pop(task_id, None)
             self._kick()
@@ -676,11 +819,30 @@ class RoomAgent:
 
     def _idle_gpu_peers(self) -> list[PeerState]:
         active = self.active_peers()
+        now = asyncio.get_running_loop().time()
         return [
             s
             for s in self.peers.values()
-            if s.has_gpu and s.assignment is None and not s.stalled and s.id in active
+            if s.has_gpu and s.assignment is None and s.resting_until <= now and s.id in active
         ]
+
+    def _awaits_options(self, task: Task) -> bool:
+        """Whether ``task`` was announced without options and the app's POST of it may still come
+        (FILL_GRACE_SECONDS); a timer looks again when the grace ends."""
+        deadline = self._unfilled.get(task.id)
+        if deadline is None:
+            return False
+        now = asyncio.get_running_loop().time()
+        if task.options or now >= deadline:
+            del self._unfilled[task.id]
+            return False
+        if self._fill_timer is None:
+            self._fill_timer = asyncio.get_running_loop().call_later(deadline - now, self._fill_grace_over)
+        return True
+
+    def _fill_grace_over(self) -> None:
+        self._fill_timer = None
+        self._kick()
 
     def _open_chunks(self) -> Iterator[tuple[TaskPlan, ChunkState]]:
         for plan in self.plans.values():
@@ -698,8 +860,8 @@ class RoomAgent:
             if len(self.plans) >= MAX_PLANS:
                 return None
             task = next(self.queue.pending_tasks(self.room_id), None)
-            if task is None:
-                return None
+            if task is None or self._awaits_options(task):
+                return None  # the queue order holds: nothing overtakes a task waiting for its POST
             chunks = rp.plan_chunks(task)
             # One chunk: the queue shows the peer as the worker. Several: the helper holds the
             # task and reports the chunks' combined progress.
@@ -744,8 +906,9 @@ class RoomAgent:
         if state is not None:
             state.assignment = None
 
-    def _release(self, plan: TaskPlan, *, stall: bool = False) -> None:
-        """Free every peer working on ``plan`` (it was dropped); their later messages are late."""
+    def _release(self, plan: TaskPlan, *, silent: bool = False) -> None:
+        """Free every peer working on ``plan`` (it was dropped); their later messages are late.
+        ``silent``: they lost it to the lease, and rest before they get more."""
         for chunk in plan.chunks.values():
             if chunk.worker is None:
                 continue
@@ -753,8 +916,8 @@ class RoomAgent:
             state = self.peers.get(chunk.worker)
             if state is not None and state.assignment == (plan.task_id, chunk.plan.id):
                 state.assignment = None
-                if stall and not chunk.done:
-                    state.stalled = True
+                if silent and not chunk.done:
+                    self._rest(state)
 
     def _reoffer(self, plan: TaskPlan, chunk: ChunkState, reason: str) -> None:
         """Take ``chunk`` from its worker and offer it to another peer."""
@@ -784,7 +947,8 @@ class RoomAgent:
     def referenced_results(self) -> set[str]:
         """Files that are stored but not yet referenced by a task (kept by results gc)."""
         names = {image.path for image in self.staged.values()}
-        for plan in self.plans.values():
+        finished = (plan for plan in self.finished.values() if plan is not None)
+        for plan in itertools.chain(self.plans.values(), finished):
             names.update(c.image.path for c in plan.chunks.values() if c.image is not None)
         return names
 

@@ -45,6 +45,14 @@ def make_client(aiohttp_client: Any) -> ClientFactory:
     return make
 
 
+@pytest.fixture
+def make_room(make_client: ClientFactory, config: Config, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The app with the helper in room ``lobby`` over a fake signaling room (tests/app_room.py)."""
+    from tests.app_room import room_factory  # it imports this module
+
+    return room_factory(make_client, config, monkeypatch)
+
+
 async def post_task(client: TestClient, room: str, body: dict[str, Any], status: int = 201) -> dict[str, Any]:
     resp = await client.post(f"/api/queue/{room}", json=body)
     data = await resp.json()

@@ -20,6 +20,10 @@ Commands on stdin, each with an optional ``req`` that is echoed in its reply:
     ping        {room, peer, timeout?: ms}                      -> rtt {room, peer, ms}
     peers       {room}                                          -> peers {room, peers}
     selfId      {}                                              -> self {selfId}
+    hold        {match, count?: 1}                              -> holding {match, count}
+                (browser peer only, relay_gate.mjs) hold every message the relays deliver until
+                ``count`` of them contain ``match``, then hand them all to Trystero back to back;
+                that moment is the unsolicited ``released`` event
     quit        {}                                              -> bye {}, then the process exits
 
 A failed command replies ``error {req, cmd, message}`` instead. Binary ``value`` is base64;
@@ -43,6 +47,7 @@ Unsolicited events:
                                                          b64 if bytes <= 64 KiB. Big meta: metaLen +
                                                          metaSha256 instead of meta.
     join-error {room, error, peer}                       Trystero's onJoinError
+    released   {held, matched}                           a ``hold`` ended: messages held, how many matched
     error      {message}                                 unhandled errors inside the peer
 
 Every event carries ``ts`` (the peer's Date.now(), same clock as ours on one machine); the
@@ -455,8 +460,50 @@ class JsPeer:
     async def peers(self, room: str) -> list[str]:
         return (await self.request("peers", {"room": room}))["peers"]
 
+    # ---- the published app's behaviour (app_peer.mjs) ----
+
+    async def behave_like_app(self, room: str, capabilities: dict[str, Any], *, step_ms: int = 50) -> None:
+        """From now on act in ``room`` as the published app does: its six actions, capabilities
+        to each joining peer, and (with ``hasGPU``) every `task` worked through one at a time with
+        one `progress` per step up to 1.0 and nothing else (``app-progress`` / ``app-done``
+        events). Call it right after ``join``, as the app registers its actions at once."""
+        await self.request("behaveLikeApp", {"room": room, "capabilities": capabilities, "stepMs": step_ms})
+
+    async def submit_task(
+        self,
+        room: str,
+        prompt: str,
+        *,
+        api: str | None = None,
+        options: dict[str, Any] | None = None,
+        negative_prompt: str | None = None,
+        post_first: bool = False,
+        post_delay_ms: int | None = None,
+    ) -> Event:
+        """A task made on the page: the app's `queue` broadcast (id, prompt, status, createdBy,
+        createdAt only) and, with ``api``, its POST of the full task to ``api``/api/queue without
+        a room ~10 ms later (``post_first``: the POST first). Returns ``submitted`` {taskId,
+        postStatus, postBody}."""
+        return await self.request(
+            "submitTask",
+            {
+                "room": room,
+                "prompt": prompt,
+                "api": _opt(api),
+                "options": _opt(options),
+                "negativePrompt": _opt(negative_prompt),
+                "postFirst": post_first,
+                "postDelayMs": _opt(post_delay_ms),
+            },
+        )
+
     async def get_self_id(self) -> str:
         return (await self.request("selfId"))["selfId"]
+
+    async def hold(self, match: str, count: int = 1) -> None:
+        """Browser peer: hold relay messages until ``count`` contain ``match``, then deliver them
+        together (returns at once; wait for the ``released`` event)."""
+        await self.request("hold", {"match": match, "count": count})
 
     # ---- conveniences for common waits ----
 

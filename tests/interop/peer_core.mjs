@@ -3,6 +3,7 @@
 // only move lines between stdin/stdout and this module. It must run unchanged in Node 20 and
 // in a browser, so it uses web APIs only (crypto.subtle, TextEncoder, btoa/atob).
 // The protocol is documented in jspeer.py (the Python driver).
+import {appCommands} from './app_peer.mjs'
 
 // Values, base64 binaries and metadata bigger than this are reported as length + sha256 only,
 // so one event line stays well below the driver's line limit.
@@ -150,8 +151,11 @@ const buildPayload = c => {
  * @param {Function} o.rtcPolyfill               RTCPeerConnection class: loopback only, no ICE servers
  * @param {(code: number) => void} o.exit        ends the host process
  * @param {string} o.defaultStrategy
+ * @param {(match: string, count: number) => Promise<object>} [o.holdRelays]  the `hold` command
+ *   (relay_gate.mjs); hosts without it answer `hold` with an error
  */
-export const createController = ({emit, wire, selfId, loadStrategy, rtcPolyfill, exit, defaultStrategy = 'mqtt'}) => {
+export const createController = ({emit, wire, selfId, loadStrategy, rtcPolyfill, exit, defaultStrategy = 'mqtt',
+  holdRelays = null}) => {
   const api = WIRES[wire]
   if (!api) throw new Error(`unknown wire ${wire} (${Object.keys(WIRES).join('|')})`)
   const rooms = new Map() // room id -> {id, room, actions: Map(name -> send fn), t0}
@@ -177,9 +181,11 @@ export const createController = ({emit, wire, selfId, loadStrategy, rtcPolyfill,
   const ensureAction = (r, name) => {
     let send = r.actions.get(name)
     if (!send) {
-      send = api.makeAction(r.room, name, (data, peer, meta) =>
-        out(Promise.all([describe(data), describeMeta(meta)]).then(([d, m]) =>
-          ({type: 'action', room: r.id, name, peer, ...d, ...m}))))
+      send = api.makeAction(r.room, name, (data, peer, meta) => {
+        r.hooks.action?.(name, data, peer, meta)
+        return out(Promise.all([describe(data), describeMeta(meta)]).then(([d, m]) =>
+          ({type: 'action', room: r.id, name, peer, ...d, ...m})))
+      })
       r.actions.set(name, send)
     }
     return send
@@ -190,6 +196,8 @@ export const createController = ({emit, wire, selfId, loadStrategy, rtcPolyfill,
   const background = (c, f) => { f().then(([type, fields]) => reply(c, type, fields), e => fail(c, e)) }
 
   const commands = {
+    ...appCommands({selfId, getRoom, ensureAction, need, reply, out, assertLoopback}),
+
     async join(c) {
       const id = need(c, 'room')
       if (rooms.has(id)) throw new Error(`join: already in room ${id}`)
@@ -205,10 +213,14 @@ export const createController = ({emit, wire, selfId, loadStrategy, rtcPolyfill,
         ...(c.password ? {password: c.password} : {}),
         ...(c.trickleIce !== undefined ? {trickleIce: c.trickleIce} : {})
       }
-      const r = {id, strategy, actions: new Map(), t0: Date.now()}
+      // hooks: what app_peer.mjs adds to a room (peerJoin, action)
+      const r = {id, strategy, actions: new Map(), hooks: {}, t0: Date.now()}
       const onJoinError = e => out({type: 'join-error', room: id, error: e?.error ?? String(e), peer: e?.peerId})
       r.room = api.join(mod, config, relayUrls, id, onJoinError)
-      api.onPeerJoin(r.room, peer => out({type: 'peer-join', room: id, peer, ms: Date.now() - r.t0}))
+      api.onPeerJoin(r.room, peer => {
+        out({type: 'peer-join', room: id, peer, ms: Date.now() - r.t0})
+        r.hooks.peerJoin?.(peer)
+      })
       api.onPeerLeave(r.room, peer => out({type: 'peer-leave', room: id, peer}))
       rooms.set(id, r)
       reply(c, 'joined', {room: id, strategy, selfId})
@@ -217,6 +229,7 @@ export const createController = ({emit, wire, selfId, loadStrategy, rtcPolyfill,
     async leave(c) {
       const r = getRoom(c)
       rooms.delete(r.id)
+      r.hooks = {}
       await withTimeout(r.room.leave(), 5000, 'leave')
       reply(c, 'left', {room: r.id})
     },
@@ -262,6 +275,13 @@ export const createController = ({emit, wire, selfId, loadStrategy, rtcPolyfill,
 
     selfId(c) {
       reply(c, 'self', {selfId})
+    },
+
+    hold(c) {
+      if (!holdRelays) throw new Error('hold: this peer cannot hold relay messages')
+      const released = holdRelays(need(c, 'match'), c.count ?? 1)
+      reply(c, 'holding', {match: c.match, count: c.count ?? 1})
+      released.then(r => out({type: 'released', ...r}), e => fail(c, e))
     },
 
     async quit(c) {
