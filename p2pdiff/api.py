@@ -244,8 +244,8 @@ async def _add_task(request: web.Request, room_id: str | None) -> web.Response:
     # No room at all: the task the browser app announced to its room, or one for the default room.
     added = queue.add_unplaced(new) if room_id is None else queue.add(room_id, new)
     room_id = added.task.room_id
+    await queue.flush()  # a duplicate may have filled in fields of the task: durable before 200 too
     if added.created:
-        await queue.flush()
         log.info("task %s added to room %s at position %s", added.task.id, room_id, added.position)
     payload = {
         "success": True,

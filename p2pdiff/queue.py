@@ -76,6 +76,10 @@ def same_task(existing: Task, new: NewTask) -> bool:
     )
 
 
+def _author(task: Task) -> Any:
+    return task.extra.get("createdBy")
+
+
 def now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
 
@@ -407,13 +411,18 @@ class QueueManager:
     def add_unplaced(self, new: NewTask) -> AddResult:
         """A task posted without a room (``POST /api/queue``). The browser app posts every task it
         has just announced to its room this way: when a room the helper is in already holds a task
-        with this id and prompt, that task is the one meant, and the body fills what the room's
-        ``queue`` message lacked (one id, one task). Anything else goes to the default room."""
+        with this id, prompt and author (``createdBy``), that task is the one meant, and the body
+        fills what the room's ``queue`` message lacked (one id, one task). Anything else goes to
+        the default room."""
         default = self.rooms.get(self.default_room)
         if new.id is not None and (default is None or new.id not in default.tasks):
             for room in self.rooms.values():
                 existing = room.tasks.get(new.id) if room.helper_joined else None
-                if existing is not None and same_task(existing, new):
+                if (
+                    existing is not None
+                    and same_task(existing, new)
+                    and _author(existing) == new.extra.get("createdBy")
+                ):
                     self._fill(room, existing, new)
                     return AddResult(existing, room.position(existing), created=False)
         return self.add(self.default_room, new)
@@ -487,13 +496,20 @@ class QueueManager:
     # The same transitions as REST, through update()/cancel(): peers get no rule of their own.
 
     def upsert_from_peer(
-        self, room_id: str, new: NewTask, status: str = PENDING, worker: str | None = None
+        self,
+        room_id: str,
+        new: NewTask,
+        status: str = PENDING,
+        worker: str | None = None,
+        *,
+        sender: str | None = None,
     ) -> AddResult:
-        """A task a peer announced (the app's ``queue`` action). A new task is added and carried
-        forward to the state the peer reports (claim, then complete/fail; or cancel). A task we
-        know already is left alone: its state moves by progress and results, never backwards
-        because an older snapshot says so. The same id with another prompt or options is a
-        Conflict, as over REST."""
+        """A task peer ``sender`` announced (the app's ``queue`` action). A new task is added and
+        carried forward to the state the peer reports (claim, then complete/fail; or cancel). A
+        task we know already is left alone: its state moves by progress and results, never
+        backwards because an older snapshot says so. The same id with another prompt or options
+        is a Conflict, as over REST. The sender's own task waiting in the default room (its POST
+        came first) moves here."""
         room = self.rooms.get(room_id)
         existing = room.tasks.get(new.id) if room is not None and new.id is not None else None
         if existing is not None:
@@ -507,7 +523,7 @@ class QueueManager:
             return AddResult(existing, self.position(existing), created=False)
         default = self.rooms.get(self.default_room) if room_id != self.default_room else None
         parked = default.tasks.get(new.id) if default is not None and new.id is not None else None
-        if parked is not None and same_task(parked, new):
+        if parked is not None and same_task(parked, new) and sender is not None and _author(parked) == sender:
             # The app's POST without a room reached us before its `queue` message: the task
             # belongs here. It keeps the state it has (a REST worker may hold it already).
             task = self._move(parked, room_id)

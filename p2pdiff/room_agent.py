@@ -419,7 +419,7 @@ class RoomAgent:
                     rp.QUEUE,
                     peer_id,
                     lambda item=item: self.queue.upsert_from_peer(
-                        self.room_id, item.new, item.status, item.worker
+                        self.room_id, item.new, item.status, item.worker, sender=peer_id
                     ),
                 )
             except rp.ProtocolError as exc:

@@ -310,8 +310,18 @@ async def test_other_tasks_with_the_same_id_stay_apart(make_room: RoomFactory) -
     await room.client.post("/api/queue", json=full_task("task_11", "posted"))
     room.say("page-a", "queue", queue_message("task_11", "announced differently"))
     assert room.task("task_11")["prompt"] == "announced differently"
+    # only its author moves a task: another peer naming it gets a task of its own in the room
+    room.join("page-b", gpu=False)
+    await room.client.post("/api/queue", json=full_task("task_12", "mine"))
+    room.say("page-b", "queue", queue_message("task_12", "mine", created_by="page-b"))
+    assert room.task("task_12")["options"] == {}
+    # and a POST by another author does not fill in the room's task
+    room.say("page-a", "queue", queue_message("task_13", "a cat"))
+    resp = await room.client.post("/api/queue", json=full_task("task_13", "a cat", created_by="page-b"))
+    assert resp.status == 201 and (await resp.json())["roomId"] == "default"
+    assert room.task("task_13")["options"] == {}
     default = await (await room.client.get("/api/queue/default")).json()
-    assert sorted(t["id"] for t in default["queue"]) == ["task_11", "task_8"]
+    assert sorted(t["id"] for t in default["queue"]) == ["task_11", "task_12", "task_13", "task_8"]
 
 
 async def test_rest_options_conflict_only_when_both_sides_have_some(make_room: RoomFactory) -> None:

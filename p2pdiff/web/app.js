@@ -50,7 +50,11 @@ function upsertTask(task) {
       if (!ACTIVE.has(t.status)) { r.tasks.delete(id); break; }
     }
   }
-  // Pending positions depend on every task of the room: recount in queue order.
+  renumber(r);
+}
+
+// Pending positions depend on every task of the room: recount in queue order.
+function renumber(r) {
   let pos = 0;
   for (const t of r.tasks.values()) {
     if (t.status === 'pending') t.position = ++pos; else delete t.position;
@@ -190,7 +194,10 @@ function applyEvent(ev) {
   const d = ev.data || {};
   switch (ev.type) {
     case 'task.created': case 'task.claimed': case 'task.progress': case 'task.complete':
-    case 'task.failed': case 'task.cancelled': case 'task.requeued': case 'task.result': {
+    case 'task.failed': case 'task.cancelled': case 'task.requeued': case 'task.result':
+    case 'task.updated': case 'task.moved': {
+      const from = d.fromRoom !== undefined ? state.rooms.get(d.fromRoom) : null;
+      if (from && from.tasks.delete(d.task.id)) renumber(from); // moved out of the default room
       const r = room(d.task.roomId);
       if (r.loading) r.touched.add(d.task.id);
       upsertTask(d.task);
