@@ -756,6 +756,7 @@ class RoomAgent:
                 self._release(plan)
             self.plans.clear()
             self.staged.clear()
+            self.finished.clear()
             self._kick()
 
     # -- announcing ------------------------------------------------------------------------------
