@@ -98,10 +98,35 @@ async def assert_one_task_with_options(client: TestClient, task_id: str) -> dict
     return task
 
 
+def api_of(server: TestClient) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
+async def submit(page: JsPeer, server: TestClient, prompts: list[str]) -> list[str]:
+    """Tasks made on ``page`` as the app makes them (queue message, then the POST); their ids."""
+    ids = []
+    for prompt in prompts:
+        sent = await page.submit_task(
+            ROOM, prompt, api=api_of(server), options=OPTIONS, negative_prompt="fog"
+        )
+        # 200: the POST completed the room's copy; 201: it came first and waits in the default
+        # room for the queue message. Either way the end is one task in ROOM (checked by callers).
+        assert sent["postStatus"] in (200, 201), sent
+        ids.append(sent["taskId"])
+    return ids
+
+
+async def all_complete(server: TestClient, ids: list[str]) -> list[dict[str, Any]]:
+    tasks = []
+    for task_id in ids:
+        await poll(lambda task_id=task_id: complete(server, task_id), within=60)
+        tasks.append(await assert_one_task_with_options(server, task_id))
+    return tasks
+
+
 async def test_two_tasks_from_one_page_complete_through_one_gpu_page(
     server: TestClient, pages: Pages
 ) -> None:
-    api = str(server.make_url("")).rstrip("/")
     author = await pages("page-a", NO_GPU)
     worker = await pages("gpu-page", GPU)
     helper = await helper_id(server)
@@ -109,17 +134,8 @@ async def test_two_tasks_from_one_page_complete_through_one_gpu_page(
         await page.wait_peer_join(ROOM, helper, timeout=30)
     await poll(lambda: gpu_peers_known(server, 1), within=30)
 
-    ids = []
-    for prompt in ("a red fox in fresh snow", "a lighthouse at dusk"):
-        sent = await author.submit_task(ROOM, prompt, api=api, options=OPTIONS, negative_prompt="fog")
-        # 200: the POST completed the room's copy; 201: it came first and waits in the default
-        # room for the queue message. Either way the end is one task in ROOM (below).
-        assert sent["postStatus"] in (200, 201), sent
-        ids.append(sent["taskId"])
-
-    for task_id in ids:
-        await poll(lambda task_id=task_id: complete(server, task_id), within=60)
-        task = await assert_one_task_with_options(server, task_id)
+    ids = await submit(author, server, ["a red fox in fresh snow", "a lighthouse at dusk"])
+    for task in await all_complete(server, ids):
         assert task["claimedBy"] == worker.self_id and task["progress"] == 1.0
         assert task["result"]["workerId"] == worker.self_id
     # in order, one at a time, every step reported and nothing else sent
@@ -131,19 +147,17 @@ async def test_two_tasks_from_one_page_complete_through_one_gpu_page(
     assert stats["protocol"]["received"].get("result", 0) == 0
     assert stats["protocol"]["dropped"] == {}
     # the GPU page is idle and still gets work: a third task goes to it at once
-    sent = await author.submit_task(ROOM, "a third one", api=api, options=OPTIONS, negative_prompt="fog")
-    await poll(lambda: complete(server, sent["taskId"]), within=60)
+    await all_complete(server, await submit(author, server, ["a third one"]))
 
 
 async def test_the_post_may_come_first(server: TestClient, pages: Pages) -> None:
     """The POST reaches the server before the helper hears the queue message: the task waits in
     the default room, then moves to the room that names it, and is dispatched there."""
-    api = str(server.make_url("")).rstrip("/")
     author = await pages("page-a", NO_GPU)
     helper = await helper_id(server)
     await author.wait_peer_join(ROOM, helper, timeout=30)
     sent = await author.submit_task(
-        ROOM, "a blue owl", api=api, options=OPTIONS, negative_prompt="fog", post_first=True
+        ROOM, "a blue owl", api=api_of(server), options=OPTIONS, negative_prompt="fog", post_first=True
     )
     assert sent["postStatus"] == 201 and sent["postBody"]["roomId"] == "default", sent
     task_id = sent["taskId"]
@@ -159,17 +173,10 @@ async def test_the_post_may_come_first(server: TestClient, pages: Pages) -> None
 async def test_a_chromium_page_like_the_app(server: TestClient, pages: Pages) -> None:
     """One Chromium page that both makes tasks (its POST crosses origins, as from a static host)
     and works them on its GPU."""
-    api = str(server.make_url("")).rstrip("/")
     page = await pages("chromium-page", GPU, kind="browser")
     helper = await helper_id(server)
     await page.wait_peer_join(ROOM, helper, timeout=45)
     await poll(lambda: gpu_peers_known(server, 1), within=30)
-    ids = []
-    for prompt in ("a castle in the clouds", "a tiny robot"):
-        sent = await page.submit_task(ROOM, prompt, api=api, options=OPTIONS, negative_prompt="fog")
-        assert sent["postStatus"] in (200, 201), sent
-        ids.append(sent["taskId"])
-    for task_id in ids:
-        await poll(lambda task_id=task_id: complete(server, task_id), within=60)
-        await assert_one_task_with_options(server, task_id)
+    ids = await submit(page, server, ["a castle in the clouds", "a tiny robot"])
+    await all_complete(server, ids)
     assert [e["taskId"] for e in page.events("app-done")] == ids
