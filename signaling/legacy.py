@@ -21,7 +21,11 @@ Signalling (:class:`RoomSignaller022`, :class:`Negotiator022`)
     answers us even while its own offer is pending); if it is smaller we publish ``{"peerId":S}``
     to the peer's self topic, which JS takes for an announcement and answers with an offer at
     once (spec §9.9), and we answer that. Either way a JS offer that reaches us first is answered
-    (glare rule), and we answer at most one offer per peer at a time.
+    (glare rule), and we answer at most one offer per peer at a time: the newest one on its
+    relay. JS sends two when it handles two announcements from us at once (our announce and our
+    request), and applies our answer to the one it made last, so an answer waits a moment
+    (:data:`NEWER_OFFER_WAIT`) and a newer offer on the same relay replaces the one being
+    answered until it is sent (:func:`_superseded_by`, issue 11).
 
     Timing (spec §9.9): JS destroys its pending offer 4.8 s after sending it unless the channel is
     open, so an answering negotiation is given up shortly after that; our own offer waits
@@ -38,6 +42,7 @@ in both signallers.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -85,6 +90,13 @@ ANSWER_GRACE = 1.0
 #: (spec §9.9: wait at least 10 s). Shorter than 0.25's 30 s because an offer is never re-sent
 #: here: after this the next announcement from the peer starts a fresh one.
 OFFER_WAIT = 12.0
+#: How long after an offer arrives our answer to it is sent at the earliest (topic relays). A JS
+#: peer that handles two announcements from us at once creates two offers within milliseconds,
+#: but they reach us up to ~50 ms apart (nostr: each event is signed after the offer is
+#: recorded as pending), and JS applies our answer to whichever it recorded last. A newer offer
+#: in this time replaces the one being answered (:func:`_superseded_by`); aiortc's work on the
+#: answer runs meanwhile, so this costs a join only what is left of it.
+NEWER_OFFER_WAIT = 0.25
 
 _DEFAULT_TIMEOUTS = Timeouts()
 
@@ -289,9 +301,12 @@ class Negotiator022(Negotiator):
         self, room: RoomSignaller, url: str, peer_id: str, sealed: str, neg: Negotiation | None, offer_id: str
     ) -> None:
         if neg is not None:
-            if neg.role == "answerer" or neg.answered:
-                return  # answer one offer per peer; JS sends one per relay and per announcement
-            if v022.wins_glare(self.self_id, peer_id):
+            if neg.role == "answerer":
+                if not _superseded_by(neg, url):
+                    return  # one answer per peer at a time; see _superseded_by for the exception
+            elif neg.answered:
+                return  # JS answered our offer; ICE is running
+            elif v022.wins_glare(self.self_id, peer_id):
                 room.counters["glare_ignored"] += 1
                 return  # glare: the larger id's offer (ours) stands; JS answers it
         try:
@@ -301,7 +316,12 @@ class Negotiator022(Negotiator):
             self._decrypt_failed(room, peer_id, "offer", exc)
             return
         if neg is not None:
-            self._drop(neg, "glare: answering the remote offer")
+            if neg.role == "answerer":
+                room.counters["offers_superseded"] += 1
+                log.debug("room %s: a newer offer from %s replaces the one answered", room.room_id, peer_id)
+                self._drop(neg, "superseded by a newer offer")
+            else:
+                self._drop(neg, "glare: answering the remote offer")
         if not self._admit_new(room):
             return
         peer = self._links.make_peer(False, peer_id)
@@ -315,6 +335,10 @@ class Negotiator022(Negotiator):
         started = time.monotonic()
         answer = await super()._accept(neg, sdp)
         elapsed = time.monotonic() - started
+        if answer is not None and not neg.offer_id:
+            # Topic relays: give a newer offer from the peer time to arrive and replace this one
+            # (NEWER_OFFER_WAIT). Tracker-forwarded offers are answered by id: no such doubt.
+            await asyncio.sleep(neg.created + NEWER_OFFER_WAIT - time.monotonic())
         if answer is not None and elapsed > v022.PROFILE.pending_offer_ttl / 2:
             # Typically a STUN server that does not answer (aioice waits 5 s for it): JS gives
             # up on its offer 4.8 s after sending it, so this answer is probably too late.
@@ -345,6 +369,29 @@ class Negotiator022(Negotiator):
         neg.answered = True
         self._arm(neg, self._timeouts.connect)
         self._spawn(neg, self._apply_answer(neg, sdp))
+
+
+def _superseded_by(neg: Negotiation, url: str) -> bool:
+    """Whether a new offer from the peer we are answering in ``neg``, received via ``url``,
+    replaces the offer being answered.
+
+    Trystero 0.22 keeps one pending offer per (peer, relay) and applies any answer from that
+    peer on that relay to it, without an offer id (spec §9.2). It checks for a pending offer
+    before an ``await`` and records the new one after, so two announcements from us handled
+    together (issue 11: our announce and our offer request) make it send two offers, and the
+    second is the pending one: an answer to the first is applied to it, which leaves both dead
+    (ICE checks with the other offer's credentials) until JS prunes them 4.8 s later. The first
+    is never answered or destroyed; only the newest can connect. So the newest offer on the
+    relay wins until our answer is sent, which waits :data:`NEWER_OFFER_WAIT` for it. Once it is
+    sent, the older negotiation stays: JS either took our answer for its first offer before it
+    made the second (that connection is coming up, and JS ignores relay messages from us once it
+    is open), or they crossed, and then JS's newest offer holds our answer and cannot take another.
+
+    An offer via another relay never replaces ours: JS keeps a pending offer per relay, any of
+    them can connect, and the first open channel wins. The same goes for tracker-forwarded
+    offers (torrent): JS answers by offer id, but only its latest announce's ids on each tracker.
+    """
+    return not neg.answered and url == neg.answer_relay
 
 
 def _sdp(kind: str, sealed: str) -> dict[str, str]:

@@ -447,3 +447,40 @@ async def test_helper_serves_both_wires_and_keeps_them_across_restart(
             await client.close()  # the helper leaves its rooms: @_leave to each peer
             await js022.wait_peer_leave("old", helper_id, since=since022, timeout=10)
         no_js_errors(js022, js025)
+
+
+# --------------------------------------------------------------------------- (h) two offers at once
+
+
+async def test_page_that_offers_twice_joins_at_the_first_try(relays: Relays, sessions: Any) -> None:
+    """Issue 11: a 0.22 page that gets two announcements from us together (our announce and our
+    offer request) offers twice: it looks for its pending offer to us before an ``await`` and
+    records the new one after. It applies whatever answer comes to the offer it recorded last, so
+    we must answer that one; answering the first left both dead (Chromium checked ICE with the
+    other offer's credentials) until we gave up 6 s later and the next announce connected.
+
+    The page's ``hold`` hands it our first two messages in one go, so it offers twice every time
+    (whichever two they are: if the page subscribes just after our first announce, two requests)."""
+    session = sessions("answer")  # the smaller id: we ask the page for its offer
+    async with JsPeer.start("browser", wire="0.22") as page:
+        assert session.self_id < page.self_id
+        room_id = new_room_id("twice22")
+        await relays.js_join(page, room_id)
+        await page.hold(session.self_id, count=2)
+        since = page.mark()
+        room = session.join(relays.config(), room_id)
+        watch = Watch(room, "data")
+        # Our announce (root topic) at once; our request when we hear the page's next announce.
+        released = await page.wait_for("released", since=since, timeout=JOIN_TIMEOUT)
+        assert released["matched"] == 2
+        await watch.join_of(page.self_id)
+        await page.wait_peer_join(room_id, room.self_id, since=since, timeout=JOIN_TIMEOUT)
+
+        stats = room.stats
+        # The newer offer replaced the first before we answered, and that negotiation connected.
+        assert stats["offers_superseded"] == 1, stats
+        assert "negotiation_timeouts" not in stats and "negotiation_failures" not in stats, stats
+        assert watch.joined == [page.self_id] and watch.left == []
+        assert [e["peer"] for e in page.events("peer-join") if e["room"] == room_id] == [room.self_id]
+        assert 0 < await room.ping(page.self_id) < 2000
+        no_js_errors(page)

@@ -26,6 +26,7 @@ from signaling.config import DEFAULT_RELAY_URLS, RELAY_FACTORIES, Limits
 from signaling.pacing import AnnouncePacer
 from signaling.relays import Backoff, MqttRelay, Relay
 from signaling.strangers import ForeignWireWatch
+from signaling.strategy import Signal
 from signaling.wire import v022, v025
 from tests.services import Mosquitto
 from tests.support import SessionFactory, config_factory, eventually
@@ -222,11 +223,13 @@ class FakePeer:
         self.on_close: Any = None
         self.close_reason: str | None = None
         self.closed = False
+        self.remote_offer: str | None = None
 
     async def create_offer(self) -> str:
         return "v=0\r\na=ice-options:trickle\r\na=offer\r\n"
 
     async def accept_offer(self, sdp: str) -> str:
+        self.remote_offer = sdp
         return "v=0\r\na=answer\r\n"
 
     async def accept_answer(self, sdp: str) -> None:
@@ -333,6 +336,83 @@ async def test_smaller_id_answers_one_offer_via_its_relay() -> None:
     neg.handle_022(room, "u1", offer, on_root=False)  # one offer per peer at a time
     await asyncio.sleep(0.05)
     assert len(room.sent) == 1 and len(links.peers) == 1
+    await neg.close()
+
+
+def sealed_offer(room: FakeRoom, peer_id: str, sdp: str, self_id: str) -> v022.RelaySignal:
+    return relay_signal(v022.make_offer_payload(peer_id, crypto.encrypt(room.key, sdp)), self_id)
+
+
+async def test_newer_offer_on_the_relay_replaces_the_one_being_answered() -> None:
+    """Issue 11: JS 0.22 that handles two announcements from us at once sends two offers and
+    applies any answer to the one it made last; the older negotiation is closed unanswered."""
+    neg, links, room = negotiator("00" + "a" * 18)
+    peer_id = "zz" + "b" * 18
+    neg.handle_022(room, "u1", sealed_offer(room, peer_id, "v=0 first", neg.self_id), on_root=False)
+    neg.handle_022(room, "u1", sealed_offer(room, peer_id, "v=0 second", neg.self_id), on_root=False)
+    await eventually(lambda: bool(room.sent), "the answer")
+    first, second = links.peers
+    assert first.closed and first.close_reason == "superseded by a newer offer"
+    assert second.remote_offer == "v=0 second" and not second.closed
+    ((url, to, payload),) = room.sent  # one answer, to the newer offer, via its relay
+    assert (url, to, payload["answer"]["type"]) == ("u1", peer_id, "answer")
+    assert room.counters["offers_superseded"] == 1 and neg.pending[peer_id].peer is second
+    await neg.close()
+
+
+async def test_newer_offer_replaces_an_answer_that_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer to an offer is held back (NEWER_OFFER_WAIT) after aiortc made it: a newer
+    offer arriving meanwhile still wins, and the held answer is never sent."""
+    neg, links, room = negotiator("00" + "a" * 18)
+    peer_id = "zz" + "b" * 18
+    monkeypatch.setattr(legacy, "NEWER_OFFER_WAIT", 3600.0)
+    neg.handle_022(room, "u1", sealed_offer(room, peer_id, "v=0 first", neg.self_id), on_root=False)
+    await eventually(lambda: links.peers[0].remote_offer is not None, "the first answer made")
+    assert room.sent == []  # made, not sent: a newer offer may still come
+    monkeypatch.setattr(legacy, "NEWER_OFFER_WAIT", 0.0)
+    neg.handle_022(room, "u1", sealed_offer(room, peer_id, "v=0 second", neg.self_id), on_root=False)
+    await eventually(lambda: bool(room.sent), "the answer to the newer offer")
+    first, second = links.peers
+    assert first.closed and second.remote_offer == "v=0 second"
+    assert len(room.sent) == 1 and room.counters["offers_superseded"] == 1
+    await neg.close()
+
+
+async def test_offer_after_our_answer_or_via_another_relay_is_ignored() -> None:
+    """Once our answer is sent, JS has taken it (for its first offer, whose connection is coming
+    up, or for its newest if they crossed, which then takes no other): the negotiation stays. An
+    offer via another relay is JS's pending offer *there*; ours can connect as well."""
+    neg, links, room = negotiator("00" + "a" * 18)
+    peer_id = "zz" + "b" * 18
+    neg.handle_022(room, "u1", sealed_offer(room, peer_id, "v=0 first", neg.self_id), on_root=False)
+    neg.handle_022(room, "u2", sealed_offer(room, peer_id, "v=0 other relay", neg.self_id), on_root=False)
+    await eventually(lambda: bool(room.sent), "the answer")
+    neg.handle_022(room, "u1", sealed_offer(room, peer_id, "v=0 late", neg.self_id), on_root=False)
+    (only,) = links.peers
+    assert only.remote_offer == "v=0 first" and not only.closed
+    assert [url for url, _, _ in room.sent] == ["u1"] and "offers_superseded" not in room.counters
+    await neg.close()
+
+
+async def test_tracker_offers_newest_per_tracker_answered_by_id() -> None:
+    """Torrent (tracker-forwarded offers, with ids): JS answers only its latest announce's offer
+    ids on each tracker, so a newer offer from the same tracker replaces ours; the answer names
+    its offer id. An offer via another tracker leaves ours alone."""
+    neg, links, room = negotiator("00" + "a" * 18)
+    peer_id = "zz" + "b" * 18
+
+    def forwarded(tracker: str, offer_id: str, sdp: str) -> None:
+        neg.handle(room, tracker, Signal(peer_id, offer_id, offer=crypto.encrypt(room.key, sdp)))
+
+    forwarded("t1", "o" * 20, "v=0 older announce")
+    forwarded("t1", "n" * 20, "v=0 newer announce")
+    forwarded("t2", "x" * 20, "v=0 other tracker")
+    await eventually(lambda: bool(room.sent), "the answer")
+    ((url, to, payload),) = room.sent
+    assert (url, to, payload["offerId"]) == ("t1", peer_id, "n" * 20)
+    first, second = links.peers
+    assert first.closed and second.remote_offer == "v=0 newer announce"
+    assert room.counters["offers_superseded"] == 1
     await neg.close()
 
 
