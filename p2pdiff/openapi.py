@@ -65,7 +65,9 @@ SCHEMAS: dict[str, Any] = {
     "NewTask": {
         "type": "object",
         "required": ["prompt"],
-        "description": "Fields other than the server-owned ones are kept and returned with the task.",
+        "description": "Fields other than the server-owned ones are kept and returned with the task. "
+        f"Every value may nest at most {validate.MAX_JSON_DEPTH} arrays/objects deep and hold no integer "
+        "outside -2^63..2^64-1 (400 invalid_value).",
         "properties": {
             "id": {**nullable(ID), "description": "optional; the server makes task_<ms>_<hex>"},
             "prompt": {
@@ -78,7 +80,10 @@ SCHEMAS: dict[str, Any] = {
                 **nullable({"type": "object"}),
                 "description": f"at most {validate.MAX_OPTIONS_BYTES} bytes as JSON (413 past it)",
             },
-            "createdAt": {"description": "Date.now() of the client; anything but an integer >= 0 is ignored"},
+            "createdAt": {
+                **nullable({"type": "integer", "minimum": 0, "maximum": validate.MAX_SAFE_INTEGER}),
+                "description": "Date.now() of the client; absent or null: the server's clock",
+            },
         },
     },
     "NewTaskWithRoom": {

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pdiff import events
+from p2pdiff import events, validate
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
 from p2pdiff.store import Store, StoreError
 from p2pdiff.validate import NewTask, TaskUpdate
@@ -376,6 +376,7 @@ class QueueManager:
 
     def add(self, room_id: str, new: NewTask) -> AddResult:
         """Add a task, or return the existing one if the same id was already submitted."""
+        validate.check_new_task(new)  # before anything changes: a refused task is never half-stored
         room = self._room(room_id)
         if new.id is not None and new.id in room.tasks:
             existing = room.tasks[new.id]
@@ -430,6 +431,7 @@ class QueueManager:
     def _fill(self, room: Room, task: Task, new: NewTask) -> None:
         """Complete ``task`` with what another submission of it carries and it lacks (options,
         extra fields such as ``negativePrompt``); what it has already is never overwritten."""
+        validate.check_new_task(new)
         options = new.options if not task.options and new.options else task.options
         extra = {k: v for k, v in new.extra.items() if k not in task.extra}
         if options is task.options and not extra:
@@ -477,6 +479,8 @@ class QueueManager:
                 f"task '{task_id}' is claimed by '{task.claimed_by}', not '{update.worker}'",
                 code="worker_mismatch",
             )
+        stored = {"worker": update.worker, "result": update.result, "error": update.error}
+        validate.check_fields(stored, validate.MAX_STORED_DEPTH)
         now = now_ms(self.clock)
         self._set_status(room, task, update.action, now)
         if update.action == "claim":
@@ -575,6 +579,7 @@ class QueueManager:
                 f"task '{task_id}' was completed by '{task.claimed_by}', not '{worker}'",
                 code="worker_mismatch",
             )
+        validate.check_fields(fields, validate.MAX_STORED_DEPTH)
         result = dict(task.result) if isinstance(task.result, dict) else {"data": task.result}
         result.update(fields)
         task.result = result

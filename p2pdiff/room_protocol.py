@@ -119,6 +119,14 @@ def _task_id(data: dict[str, Any], key: str = "taskId") -> str:
     return value
 
 
+def _storable(value: Any, key: str) -> Any:
+    """``value``, if the store and every JSON answer carry it intact (validate.json_problem)."""
+    problem = validate.json_problem(value)
+    if problem is not None:
+        raise ProtocolError(BAD_VALUE, f"{key} {problem}")
+    return value
+
+
 def _name(data: dict[str, Any], key: str, *, required: bool = False) -> str | None:
     """An optional short string (ids, names); ints are accepted for ids and made strings."""
     value = data.get(key)
@@ -132,7 +140,7 @@ def _name(data: dict[str, Any], key: str, *, required: bool = False) -> str | No
         raise ProtocolError(WRONG_TYPE, f"{key} must be a string")
     if len(value) > MAX_NAME_CHARS:
         raise ProtocolError(TOO_LARGE, f"{key} over {MAX_NAME_CHARS} characters")
-    return value
+    return _storable(value, key)
 
 
 def _number(value: Any) -> bool:
@@ -180,6 +188,7 @@ def parse_capabilities(payload: Any) -> Capabilities:
     memory = data.get("memory")
     if memory is not None and (not _number(memory) or memory < 0):
         raise ProtocolError(WRONG_TYPE, "memory must be a number >= 0")
+    _storable(memory, "memory")
     cores = data.get("cores")
     if cores is not None and (
         not isinstance(cores, int) or isinstance(cores, bool) or not 0 <= cores <= MAX_CORES
@@ -274,6 +283,8 @@ def parse_peer_task(item: Any) -> PeerTask:
             raise ProtocolError(TOO_LARGE if prompt.strip() else BAD_VALUE, exc.message) from None
         if exc.status == 413:
             raise ProtocolError(TOO_LARGE, exc.message) from None
+        if exc.code in ("invalid_value", "invalid_created_at"):
+            raise ProtocolError(BAD_VALUE, exc.message) from None
         raise ProtocolError(WRONG_TYPE, exc.message) from None
     if len(orjson.dumps(new.extra)) > MAX_EXTRA_BYTES:
         raise ProtocolError(TOO_LARGE, f"task fields over {MAX_EXTRA_BYTES} bytes")
@@ -343,7 +354,7 @@ def parse_result(payload: Any) -> Result:
     status = STATUS_ALIASES.get(status, status)
     if status not in ("complete", "failed"):
         raise ProtocolError(BAD_VALUE, f"result status must be complete or failed, not {status[:40]!r}")
-    error = data.get("error")
+    error = _storable(data.get("error"), "error")
     if error is not None:
         if not isinstance(error, str):
             error = orjson.dumps(error)[: validate.MAX_ERROR_CHARS].decode(errors="replace")
@@ -353,7 +364,7 @@ def parse_result(payload: Any) -> Result:
         chunk_id=_name(data, "chunkId"),
         worker_id=_name(data, "workerId"),
         status=status,
-        data=data.get("data"),
+        data=_storable(data.get("data"), "data"),
         error=error,
     )
 

@@ -1,8 +1,11 @@
-"""Validation of untrusted input (REST bodies now, peer payloads later). Pure functions, no I/O."""
+"""Validation of untrusted input (REST bodies; room_protocol.py builds on it for peer payloads).
+Pure functions, no I/O."""
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,98 @@ SERVER_OWNED = frozenset(
         "progress", "result", "error", "requeues", "queuedAt", "finishedAt", "createdAt",
     }
 )  # fmt: skip
+
+
+# What any value a client or peer gives may hold (README "Rules worth knowing"). Values are stored as
+# JSON text in SQLite, served back by orjson inside a few levels of envelope (a listing, an event, a
+# peer message) and parsed by browsers. orjson refuses nesting past 254 levels, integers outside
+# -2^63..2^64-1 and unpaired surrogates, and writes NaN and Infinity as null. (Reading JSON, orjson
+# makes longer integers floats, as browsers do.) Within these limits a value comes back as given.
+MAX_JSON_DEPTH = 32  # arrays/objects inside one given value
+# What the queue stores may wrap given values in a few levels of its own (a result's chunks), and
+# answers add their envelopes: still far below orjson's 254.
+MAX_STORED_DEPTH = 2 * MAX_JSON_DEPTH
+MIN_INT, MAX_INT = -(2**63), 2**64 - 1
+MAX_SAFE_INTEGER = 2**53 - 1  # JS Number.MAX_SAFE_INTEGER: the largest Date.now() a browser can send
+_TOO_DEEP = "nests arrays/objects too deep"
+
+
+def _valid_text(text: str) -> bool:
+    # Only a lone surrogate (JSON's "\ud800", which Python parsers let through) makes encoding fail.
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _scalar_problem(value: Any) -> str | None:
+    kind = type(value)
+    if kind is str:
+        return None if _valid_text(value) else "holds a string with an unpaired UTF-16 surrogate"
+    if kind is int:
+        return None if MIN_INT <= value <= MAX_INT else "holds an integer outside -2^63..2^64-1"
+    if kind is float:
+        return None if math.isfinite(value) else "holds a number that is not finite"
+    if value is None or kind is bool:
+        return None
+    return f"holds a {kind.__name__}, which is not JSON"
+
+
+def _problem(value: Any, levels_left: int) -> str | None:
+    kind = type(value)
+    if kind is dict:
+        for key in value:
+            if type(key) is not str or not _valid_text(key):
+                return "holds a key that is not a valid string"
+        items: Iterable[Any] = value.values()
+    elif kind is list:
+        items = value
+    else:
+        return _scalar_problem(value)
+    if levels_left <= 0:
+        return _TOO_DEEP
+    for item in items:
+        # The common cases inline, without a call: this loop is the cost of checking a large body.
+        kind = type(item)
+        if kind is str:
+            if item.isascii():
+                continue
+        elif kind is int:
+            if MIN_INT <= item <= MAX_INT:
+                continue
+        elif kind is dict or kind is list:
+            if not item:
+                continue
+            problem = _problem(item, levels_left - 1)
+            if problem is None:
+                continue
+            return problem
+        problem = _scalar_problem(item)
+        if problem is not None:
+            return problem
+    return None
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``value`` would not come back intact from the store and every JSON answer, or None.
+
+    The one check for every value a client or peer gives (REST bodies, peer payloads), and again,
+    with ``MAX_STORED_DEPTH``, for what the queue stores."""
+    problem = _problem(value, max_depth)
+    return f"{_TOO_DEEP} (more than {max_depth} levels)" if problem is _TOO_DEEP else problem
+
+
+def check_fields(fields: Mapping[str, Any], max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Raise ``invalid_value`` naming the first field whose value :func:`json_problem` refuses."""
+    for name, value in fields.items():
+        if type(name) is not str or not _valid_text(name):
+            raise BadRequest("a field name is not a valid string", code="invalid_value")
+        problem = json_problem(value, max_depth)
+        if problem is not None:
+            raise BadRequest(f"field {name[:40]!r} {problem}", code="invalid_value")
 
 
 def check_room_id(value: Any) -> str | None:
@@ -59,6 +154,7 @@ class NewTask:
 def new_task(body: Any) -> NewTask:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
+    check_fields(body)  # every field is stored: the server-owned ones as well as the extra ones
     tid = body.get("id")
     if tid is not None:
         tid = task_id(tid)
@@ -74,12 +170,26 @@ def new_task(body: Any) -> NewTask:
         raise BadRequest("options must be a JSON object", code="invalid_options")
     if len(orjson.dumps(options)) > MAX_OPTIONS_BYTES:
         raise PayloadTooLarge(f"options must serialize to at most {MAX_OPTIONS_BYTES} bytes")
-    created_at = body.get("createdAt")
-    # The app sends Date.now(); anything else is ignored and the server's clock is used.
-    if not (isinstance(created_at, int) and not isinstance(created_at, bool) and created_at >= 0):
-        created_at = None
+    created_at = _created_at(body.get("createdAt"))
     extra = {k: v for k, v in body.items() if k not in SERVER_OWNED}
     return NewTask(id=tid, prompt=prompt, options=options, extra=extra, created_at=created_at)
+
+
+def _created_at(value: Any) -> int | None:
+    # The app sends Date.now(); without one the server's clock is used. Stored in an INTEGER column.
+    if value is not None and (type(value) is not int or not 0 <= value <= MAX_SAFE_INTEGER):
+        raise BadRequest(
+            f"createdAt must be an integer from 0 to {MAX_SAFE_INTEGER} (milliseconds, like Date.now())",
+            code="invalid_created_at",
+        )
+    return value
+
+
+def check_new_task(new: NewTask) -> None:
+    """What the queue stores of a submission, checked again where it stores it (defence in depth:
+    one unstorable value would fail every later listing of its room)."""
+    _created_at(new.created_at)
+    check_fields({"options": new.options, **new.extra}, MAX_STORED_DEPTH)
 
 
 @dataclass(slots=True)
@@ -99,6 +209,7 @@ PATCH_ACTIONS = ("claim", "progress", "complete", "fail", "requeue")
 def task_update(body: Any) -> TaskUpdate:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object", code="invalid_body")
+    check_fields(body)
     action = body.get("action")
     if action not in PATCH_ACTIONS:
         raise BadRequest(f"action must be one of {', '.join(PATCH_ACTIONS)}", code="invalid_action")
@@ -145,9 +256,18 @@ def status_filter(text: str | None) -> frozenset[str] | None:
 MAX_LIMIT = 10000
 
 
+def ascii_int(text: str, max_digits: int) -> int | None:
+    """``text`` as an integer if it is 1..``max_digits`` ASCII digits, else None. (``str.isdigit``
+    and ``int`` also take superscripts and other scripts' digits, and ``int`` signs, spaces and ``_``.)"""
+    if 0 < len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
 def limit(text: str | None) -> int | None:
     if text is None or text == "":
         return None
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    value = ascii_int(text, 9)  # a few leading zeros are fine; thousands of digits need no int()
+    if value is None or not 1 <= value <= MAX_LIMIT:
         raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}", code="invalid_limit")
-    return int(text)
+    return value
