@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from p2pdiff import api, dashboard, metrics, observe, openapi, results, security, sse
+from p2pdiff import api, appfiles, dashboard, metrics, observe, openapi, results, security, sse
 from p2pdiff.config import Config
 from p2pdiff.errors import Unavailable
 from p2pdiff.events import EventBus
@@ -159,5 +159,6 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     dashboard.setup(app)
     openapi.add_routes(app)
     metrics.add_routes(app, metrics.Metrics(app[QUEUE], app[HELPER], guard, http_metrics))
+    appfiles.setup(app, config.server)  # last: under its own prefix, and it shadows nothing above
     app.on_shutdown.append(_log_shutdown)
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -59,6 +60,11 @@ class ServerConfig:
     sse_backlog: int = 1000
     sse_client_buffer: int = 256
     sse_max_clients: int = 256
+    # The browser app's own files (its web/p2p folder), served at static_path so the page, its
+    # /api/health probe and its POSTs share this origin; empty = not served.
+    static_dir: str = ""
+    static_path: str = "/p2p/"
+
 
 
 @dataclass(slots=True)
@@ -233,6 +239,7 @@ def _validate(config: Config) -> None:
         if getattr(config.server, key) <= 0:
             raise ConfigError(f"[server] {key}: must be > 0")
     _validate_security(config)
+    _validate_static(config.server)
     if not config.server.cors_origins:
         raise ConfigError('[server] cors_origins: must list at least one origin (use "*" for any)')
     # Imported here: validate.py needs nothing from config, and config needs only this one rule.
@@ -272,6 +279,36 @@ def _validate_security(config: Config) -> None:
         raise ConfigError("[server] trusted_proxy_header: not a valid HTTP header name")
     if not 0 < server.shutdown_timeout_seconds <= 60:
         raise ConfigError("[server] shutdown_timeout_seconds: must be > 0 and <= 60")
+
+
+# Plain segments only: no dot segments, no percent-encoding, no "{" (aiohttp would read a variable).
+_STATIC_PATH_RE = re.compile(r"(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+/")
+# Where the server's own routes live, besides "/" itself (which static_path cannot be); a test checks
+# that every route the app registers is under one of these.
+RESERVED_PATHS = ("/api/", "/static/", "/metrics/")
+
+
+def _validate_static(server: ServerConfig) -> None:
+    path = server.static_path
+    if not _STATIC_PATH_RE.fullmatch(path):
+        raise ConfigError(
+            f"[server] static_path: {_describe(path)} must start and end with '/' and name at least one "
+            'plain segment (letters, digits, "._~-"; not starting with "."), e.g. "/p2p/"'
+        )
+    clash = next((root for root in RESERVED_PATHS if path.startswith(root)), None)
+    if clash is not None:
+        raise ConfigError(f"[server] static_path: {path!r} is under {clash}, the server's own routes")
+    if not server.static_dir:
+        return
+    where = f"[server] static_dir: {server.static_dir!r}"  # in full: the operator needs the whole path
+    try:
+        mode = os.stat(server.static_dir).st_mode
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ConfigError(f"{where}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not stat.S_ISDIR(mode):
+        raise ConfigError(f"{where}: not a directory")
+    if not os.access(server.static_dir, os.R_OK | os.X_OK):
+        raise ConfigError(f"{where}: not readable by this user")
 
 
 def load_config(

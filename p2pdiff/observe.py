@@ -14,7 +14,7 @@ import itertools
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractResource
@@ -22,7 +22,7 @@ from aiohttp.web_urldispatcher import AbstractResource
 from p2pdiff.api import Cors, Handler, guarded
 from p2pdiff.logs import REQUEST_ID
 from p2pdiff.metrics import UNMATCHED, HttpMetrics
-from p2pdiff.security import MUTATING_METHODS, PAGE_HEADERS, Guard, is_page
+from p2pdiff.security import MUTATING_METHODS, Guard
 
 HEADER = "X-Request-Id"
 # A caller's (or a proxy's) id is kept when it is short and plain, so one id follows a request
@@ -44,17 +44,18 @@ def request_middleware(
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     new_id = _id_source()
     clock = time.perf_counter
-    # Per route: (template for the metrics label, whether browsers render it). Bounded: one entry per
-    # registered resource; requests the router did not match are worked out each time.
-    routes: dict[AbstractResource, tuple[str, bool]] = {}
+    # Per route: (template for the metrics label, the security headers of what browsers render there).
+    # Bounded: one entry per registered resource; requests the router did not match are worked out
+    # each time.
+    routes: dict[AbstractResource, tuple[str, Mapping[str, str] | None]] = {}
 
-    def describe(request: web.Request) -> tuple[str, bool]:
+    def describe(request: web.Request) -> tuple[str, Mapping[str, str] | None]:
         resource = request.match_info.route.resource
         if resource is None:
-            return UNMATCHED, is_page(request.raw_path)
+            return UNMATCHED, guard.page_headers(request.raw_path)
         known = routes.get(resource)
         if known is None:
-            known = routes[resource] = (resource.canonical, is_page(resource.canonical))
+            known = routes[resource] = (resource.canonical, guard.page_headers(resource.canonical))
         return known
 
     @web.middleware
@@ -68,7 +69,7 @@ def request_middleware(
         # Not reset afterwards on purpose: the request runs in its own task, and aiohttp writes the
         # access log line after this returns, still in that task, where it should carry the id.
         REQUEST_ID.set(request_id)
-        route, page = describe(request)
+        route, page_headers = describe(request)
         status = 500
         try:
             response = guard.refuse(request) if request.method in MUTATING_METHODS else None
@@ -79,8 +80,8 @@ def request_middleware(
                 headers = response.headers
                 headers[HEADER] = request_id
                 cors.decorate(request, headers)
-                if page:
-                    headers.update(PAGE_HEADERS)
+                if page_headers:
+                    headers.update(page_headers)
             return response
         except web.HTTPException as exc:  # redirects and the like, which the error middleware lets pass
             status = exc.status

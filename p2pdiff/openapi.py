@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from p2pdiff import dashboard, security, validate
+from p2pdiff import appfiles, dashboard, security, validate
 from p2pdiff.api import MAX_BODY_BYTES, VERSION
 from p2pdiff.config import Config
 from p2pdiff.errors import NotFound
@@ -608,11 +608,16 @@ def _tag(path: str) -> str:
 
 
 def registered_operations(app: web.Application) -> set[tuple[str, str]]:
-    """(method, route template) of every route the app answers, HEAD folded into GET."""
+    """(method, route template) of every API route the app answers, HEAD folded into GET.
+
+    The browser app's files (``[server] static_dir``) are left out: they are the deployer's pages,
+    not this server's API, and their paths hold slashes that an OpenAPI path parameter cannot.
+    """
     found = set()
+    server = app[CONFIG].server
     for route in app.router.routes():
         resource = route.resource
-        if resource is None:
+        if resource is None or appfiles.owns(server, resource.canonical):
             continue
         method = IMPLIED_METHODS.get(route.method, route.method)
         found.add((method.lower(), resource.canonical))

@@ -10,7 +10,8 @@ Policy, in order, for requests the router matched:
    token, 403 with a wrong one; except the task submission routes in ``OPEN_POST_ROUTES`` unless
    ``queue_requires_token``. Failed attempts also take a token from the client's bucket, so guessing
    the admin token is rate limited on every method.
-3. Pages and static files (everything outside ``/api/`` except the API docs) get CSP and friends.
+3. Pages and static files (everything outside ``/api/`` except the API docs) get CSP and friends;
+   the browser app's own files (``[server] static_dir``) only ``nosniff``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
+from p2pdiff import appfiles
 from p2pdiff.api import error_response
 from p2pdiff.config import ServerConfig
 
@@ -48,6 +50,10 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+# The browser app's files get no CSP: the app loads Trystero from a CDN, model weights and relays from
+# other origins, all of which its deployer chooses, and a policy that guessed wrong would break it
+# silently. Its files are served with the right types, so nosniff costs it nothing.
+APP_FILE_HEADERS = {"X-Content-Type-Options": "nosniff"}
 
 
 def token_required(queue_requires_token: bool, method: str, route: str) -> bool:
@@ -122,6 +128,7 @@ class Guard:
     """Token and rate limit checks with their counters (exported as metrics)."""
 
     def __init__(self, server: ServerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.server = server
         self.token = server.admin_token.encode()
         self.queue_requires_token = server.queue_requires_token
         self.proxy_header = server.trusted_proxy_header
@@ -141,6 +148,13 @@ class Guard:
                 self.auth_failures,
             ),
         }
+
+    def page_headers(self, path: str) -> Mapping[str, str] | None:
+        """The headers for what browsers render at ``path`` (a route template or raw path); None for
+        the JSON API."""
+        if appfiles.owns(self.server, path):
+            return APP_FILE_HEADERS
+        return PAGE_HEADERS if is_page(path) else None
 
     def needs_token(self, method: str, route: str) -> bool:
         return bool(self.token) and token_required(self.queue_requires_token, method, route)

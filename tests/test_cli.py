@@ -34,6 +34,7 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
     assert data["server"]["port"] == 4567
     assert data["p2p"]["password"] == "***"
     assert "hunter2" not in result.stdout
+    assert (data["server"]["static_dir"], data["server"]["static_path"]) == ("", "/p2p/")
 
 
 @pytest.mark.parametrize(
@@ -43,6 +44,7 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
         ("[queue]\nlease_seconds = 'long'\n", {}, "[queue] lease_seconds: expected a number"),
         ("[server\n", {}, "invalid TOML"),
         ("", {"P2PDIFF_STORE_PAHT": "x"}, "P2PDIFF_STORE_PAHT: no such config key"),
+        ("", {"P2PDIFF_SERVER_STATIC_DIR": "web/p2p"}, "[server] static_dir: 'web/p2p': No such file"),
     ],
 )
 def test_bad_config_is_one_line_not_a_traceback(

@@ -46,14 +46,20 @@ async def browser() -> AsyncIterator[Browser]:
             await browser.close()
 
 
-async def open_dashboard(
-    browser: Browser, client: TestClient, mode: str = "api-only"
-) -> tuple[Page, list[str]]:
+async def new_page(browser: Browser) -> tuple[Page, list[str]]:
+    """A page, and the script errors and console errors it will have (tests expect none)."""
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(STEP_MS)
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("console", lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None)
+    return page, problems
+
+
+async def open_dashboard(
+    browser: Browser, client: TestClient, mode: str = "api-only"
+) -> tuple[Page, list[str]]:
+    page, problems = await new_page(browser)
     await page.goto(str(client.make_url("/")))
     await expect(page.locator("#conn")).to_have_text("live")
     await expect(page.locator("#mode")).to_have_text(mode)
@@ -294,4 +300,39 @@ async def test_a_stale_health_answer_does_not_undo_newer_peer_events(
     await asyncio.sleep(0.3)  # the page has applied the stale answer by now
     await expect(peer).to_have_count(1)
     await page.unroute("**/api/health")
+    assert problems == []
+
+
+# A stand-in for the app's web/p2p/index.html: like the app, an inline module script (which the
+# dashboard's Content-Security-Policy would block) that probes /api/health relative to its page and
+# then posts a task to the same origin.
+APP_PAGE = """<!doctype html>
+<meta charset="utf-8"><title>P2P WebGPU Diffusion</title><link rel="icon" href="data:,">
+<p id="result">probing</p>
+<script type="module">
+  const health = await (await fetch("/api/health")).json();
+  const resp = await fetch("/api/queue", {
+    method: "POST",
+    headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({id: "app-task-1", prompt: "a lighthouse", roomId: "lobby"}),
+  });
+  const added = await resp.json();
+  document.getElementById("result").textContent =
+    `${health.status} ${resp.status} ${added.roomId}/${added.taskId} from ${location.pathname}`;
+</script>
+"""
+
+
+async def test_the_app_served_from_p2p_uses_the_api_on_its_own_origin(
+    browser: Browser, make_client: ClientFactory, config: Config, tmp_path: Path
+) -> None:
+    (tmp_path / "p2p").mkdir()
+    (tmp_path / "p2p" / "index.html").write_text(APP_PAGE)
+    config.server.static_dir = str(tmp_path / "p2p")
+    client = await make_client(config)
+    page, problems = await new_page(browser)
+    await page.goto(str(client.make_url("/p2p")))  # redirected to /p2p/
+    await expect(page.locator("#result")).to_have_text("ok 201 lobby/app-task-1 from /p2p/")
+    task = await (await client.get("/api/queue/lobby/app-task-1")).json()
+    assert task["task"]["prompt"] == "a lighthouse"
     assert problems == []
