@@ -77,6 +77,7 @@ async def run(clients: int, events: int, stuck: int, payload_bytes: int, rate: f
         config.store.path = f"{tmp}/db.sqlite3"
         config.p2p.enabled = False
         config.server.sse_max_clients = clients + stuck + 8
+        config.server.sse_max_clients_per_address = config.server.sse_max_clients  # all from 127.0.0.1
         app = create_app(config)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

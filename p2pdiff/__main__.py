@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import sys
 
 from aiohttp import web
 
 from p2pdiff.api import VERSION
 from p2pdiff.app import create_app
-from p2pdiff.config import ConfigError, load_config, redacted
-from p2pdiff.logs import AccessLogger, setup_logging
+from p2pdiff.config import ConfigError, load_config, redacted, secret_values
+from p2pdiff.keys import CONFIG
+from p2pdiff.logs import AccessLogger, repeat_filters, setup_logging
+from p2pdiff.shutdown import arm_backstop
 from p2pdiff.store import StoreError
 
 
@@ -31,6 +34,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_open_file_limit() -> str:
+    """Raise the soft open-file limit to the hard one; says what it did, for the log.
+
+    Every connection, event stream, peer and relay takes a descriptor, and a soft limit of 1024
+    (a common default) is reached by a modest flood, after which accept() fails for everyone.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return f"open-file limit {soft} (the hard limit)"
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit the kernel will not grant
+        return f"open-file limit {soft}: could not raise it to the hard limit {hard} ({exc})"
+    return f"open-file limit raised from {soft} to {hard}"
+
+
+async def _arm_backstop(app: web.Application) -> None:
+    # The process's own guard, added here and not in create_app: in-process tests must not be
+    # killed by it.
+    arm_backstop(app[CONFIG].server.shutdown_timeout_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -41,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(json.dumps(redacted(config), indent=2))
         return 0
-    setup_logging(config.server.log_level, config.server.log_format)
+    setup_logging(config.server.log_level, config.server.log_format, secrets=secret_values(config))
     log = logging.getLogger("p2pdiff")
     log.info("starting p2pdiff %s on http://%s:%d", VERSION, config.server.host, config.server.port)
+    log.info("%s", raise_open_file_limit())
     server = config.server
     # Whether a token is set, never the token: secrets stay out of logs.
     log.info(
@@ -54,15 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         if server.rate_limit_per_second > 0
         else "off",
     )
+    app = create_app(config)
+    app.on_shutdown.append(_arm_backstop)
     try:
         web.run_app(
-            create_app(config),
+            app,
             host=config.server.host,
             port=config.server.port,
             access_log=logging.getLogger("aiohttp.access") if config.server.access_log else None,
             access_log_class=AccessLogger,
             # SIGTERM/SIGINT: stop listening, give open requests this long, then run the cleanup
             # contexts (the helper leaves its rooms, the store commits and closes); exit code 0.
+            # p2pdiff/shutdown.py keeps the whole of it within this + 1 s.
             shutdown_timeout=config.server.shutdown_timeout_seconds,
             print=None,
         )
@@ -72,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"p2pdiff: cannot listen on {config.server.host}:{config.server.port}: {exc}", file=sys.stderr)
         return 1
+    for repeats in repeat_filters():
+        repeats.flush()
     log.info("stopped")
     return 0
 

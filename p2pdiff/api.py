@@ -56,7 +56,12 @@ async def read_json(request: web.Request, *, optional: bool = False) -> Any:
     """The request body as JSON; ``optional`` allows an empty body (returns None)."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"request body must be at most {MAX_BODY_BYTES} bytes")
-    body = await request.read()
+    try:
+        body = await request.read()
+    except ConnectionResetError:
+        # The client went away mid-body, or a shutdown cut its stalled upload: no one will read the
+        # answer, and it is no server error either.
+        raise BadRequest("the request body did not arrive whole", code="incomplete_body") from None
     if optional and not body:
         return None
     ctype = request.content_type

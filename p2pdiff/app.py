@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from p2pdiff import api, appfiles, dashboard, metrics, observe, openapi, results, security, sse
+from p2pdiff import api, appfiles, dashboard, logs, metrics, observe, openapi, results, security, sse
 from p2pdiff.config import Config
 from p2pdiff.errors import Unavailable
 from p2pdiff.events import EventBus
 from p2pdiff.helper import Helper, make_helper
-from p2pdiff.keys import CONFIG, EVENTS, HELPER, QUEUE, STARTED_AT, STORE
+from p2pdiff.keys import CONFIG, EVENTS, HELPER, QUEUE, SHUTDOWN, STARTED_AT, STORE
 from p2pdiff.queue import QueueManager
+from p2pdiff.shutdown import Shutdown
 from p2pdiff.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,13 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
     if wanted:
         log.info("helper (%s) joined %d rooms at start: %s", helper.mode, len(wanted), ", ".join(wanted))
     yield
-    await helper.close()
+    # Bounded (p2pdiff/shutdown.py): a relay that does not answer must not hold up the exit.
+    budget = app[SHUTDOWN].leave_budget()
+    try:
+        async with asyncio.timeout(budget):
+            await helper.close()
+    except TimeoutError:
+        log.warning("leaving the rooms took over %.1f s: exiting without the remaining goodbyes", budget)
 
 
 async def _every(seconds: float, name: str, work: Callable[[], Awaitable[None]]) -> None:
@@ -82,10 +89,16 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
         if removed:
             log.info("retention: pruned %d finished tasks of idle rooms", removed)
 
+    async def report_repeats() -> None:
+        # A flood of one warning that stopped is reported even if nothing else is logged after it.
+        for repeats in logs.repeat_filters():
+            repeats.close_due()
+
     lease_check = max(0.05, min(1.0, config.queue.lease_seconds / 4))
     tasks = [
         asyncio.create_task(_every(lease_check, "lease check", expire)),
         asyncio.create_task(_every(config.queue.sweep_interval_seconds, "retention sweep", sweep)),
+        asyncio.create_task(_every(logs.REPEAT_WINDOW_SECONDS, "log repeat summaries", report_repeats)),
     ]
     yield
     for task in tasks:
@@ -120,12 +133,19 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     guard = security.Guard(config.server)
     http_metrics = metrics.HttpMetrics()
     cors = api.Cors(config.server.cors_origins)
+    shutdown = Shutdown(config.server.shutdown_timeout_seconds)
     app = web.Application(
         client_max_size=api.MAX_BODY_BYTES,
-        middlewares=[observe.request_middleware(http_metrics, guard, cors)],
+        middlewares=[observe.request_middleware(http_metrics, guard, cors, shutdown)],
     )
+    app[SHUTDOWN] = shutdown
+    app.on_shutdown.append(shutdown.begin)  # first: the clock starts when listening stops
     store = Store(config.store.path, synchronous=config.store.synchronous)
-    bus = EventBus(backlog=config.server.sse_backlog, max_subscribers=config.server.sse_max_clients)
+    bus = EventBus(
+        backlog=config.server.sse_backlog,
+        max_subscribers=config.server.sse_max_clients,
+        max_per_owner=config.server.sse_max_clients_per_address,
+    )
     app[CONFIG] = config
     app[api.CORS] = cors
     app[STORE] = store
@@ -147,7 +167,9 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     app[HELPER].connect(app[QUEUE], result_store)
     bus.add_listener(app[HELPER].on_event)
     app[STARTED_AT] = time.time()
-    app.cleanup_ctx.extend([_store_ctx, _helper_ctx, _background_ctx])
+    # Cleanup runs in reverse: background work stops, the helper leaves, the store closes, and the
+    # shutdown's cut timer goes last.
+    app.cleanup_ctx.extend([shutdown.ctx, _store_ctx, _helper_ctx, _background_ctx])
     api.add_routes(app)
     results.setup(
         app,

@@ -13,6 +13,7 @@ import re
 import stat
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +56,13 @@ class ServerConfig:
     shutdown_timeout_seconds: float = 3.0
     # GET /api/events (Server-Sent Events): a comment this often keeps idle streams and proxies alive;
     # the newest sse_backlog events can be resumed (Last-Event-ID); a client more than
-    # sse_client_buffer events behind is disconnected; at most sse_max_clients streams at once.
+    # sse_client_buffer events behind is disconnected; at most sse_max_clients streams at once, and
+    # sse_max_clients_per_address of them from one client address (trusted_proxy_header applies).
     sse_heartbeat_seconds: float = 15.0
     sse_backlog: int = 1000
     sse_client_buffer: int = 256
     sse_max_clients: int = 256
+    sse_max_clients_per_address: int = 8
     # The browser app's own files (its web/p2p folder), served at static_path so the page, its
     # /api/health probe and its POSTs share this origin; empty = not served.
     static_dir: str = ""
@@ -186,7 +189,14 @@ def _parse_env(where: str, kind: Any, text: str) -> Any:
 def _apply(config: Config, section_name: str, key: str, value: Any, where: str, from_env: bool) -> None:
     section = _sections(config)[section_name]
     kind = _field_types(section)[key]
-    value = _parse_env(where, kind, value) if from_env else _coerce(where, kind, value)
+    try:
+        value = _parse_env(where, kind, value) if from_env else _coerce(where, kind, value)
+    except ConfigError:
+        if (section_name, key) not in SECRETS + SECRET_URLS:
+            raise
+        # The usual message quotes the value, which for these keys may be a secret.
+        expected = "a list of strings" if typing.get_origin(kind) is list else "a string"
+        raise ConfigError(f"{where}: expected {expected} (value not shown: it may be secret)") from None
     setattr(section, key, value)
 
 
@@ -235,7 +245,13 @@ def _validate(config: Config) -> None:
         raise ConfigError("[queue] sweep_interval_seconds: must be > 0")
     if not 0 < config.p2p.max_result_bytes <= MAX_RESULT_BYTES_LIMIT:
         raise ConfigError(f"[p2p] max_result_bytes: must be > 0 and <= {MAX_RESULT_BYTES_LIMIT}")
-    for key in ("sse_heartbeat_seconds", "sse_backlog", "sse_client_buffer", "sse_max_clients"):
+    for key in (
+        "sse_heartbeat_seconds",
+        "sse_backlog",
+        "sse_client_buffer",
+        "sse_max_clients",
+        "sse_max_clients_per_address",
+    ):
         if getattr(config.server, key) <= 0:
             raise ConfigError(f"[server] {key}: must be > 0")
     _validate_security(config)
@@ -336,8 +352,15 @@ def load_config(
 
 # Keys whose values never leave the process: masked by redacted(), never logged, never in /api/health.
 SECRETS = (("server", "admin_token"), ("p2p", "password"))
-# scheme://user:password@ -> scheme://user:***@
-_URL_PASSWORD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^@/]*@")
+# Keys holding URLs that may carry a password (mqtt://user:secret@host): shown with it masked.
+SECRET_URLS = (("p2p", "relay_urls"), ("p2p", "ice_servers"))
+# scheme://user:password@ -> scheme://user:***@ (also "turn:user:password@", without slashes). The
+# password runs to the last "@", further than a URL parser would take it: a password with a stray
+# "/" or "@" breaks the URL, and must still not show. signaling.relays.base.redact_url is the same
+# rule (signaling never imports p2pdiff); tests/test_secrets.py checks that the two agree.
+_URL_PASSWORD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:(?://)?[^:@/?#]*:)(.*)@(?=[^@]*$)", re.DOTALL)
+# Shorter secrets are not scrubbed from log lines (see secret_values).
+MIN_SCRUBBED_CHARS = 6
 
 
 def redacted(config: Config) -> dict[str, Any]:
@@ -347,10 +370,27 @@ def redacted(config: Config) -> dict[str, Any]:
         if data[section][key]:
             data[section][key] = "***"
     # Relay and TURN URLs may carry credentials (mqtt://user:secret@host).
-    for key in ("relay_urls", "ice_servers"):
-        data["p2p"][key] = [mask_url(url) for url in data["p2p"][key]]
+    for section, key in SECRET_URLS:
+        data[section][key] = [mask_url(url) for url in data[section][key]]
     return data
 
 
 def mask_url(url: str) -> str:
+    """``url`` with the password in its user info replaced by ``***`` (scheme, user and host kept)."""
     return _URL_PASSWORD_RE.sub(r"\1***@", url)
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every secret of ``config`` as it could appear in text, for the log's last line of defence.
+
+    Nothing logs a secret on purpose; this catches what a library puts in a message or traceback
+    (a relay URL in an exception). URL passwords count as written and percent-decoded. Values
+    shorter than MIN_SCRUBBED_CHARS are left out: scrubbing every "abc" would mangle the log.
+    """
+    values = [getattr(_sections(config)[section], key) for section, key in SECRETS]
+    for section, key in SECRET_URLS:
+        for url in getattr(_sections(config)[section], key):
+            match = _URL_PASSWORD_RE.match(url)
+            if match:
+                values += [match[2], urllib.parse.unquote(match[2])]
+    return sorted({v for v in values if len(v) >= MIN_SCRUBBED_CHARS}, key=len, reverse=True)

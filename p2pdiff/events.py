@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKLOG = 1000
 DEFAULT_CLIENT_BUFFER = 256
 DEFAULT_MAX_SUBSCRIBERS = 256
+DEFAULT_MAX_PER_OWNER = 8
 
 # The event types, for readers of the code and of the API (also listed in the README).
 TASK_CREATED = "task.created"
@@ -96,11 +97,13 @@ class Subscriber:
         room: str | None,
         limit: int,
         on_overflow: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> None:
         self.bus = bus
         self.room = room
         self.limit = limit
         self.on_overflow = on_overflow
+        self.owner = owner
         # Bounded by ``limit``: offer() drops the subscriber rather than exceed it.
         self._buffer: deque[Event] = deque()
         self._wakeup: asyncio.Future[None] | None = None  # while a reader waits
@@ -182,21 +185,30 @@ class TooManySubscribers(Exception):
     pass
 
 
+class OwnerLimitReached(TooManySubscribers):
+    """This owner (a client address) holds its share of the subscriptions already."""
+
+
 class EventBus:
     def __init__(
         self,
         *,
         backlog: int = DEFAULT_BACKLOG,
         max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS,
+        max_per_owner: int = DEFAULT_MAX_PER_OWNER,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clock = clock
         self.max_subscribers = max_subscribers
+        # A share per owner, so one client cannot take every subscription and lock others out.
+        self.max_per_owner = max_per_owner
         # The resume window: the newest ``backlog`` events; older ones fall off the left.
         self._backlog: deque[Event] = deque(maxlen=backlog)
         self._next_id = time.time_ns() // 1000
         # Bounded by max_subscribers (subscribe refuses past it).
         self._subscribers: set[Subscriber] = set()
+        # Subscriptions per owner; an owner leaves the map with its last one, so it is bounded too.
+        self._owners: dict[str, int] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self.closed = False
         self.published = 0
@@ -236,17 +248,30 @@ class EventBus:
         *,
         limit: int = DEFAULT_CLIENT_BUFFER,
         on_overflow: Callable[[], None] | None = None,
+        owner: str | None = None,
     ) -> Subscriber:
+        """A new subscription; ``owner`` (who asks, e.g. a client address) gets ``max_per_owner``."""
         if self.closed:
             raise TooManySubscribers("the event bus is closed")
+        held = self._owners.get(owner, 0) if owner is not None else 0
+        if held >= self.max_per_owner:
+            raise OwnerLimitReached(f"at most {self.max_per_owner} event streams per client")
         if len(self._subscribers) >= self.max_subscribers:
             raise TooManySubscribers(f"at most {self.max_subscribers} event streams at once")
-        subscriber = Subscriber(self, room, limit, on_overflow)
+        subscriber = Subscriber(self, room, limit, on_overflow, owner)
         self._subscribers.add(subscriber)
+        if owner is not None:
+            self._owners[owner] = held + 1
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers.discard(subscriber)
+        if subscriber in self._subscribers:
+            self._subscribers.remove(subscriber)
+            owner = subscriber.owner
+            if owner is not None:
+                left = self._owners.pop(owner) - 1
+                if left:
+                    self._owners[owner] = left
         subscriber.close()
 
     def since(self, last_id: int, room: str | None = None) -> list[Event] | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from p2pdiff import events
 from p2pdiff import room_protocol as rp
-from p2pdiff.config import P2PConfig
+from p2pdiff.config import P2PConfig, mask_url
 from p2pdiff.errors import BadRequest, Conflict
 from p2pdiff.queue import QueueManager
 from p2pdiff.results import ResultStore
@@ -191,7 +191,7 @@ class P2PRoom(HelperRoom):
     def to_json(self) -> dict[str, Any]:
         data = HelperRoom.to_json(self)
         data["selfId"] = self.handle.self_id
-        data["relays"] = dict(self.handle.relay_states)
+        data["relays"] = {mask_url(url): state for url, state in self.handle.relay_states.items()}
         return data
 
 
@@ -341,7 +341,8 @@ class P2PHelper(Helper):
             before = room.seen_relays.get(url)
             if state != before:
                 room.seen_relays[url] = state
-                self.emit(events.RELAY_STATE, room.room_id, {"url": url, "state": state, "previous": before})
+                data = {"url": mask_url(url), "state": state, "previous": before}
+                self.emit(events.RELAY_STATE, room.room_id, data)
         peers = room.handle.peers
         for peer_id, info in peers.items():
             rtt = None if info.rtt_ms is None else round(info.rtt_ms, 1)

@@ -8,6 +8,7 @@ from p2pdiff.config import Config
 from p2pdiff.events import EventBus
 from p2pdiff.helper import Helper
 from p2pdiff.queue import QueueManager
+from p2pdiff.shutdown import Shutdown
 from p2pdiff.store import Store
 
 CONFIG = web.AppKey("config", Config)
@@ -16,3 +17,4 @@ QUEUE = web.AppKey("queue", QueueManager)
 HELPER = web.AppKey("helper", Helper)
 STARTED_AT = web.AppKey("started_at", float)
 EVENTS = web.AppKey("events", EventBus)
+SHUTDOWN = web.AppKey("shutdown", Shutdown)

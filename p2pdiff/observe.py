@@ -23,6 +23,7 @@ from p2pdiff.api import Cors, Handler, guarded
 from p2pdiff.logs import REQUEST_ID
 from p2pdiff.metrics import UNMATCHED, HttpMetrics
 from p2pdiff.security import MUTATING_METHODS, Guard
+from p2pdiff.shutdown import Shutdown
 
 HEADER = "X-Request-Id"
 # A caller's (or a proxy's) id is kept when it is short and plain, so one id follows a request
@@ -40,7 +41,7 @@ def _id_source() -> Callable[[], str]:
 
 
 def request_middleware(
-    http: HttpMetrics, guard: Guard, cors: Cors
+    http: HttpMetrics, guard: Guard, cors: Cors, shutdown: Shutdown
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     new_id = _id_source()
     clock = time.perf_counter
@@ -60,6 +61,7 @@ def request_middleware(
 
     @web.middleware
     async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        shutdown.track(request)  # so a shutdown can cut the connection if it is still busy
         preflight = cors.preflight(request)
         if preflight is not None:
             return preflight

@@ -310,7 +310,7 @@ ERROR_TEXT = {
     409: "conflict: same id with other content, illegal transition, or another worker's task",
     413: f"body over {MAX_BODY_BYTES} bytes, or options/result over their limit",
     415: "a body that is not application/json",
-    429: "rate limited: retry after Retry-After seconds",
+    429: "rate limited, or this client's share of event streams is open: retry after Retry-After seconds",
     503: "the store could not save the change (nothing was changed), or too many event streams",
 }
 
@@ -452,7 +452,7 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
             "events",
             "Server-Sent Events: one `data: {id, type, room, ts, data}` message per event, until closed",
             {200: ("text/event-stream", TEXT)},
-            (400, 503),
+            (400, 429, 503),
             params=(
                 _param("room", "query", {"anyOf": [ID, {"const": ""}]}, "only this room's events"),
                 _param(

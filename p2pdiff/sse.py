@@ -22,8 +22,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from p2pdiff import events, validate
-from p2pdiff.api import CORS
+from p2pdiff import events, security, validate
+from p2pdiff.api import CORS, error_response
 from p2pdiff.errors import Unavailable
 from p2pdiff.keys import CONFIG, EVENTS
 
@@ -34,6 +34,8 @@ RETRY_MS = 2000
 # Events are written in pieces of about this size: the copy a write makes (and the socket buffer
 # it fills before flow control waits) stays this small per client, whatever the backlog.
 WRITE_CHUNK = 64 * 1024
+# Retry-After (seconds) for a client over its share of streams: a guess at how soon it closes one.
+STREAM_RETRY_AFTER = 10
 
 
 # Event ids are microsecond timestamps plus a counter (events.py): 16 digits for ages to come, and
@@ -83,8 +85,14 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         if transport is not None:
             transport.abort()
 
+    # Each client address gets a share of the streams, so one client cannot hold them all.
+    owner = security.client_key(request, server.trusted_proxy_header)
     try:
-        sub = bus.subscribe(room, limit=server.sse_client_buffer, on_overflow=disconnect)
+        sub = bus.subscribe(room, limit=server.sse_client_buffer, on_overflow=disconnect, owner=owner)
+    except events.OwnerLimitReached as exc:
+        refusal = error_response(429, "too_many_streams", f"{exc}; close one first")
+        refusal.headers["Retry-After"] = str(STREAM_RETRY_AFTER)
+        return refusal
     except events.TooManySubscribers as exc:
         raise Unavailable(str(exc), code="too_many_streams") from None
     # Taken together with the subscription, with no await in between: everything up to ``cursor``

@@ -51,7 +51,7 @@ class RelayHub:
             entry = self._entries[key] = self._by_relay[relay] = _Entry(relay)
             relay.on_message = lambda topic, text, e=entry: self._dispatch(e, topic, text)
             relay.on_state = lambda state, e=entry: self._state(e, state)
-            self._spawn(relay.start(), f"start {url}")
+            self._spawn(relay.start(), f"start {relay.name}")
         entry.users += 1
         return entry.relay
 
@@ -64,7 +64,7 @@ class RelayHub:
         if entry.users <= 0:
             del self._entries[key]
             self._by_relay.pop(entry.relay, None)
-            self._spawn(entry.relay.close(), f"close {url}")
+            self._spawn(entry.relay.close(), f"close {entry.relay.name}")
 
     def route(self, relay: Relay, topic: str, handler: TopicHandler) -> asyncio.Future[None]:
         """Subscribe ``topic`` and send its messages to ``handler``; returns the subscribe ack."""
@@ -95,7 +95,7 @@ class RelayHub:
         entries, self._entries = list(self._entries.values()), {}
         self._by_relay.clear()
         for entry in entries:
-            self._spawn(entry.relay.close(), f"close {entry.relay.url}")
+            self._spawn(entry.relay.close(), f"close {entry.relay.name}")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
 
@@ -117,7 +117,7 @@ class RelayHub:
             try:
                 handler(entry.relay.url, state)
             except Exception:
-                log.exception("%s: relay state handler failed", entry.relay.url)
+                log.exception("%s: relay state handler failed", entry.relay.name)
 
     def _spawn(self, coro: object, what: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]

@@ -18,10 +18,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Runs the server as ``python -m p2pdiff`` does, under an open-file limit set first (a connection
+# flood then reaches it with a few hundred connections).
+_LIMITED_LAUNCHER = (
+    "import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, ({}, {})); "
+    "runpy.run_module('p2pdiff', run_name='__main__')"
+)
+
+
 class ServerProcess:
     def __init__(
-        self, workdir: Path, env: Mapping[str, str] | None = None, args: list[str] | None = None
+        self,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        args: list[str] | None = None,
+        *,
+        nofile: tuple[int, int] | None = None,
     ) -> None:
+        """``nofile``: the (soft, hard) open-file limit the server starts with."""
         self.workdir = workdir
         self.port = free_port()
         self.env = {
@@ -35,6 +49,7 @@ class ServerProcess:
             **(env or {}),
         }
         self.args = args or []
+        self.entry = ["-m", "p2pdiff"] if nofile is None else ["-c", _LIMITED_LAUNCHER.format(*nofile)]
         self.proc: asyncio.subprocess.Process | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -42,8 +57,7 @@ class ServerProcess:
         log = (self.workdir / "server.log").open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "p2pdiff",
+            *self.entry,
             *self.args,
             cwd=self.workdir,
             env=self.env,

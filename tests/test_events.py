@@ -9,6 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pdiff import events
 from p2pdiff.config import Config
@@ -18,6 +20,7 @@ from tests.conftest import ClientFactory, post_task
 from tests.fake_signaling import fake_p2p_helper
 from tests.server_process import ServerProcess
 from tests.sse_client import SSEStream
+from tests.support import eventually
 
 
 async def open_stream(
@@ -86,6 +89,53 @@ def test_bus_room_filter_and_close() -> None:
     assert [e.room for e in sub.drain()] == ["a", None]
     bus.close()
     assert sub.closed and bus.subscribers == 0 and bus.publish("t", "a", {}) is None
+
+
+# Subscribe (owner index, or None for no owner) or unsubscribe (a pick among the open ones).
+_BUS_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("sub"), st.one_of(st.none(), st.integers(0, 3))),
+        st.tuples(st.just("unsub"), st.integers(0, 50)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_BUS_OPS, per_owner=st.integers(1, 4), total=st.integers(1, 8))
+def test_bus_shares_subscriptions_per_owner(
+    ops: list[tuple[str, int | None]], per_owner: int, total: int
+) -> None:
+    """Whatever the order of subscriptions and unsubscriptions: an owner holds at most its share, the
+    total stays capped, a refusal names the cap that was hit, and every slot comes back."""
+    bus = EventBus(max_subscribers=total, max_per_owner=per_owner)
+    held: list[events.Subscriber] = []
+    for op, arg in ops:
+        if op == "unsub":
+            if held:
+                sub = held.pop(arg % len(held))
+                bus.unsubscribe(sub)
+                bus.unsubscribe(sub)  # twice (overflow, then the stream's own cleanup): counted once
+            continue
+        owner = None if arg is None else f"10.0.0.{arg}"
+        mine = sum(1 for s in held if s.owner == owner)
+        if owner is not None and mine >= per_owner:
+            with pytest.raises(events.OwnerLimitReached):
+                bus.subscribe(owner=owner)
+        elif len(held) >= total:
+            with pytest.raises(events.TooManySubscribers) as refused:
+                bus.subscribe(owner=owner)
+            assert not isinstance(refused.value, events.OwnerLimitReached)
+        else:
+            held.append(bus.subscribe(owner=owner))
+        assert bus.subscribers == len(held)
+    for sub in held:
+        bus.unsubscribe(sub)
+    assert bus.subscribers == 0
+    for i in range(4):  # everyone's share is whole again
+        subs = [bus.subscribe(owner=f"10.0.0.{i}") for _ in range(min(per_owner, total))]
+        for sub in subs:
+            bus.unsubscribe(sub)
 
 
 # -- the stream ------------------------------------------------------------------------------------
@@ -262,6 +312,33 @@ async def test_heartbeat(make_client: ClientFactory, config: Config) -> None:
     assert beat2.comments == ["heartbeat"]
 
 
+async def test_one_client_cannot_take_every_stream(make_client: ClientFactory, config: Config) -> None:
+    config.server.trusted_proxy_header = "X-Forwarded-For"  # to stand in for several addresses
+    config.server.sse_max_clients_per_address = 2
+    client = await make_client(config)
+
+    def at(address: str) -> dict[str, str]:
+        return {"X-Forwarded-For": f"198.51.100.7, {address}"}  # the last entry is the proxy's
+
+    greedy = [await open_stream(client, headers=at("10.0.0.1")) for _ in range(2)]
+    resp = await client.get("/api/events", headers=at("10.0.0.1"))
+    body = await resp.json()
+    assert resp.status == 429 and body["error"]["code"] == "too_many_streams", body
+    assert int(resp.headers["Retry-After"]) > 0
+    # Another client (the dashboard) still gets its stream.
+    await open_stream(client, headers=at("10.0.0.2"))
+    # IPv6 clients are counted by /64, the block one subscriber holds: two of its addresses fill it.
+    await open_stream(client, headers=at("2001:db8:0:1::5"))
+    await open_stream(client, headers=at("2001:db8:0:1::6"))
+    assert (await client.get("/api/events", headers=at("2001:db8:0:1::7"))).status == 429
+    # A share comes back when one of its streams closes (the server notices at its next write).
+    greedy[0].resp.close()
+    await post_task(client, "r", {"prompt": "wake the streams"})
+    bus = client.server.app[EVENTS]
+    await eventually(lambda: bus.subscribers == 4, "closed stream noticed")
+    await open_stream(client, headers=at("10.0.0.1"))
+
+
 async def test_too_many_streams(make_client: ClientFactory, config: Config) -> None:
     config.server.sse_max_clients = 2
     client = await make_client(config)
@@ -365,7 +442,9 @@ async def test_slow_consumer_is_disconnected_and_memory_stays_bounded(
     assert ended
 
 
-async def test_many_clients_get_every_event_in_order(client: TestClient) -> None:
+async def test_many_clients_get_every_event_in_order(make_client: ClientFactory, config: Config) -> None:
+    config.server.sse_max_clients_per_address = 40  # every stream comes from 127.0.0.1
+    client = await make_client(config)
     streams = [await open_stream(client, "?room=r" if i % 2 else "") for i in range(40)]
     for i in range(25):
         await post_task(client, "r", {"id": f"t{i}", "prompt": "x"})

@@ -28,6 +28,7 @@ import asyncio
 import functools
 import logging
 import random
+import re
 import ssl
 import urllib.parse
 from abc import ABC, abstractmethod
@@ -101,6 +102,7 @@ class ConnectionLifecycle(ABC):
 
     def __init__(self, url: str, *, backoff: Backoff, connect_timeout: float) -> None:
         self._url = url
+        self._name = redact_url(url)
         self.on_state: StateCallback | None = None
         self._state: RelayState = "closed"
         self._backoff = backoff
@@ -112,11 +114,18 @@ class ConnectionLifecycle(ABC):
         self._attempts = 0
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._url} {self._state}>"
+        return f"<{type(self).__name__} {self._name} {self._state}>"
 
     @property
     def url(self) -> str:
+        """The URL as configured, credentials included: for connecting and as a key, never for
+        display (use ``name``)."""
         return self._url
+
+    @property
+    def name(self) -> str:
+        """The URL with its password masked: what log lines, task names and errors show."""
+        return self._name
 
     @property
     def state(self) -> RelayState:
@@ -133,7 +142,7 @@ class ConnectionLifecycle(ABC):
             raise RuntimeError(f"{self!r} already started")
         self._ever_connected = False
         self._set_state("connecting")
-        self._task = asyncio.create_task(self._supervise(), name=f"{self._task_label} {self._url}")
+        self._task = asyncio.create_task(self._supervise(), name=f"{self._task_label} {self._name}")
 
     async def close(self) -> None:
         """Stop reconnecting, end the connection (``_shutdown`` says goodbye first) and go
@@ -148,7 +157,7 @@ class ConnectionLifecycle(ABC):
                 # here, so a cancellation of close() itself still propagates normally.
                 await asyncio.wait(tasks)
             if task is not None and not task.cancelled() and task.exception() is not None:
-                self._log.error("%s: supervisor failed", self._url, exc_info=task.exception())
+                self._log.error("%s: supervisor failed", self._name, exc_info=task.exception())
             try:
                 await self._shutdown()
             finally:
@@ -160,7 +169,7 @@ class ConnectionLifecycle(ABC):
         loop = asyncio.get_running_loop()
         while self._state != "connected":
             if self._task is None:
-                raise ConnectionError(f"{self._url}: relay is not running")
+                raise ConnectionError(f"{self._name}: relay is not running")
             fut: asyncio.Future[None] = loop.create_future()
             self._state_waiters.append(fut)
             await fut
@@ -206,10 +215,10 @@ class ConnectionLifecycle(ABC):
                     await self._connect()
             except self._connect_errors as exc:
                 self._abort_connection()
-                self._log.info("%s: connect attempt failed: %s", self._url, describe(exc))
+                self._log.info("%s: connect attempt failed: %s", self._name, describe(exc))
             except Exception:
                 self._abort_connection()
-                self._log.exception("%s: unexpected error while connecting", self._url)
+                self._log.exception("%s: unexpected error while connecting", self._name)
             except BaseException:  # cancelled by close(): leave nothing half-open behind
                 self._abort_connection()
                 raise
@@ -220,19 +229,19 @@ class ConnectionLifecycle(ABC):
                 self._on_connected()
                 await self._wait_disconnected()
                 self._abort_connection()
-                self._log.warning("%s: connection lost", self._url)
+                self._log.warning("%s: connection lost", self._name)
                 if loop.time() - up_since >= STABLE_CONNECTION_S:
                     failures = 0
                 self._set_state("reconnecting")
             delay = self._backoff.delay(failures)
             failures += 1
-            self._log.debug("%s: next connect attempt in %.2f s", self._url, delay)
+            self._log.debug("%s: next connect attempt in %.2f s", self._name, delay)
             await asyncio.sleep(delay)
 
     def _set_state(self, state: RelayState) -> None:
         if state == self._state:
             return
-        self._log.info("%s: %s -> %s", self._url, self._state, state)
+        self._log.info("%s: %s -> %s", self._name, self._state, state)
         self._state = state
         waiters, self._state_waiters = self._state_waiters, []
         for fut in waiters:
@@ -243,7 +252,7 @@ class ConnectionLifecycle(ABC):
             try:
                 callback(state)
             except Exception:
-                self._log.exception("%s: on_state callback failed", self._url)
+                self._log.exception("%s: on_state callback failed", self._name)
 
 
 class Relay(ConnectionLifecycle):
@@ -338,13 +347,13 @@ class Relay(ConnectionLifecycle):
     def _deliver(self, topic: str, payload: bytes) -> None:
         """Hand one inbound message to the owner. Never raises into the transport."""
         if not self._matches(topic):
-            log.debug("%s: ignored a message on unsubscribed topic %s", self._url, topic)
+            log.debug("%s: ignored a message on unsubscribed topic %s", self._name, topic)
             return
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError as exc:
-            log.warning("%s: ignored a non-UTF-8 message on %s (%d bytes)", self._url, topic, len(payload))
-            log.debug("%s: %s", self._url, exc)
+            log.warning("%s: ignored a non-UTF-8 message on %s (%d bytes)", self._name, topic, len(payload))
+            log.debug("%s: %s", self._name, exc)
             return
         callback = self.on_message
         if callback is None:
@@ -352,7 +361,7 @@ class Relay(ConnectionLifecycle):
         try:
             callback(topic, text)
         except Exception:
-            log.exception("%s: on_message callback failed", self._url)
+            log.exception("%s: on_message callback failed", self._name)
 
     def _flush_queue(self, *, force: bool = False) -> None:
         """Send queued messages while connected; ``force`` ignores transport back-pressure."""
@@ -364,7 +373,7 @@ class Relay(ConnectionLifecycle):
         if not self._queue and self._dropped_since_drain:
             log.warning(
                 "%s: send queue drained; %d message(s) had been dropped while it was full",
-                self._url,
+                self._name,
                 self._dropped_since_drain,
             )
             self._dropped_since_drain = 0
@@ -421,7 +430,7 @@ class Relay(ConnectionLifecycle):
             await self._disconnect()
         finally:
             if self._queue:
-                log.info("%s: closed with %d unsent message(s) dropped", self._url, len(self._queue))
+                log.info("%s: closed with %d unsent message(s) dropped", self._name, len(self._queue))
                 self._queue.clear()
             for waiters in self._sub_waiters.values():
                 for fut in waiters:
@@ -467,7 +476,7 @@ class Relay(ConnectionLifecycle):
             log.log(
                 level,
                 "%s: send queue full (%d), dropped the oldest message (topic %s)",
-                self._url,
+                self._name,
                 self._queue_limit,
                 old_topic,
             )
@@ -506,6 +515,7 @@ class WebSocketLink:
         on_drained: Callable[[], None] | None = None,
     ) -> None:
         self._url = url
+        self._name = redact_url(url)
         self._label = label  # first word of the task names
         self._peer = peer
         self._log = logger
@@ -561,8 +571,8 @@ class WebSocketLink:
         self._outbox_chars = 0
         self._idle.set()
         self._warned.clear()
-        self._reader = asyncio.create_task(self._read_loop(ws), name=f"{self._label} read {self._url}")
-        self._writer = asyncio.create_task(self._write_loop(ws), name=f"{self._label} write {self._url}")
+        self._reader = asyncio.create_task(self._read_loop(ws), name=f"{self._label} read {self._name}")
+        self._writer = asyncio.create_task(self._write_loop(ws), name=f"{self._label} write {self._name}")
 
     def send(self, frame: str) -> None:
         """Queue one text frame for the writer (while connected; ``drop`` discards it)."""
@@ -602,7 +612,7 @@ class WebSocketLink:
         self._idle.set()
         self._closed.set()
         if ws is not None and not ws.closed:
-            closer = asyncio.create_task(self._close_quietly(ws), name=f"{self._label} close {self._url}")
+            closer = asyncio.create_task(self._close_quietly(ws), name=f"{self._label} close {self._name}")
             self._closers.add(closer)
             closer.add_done_callback(self._closers.discard)
         return ws is not None
@@ -639,7 +649,7 @@ class WebSocketLink:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._log.info("%s: send failed: %s", self._url, describe(exc))
+            self._log.info("%s: send failed: %s", self._name, describe(exc))
             if self._ws is ws:
                 self._on_lost()
 
@@ -653,11 +663,11 @@ class WebSocketLink:
                 elif msg.type is aiohttp.WSMsgType.BINARY:
                     self._on_binary()
                 elif msg.type is aiohttp.WSMsgType.ERROR:
-                    self._log.info("%s: connection error: %s", self._url, describe(msg.data))
+                    self._log.info("%s: connection error: %s", self._name, describe(msg.data))
                     return
                 else:  # CLOSE / CLOSING / CLOSED
                     self._log.info(
-                        "%s: connection closed by the %s (code %s)", self._url, self._peer, ws.close_code
+                        "%s: connection closed by the %s (code %s)", self._name, self._peer, ws.close_code
                     )
                     return
                 handled += 1
@@ -666,7 +676,7 @@ class WebSocketLink:
         except asyncio.CancelledError:
             raise
         except Exception:
-            self._log.exception("%s: reader failed; dropping the connection", self._url)
+            self._log.exception("%s: reader failed; dropping the connection", self._name)
         finally:
             if self._ws is ws:
                 self._on_lost()
@@ -675,17 +685,32 @@ class WebSocketLink:
         try:
             await ws.close()  # bounded by ws_close; aborts the transport on any error
         except Exception as exc:
-            self._log.debug("%s: error while dropping the connection: %s", self._url, describe(exc))
+            self._log.debug("%s: error while dropping the connection: %s", self._name, describe(exc))
+
+
+# scheme://user:password@ -> scheme://user:***@; the password runs to the last "@", so one that
+# breaks the URL (a stray "/" or "@") is still hidden. p2pdiff.config.mask_url is the same rule
+# (this package imports nothing of p2pdiff; p2pdiff's tests check that the two agree).
+_URL_PASSWORD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:(?://)?[^:@/?#]*:)(.*)@(?=[^@]*$)", re.DOTALL)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password in its user info replaced by ``***``, for logs and errors."""
+    return _URL_PASSWORD_RE.sub(r"\1***@", url)
 
 
 def check_websocket_url(url: str, what: str) -> None:
     """Raise ``ValueError`` unless ``url`` is a usable ``ws://`` / ``wss://`` URL of a ``what``."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() not in ("ws", "wss"):
-        raise ValueError(f"{what} URL must be ws:// or wss://, got {url!r}")
+        raise ValueError(f"{what} URL must be ws:// or wss://, got {redact_url(url)!r}")
     if not parts.hostname:
-        raise ValueError(f"no host in {what} URL {url!r}")
-    _ = parts.port  # raises ValueError when out of range
+        raise ValueError(f"no host in {what} URL {redact_url(url)!r}")
+    try:
+        _ = parts.port  # raises ValueError when out of range
+    except ValueError:
+        # Its own message quotes the URL's text after the last ":", a password if one broke the URL.
+        raise ValueError(f"bad port in {what} URL {redact_url(url)!r}") from None
 
 
 def describe(exc: BaseException | None) -> str:

@@ -49,7 +49,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, GOODBYE_TIMEOUT_S, Backoff, Relay
+from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, GOODBYE_TIMEOUT_S, Backoff, Relay, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,14 @@ def parse_broker_url(url: str) -> BrokerAddress:
     parts = urllib.parse.urlsplit(url)
     scheme = _SCHEME_ALIASES.get(parts.scheme.lower(), parts.scheme.lower())
     if scheme not in _DEFAULT_PORTS:
-        raise ValueError(f"unsupported MQTT broker URL scheme {parts.scheme!r} in {url!r}")
+        raise ValueError(f"unsupported MQTT broker URL scheme {parts.scheme!r} in {redact_url(url)!r}")
     host = parts.hostname
     if not host:
-        raise ValueError(f"no host in MQTT broker URL {url!r}")
-    port = parts.port or _DEFAULT_PORTS[scheme]  # .port raises ValueError when out of range
+        raise ValueError(f"no host in MQTT broker URL {redact_url(url)!r}")
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:  # out of range, or not a number; its message quotes what may be a password
+        raise ValueError(f"bad port in MQTT broker URL {redact_url(url)!r}") from None
     path = ""
     if scheme in ("ws", "wss"):
         # mqtt.js sends the URL's path and query as they are, "/" when there is none.
@@ -565,7 +568,7 @@ class MqttRelay(Relay):
                 async with asyncio.timeout(GOODBYE_TIMEOUT_S):
                     await self._closed_event.wait()
             except TimeoutError:
-                log.info("%s: broker did not take DISCONNECT in time; closing anyway", self.url)
+                log.info("%s: broker did not take DISCONNECT in time; closing anyway", self.name)
         self._abort_connection()
 
     # -------------------------------------------------------------- topic rules
@@ -663,7 +666,7 @@ class MqttRelay(Relay):
             assert self._loop is not None
             self._loop.call_soon(self._on_readable)
         except Exception:
-            log.exception("%s: error while reading; dropping the connection", self.url)
+            log.exception("%s: error while reading; dropping the connection", self.name)
             self._abort_connection()
 
     def _on_writable(self) -> None:
@@ -673,7 +676,7 @@ class MqttRelay(Relay):
         try:
             client.loop_write()
         except Exception:
-            log.exception("%s: error while writing; dropping the connection", self.url)
+            log.exception("%s: error while writing; dropping the connection", self.name)
             self._abort_connection()
 
     def _on_misc_timer(self) -> None:
@@ -684,7 +687,7 @@ class MqttRelay(Relay):
         try:
             client.loop_misc()  # keepalive PINGREQ, and the ping timeout
         except Exception:
-            log.exception("%s: error in keepalive handling; dropping the connection", self.url)
+            log.exception("%s: error in keepalive handling; dropping the connection", self.name)
             self._abort_connection()
             return
         if client.socket() is not None and self._loop is not None:
@@ -707,7 +710,7 @@ class MqttRelay(Relay):
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
             # Nothing better to do than say so: waiting forever would stall the connection.
-            log.error("%s: broker refused a subscription (mid %d): %s", self.url, mid, ", ".join(refused))
+            log.error("%s: broker refused a subscription (mid %d): %s", self.name, mid, ", ".join(refused))
         fut = self._subacks.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -716,6 +719,6 @@ class MqttRelay(Relay):
         try:
             topic = message.topic
         except UnicodeDecodeError:
-            log.warning("%s: ignored a message with a non-UTF-8 topic", self.url)
+            log.warning("%s: ignored a message with a non-UTF-8 topic", self.name)
             return
         self._deliver(topic, message.payload)

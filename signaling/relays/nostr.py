@@ -598,7 +598,7 @@ class NostrRelay(Relay):
         if topic in self._topics and self._rate_limit.remaining() > 0:
             # An announce (see the module docstring) during a rate-limit pause: skip it, as JS does.
             self._counters["announce_suppressed"] += 1
-            log.debug("%s: announce on %s suppressed (rate-limited)", self.url, topic)
+            log.debug("%s: announce on %s suppressed (rate-limited)", self.name, topic)
             return True
         event = make_event(self._keys, topic, text, int(self._clock()))
         if topic in self._topics:
@@ -618,7 +618,7 @@ class NostrRelay(Relay):
 
     async def _disconnect(self) -> None:
         if not await self._link.drain():  # what close() flushed goes out first
-            log.info("%s: relay did not take our last messages in time; closing anyway", self.url)
+            log.info("%s: relay did not take our last messages in time; closing anyway", self.name)
         self._teardown()  # the goodbye (a WebSocket close frame) goes out in the background
         await self._link.release()
 
@@ -628,7 +628,7 @@ class NostrRelay(Relay):
         if len(topic) > MAX_TOPIC_LENGTH:
             raise ValueError(f"nostr topic longer than {MAX_TOPIC_LENGTH} characters")
         if is_filter and topic not in self._topics and len(self._topics) >= self._max_topics:
-            raise ValueError(f"{self.url}: already subscribed to {self._max_topics} topics")
+            raise ValueError(f"{self.name}: already subscribed to {self._max_topics} topics")
 
     # -------------------------------------------------------------- connection internals
 
@@ -643,7 +643,7 @@ class NostrRelay(Relay):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        lost = ConnectionError(f"{self.url}: connection lost")
+        lost = ConnectionError(f"{self.name}: connection lost")
         waiters, self._flush_waiters = self._flush_waiters, []
         pending, self._pending_ack = self._pending_ack, None
         if pending is not None:
@@ -667,7 +667,7 @@ class NostrRelay(Relay):
         if not self._link.connected:
             for fut in waiters:
                 if not fut.done():
-                    fut.set_exception(ConnectionError(f"{self.url}: not connected"))
+                    fut.set_exception(ConnectionError(f"{self.name}: not connected"))
             return
         topics = list(self._topics)
         chunks = [topics[i : i + MAX_TOPICS_PER_REQ] for i in range(0, len(topics), MAX_TOPICS_PER_REQ)]
@@ -704,7 +704,7 @@ class NostrRelay(Relay):
         self._counters["eose_timeout"] += 1
         log.warning(
             "%s: no EOSE within %.1f s; the relay is not answering, reconnecting",
-            self.url,
+            self.name,
             self._connect_timeout,
         )
         self._teardown()
@@ -733,13 +733,13 @@ class NostrRelay(Relay):
                 case "NOTICE":
                     self._counters["notice"] += 1
                     text = msg[1] if len(msg) > 1 and isinstance(msg[1], str) else ""
-                    self._link.warn_once("notice", "%s: NOTICE from relay: %.200s", self.url, text)
+                    self._link.warn_once("notice", "%s: NOTICE from relay: %.200s", self.name, text)
                 case "AUTH":
                     self._counters["auth_challenge"] += 1  # NIP-42: we never authenticate (JS neither)
                 case _:
                     self._counters["unknown_message"] += 1
         except Exception:  # remote input must never take the connection down
-            log.exception("%s: failed to handle a relay message", self.url)
+            log.exception("%s: failed to handle a relay message", self.name)
             self._drop("malformed", "handler error")
 
     def _on_event(self, msg: list[Any]) -> None:
@@ -801,13 +801,13 @@ class NostrRelay(Relay):
             pause = self._rate_limit.enter()
             if pause is not None:
                 log.warning(
-                    "%s: rate-limited (%.200s); pausing announces for %.0f s", self.url, reason, pause
+                    "%s: rate-limited (%.200s); pausing announces for %.0f s", self.name, reason, pause
                 )
             return
         if prefix in _POLICY_REJECTIONS:
             self._impose_penalty(f"event refused ({reason[:200]})")
             return
-        self._link.warn_once(f"rejected:{prefix}", "%s: event refused: %.200s", self.url, reason)
+        self._link.warn_once(f"rejected:{prefix}", "%s: event refused: %.200s", self.name, reason)
 
     def _on_closed(self, msg: list[Any]) -> None:
         if len(msg) < 2 or msg[1] not in self._sub_ids:
@@ -820,11 +820,11 @@ class NostrRelay(Relay):
         pause = self._penalty.enter()
         if pause is not None:
             self._counters["penalty"] += 1
-            log.warning("%s: %s; reconnecting in %.0f s at the earliest", self.url, why, pause)
+            log.warning("%s: %s; reconnecting in %.0f s at the earliest", self.name, why, pause)
         self._teardown()
 
     def _drop(self, reason: str, detail: str = "") -> None:
         self._counters[f"dropped:{reason}"] += 1
         self._link.warn_once(
-            f"dropped:{reason}", "%s: dropped an incoming message (%s) %.200s", self.url, reason, detail
+            f"dropped:{reason}", "%s: dropped an incoming message (%s) %.200s", self.name, reason, detail
         )

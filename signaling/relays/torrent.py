@@ -495,7 +495,7 @@ class TorrentRelay(ConnectionLifecycle):
         self._counters: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
-        return f"<TorrentRelay {self._url} {self._state} rooms={len(self._rooms)}>"
+        return f"<TorrentRelay {self._name} {self._state} rooms={len(self._rooms)}>"
 
     # ------------------------------------------------------------------ properties
 
@@ -548,7 +548,7 @@ class TorrentRelay(ConnectionLifecycle):
         room = self._rooms.get(info_hash)
         if room is None:
             if len(self._rooms) >= self._max_rooms:
-                raise ValueError(f"{self._url}: already announcing {self._max_rooms} rooms")
+                raise ValueError(f"{self._name}: already announcing {self._max_rooms} rooms")
             capacity = max(64, 8 * self._policy.max_offers)
             room = _Room(info_hash, offers, passive, self._policy.default_interval, LruSet(capacity))
             self._removed.discard(info_hash)
@@ -636,7 +636,7 @@ class TorrentRelay(ConnectionLifecycle):
 
     async def _shutdown(self) -> None:
         if not await self._link.drain():  # e.g. a stopped announce from remove()
-            log.info("%s: tracker did not take our last frames in time; closing anyway", self._url)
+            log.info("%s: tracker did not take our last frames in time; closing anyway", self._name)
         self._teardown()
         await self._link.release()
 
@@ -663,7 +663,7 @@ class TorrentRelay(ConnectionLifecycle):
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not end the room silently
-            log.exception("%s: announcer of %s failed", self._url, room.info_hash)
+            log.exception("%s: announcer of %s failed", self._name, room.info_hash)
 
     def _delay(self, room: _Room) -> float:
         if room.passive:
@@ -739,7 +739,7 @@ class TorrentRelay(ConnectionLifecycle):
         except Exception as exc:
             self._counters["offers_failed"] += 1
             self._link.warn_once(
-                "offers_failed", "%s: no offers for %s: %s", self._url, room.info_hash, describe(exc)
+                "offers_failed", "%s: no offers for %s: %s", self._name, room.info_hash, describe(exc)
             )
             return None
         offers: list[TorrentOffer] = []
@@ -752,7 +752,7 @@ class TorrentRelay(ConnectionLifecycle):
                 self._counters["offers_invalid"] += 1
                 log.error(
                     "%s: offers provider of %s returned an invalid offer: %.80r",
-                    self._url,
+                    self._name,
                     room.info_hash,
                     item,
                 )
@@ -763,7 +763,7 @@ class TorrentRelay(ConnectionLifecycle):
             self._link.warn_once(
                 "offers_truncated",
                 "%s: %d offers for %s, announcing the first %d",
-                self._url,
+                self._name,
                 len(offers),
                 room.info_hash,
                 self._policy.max_offers,
@@ -790,7 +790,7 @@ class TorrentRelay(ConnectionLifecycle):
         self._counters["reply_timeout"] += 1
         log.warning(
             "%s: no reply to an announce of %s within %.1f s; the tracker is not answering, reconnecting",
-            self._url,
+            self._name,
             room.info_hash,
             self._reply_timeout,
         )
@@ -804,7 +804,7 @@ class TorrentRelay(ConnectionLifecycle):
         if self._link.backlog >= _OUTBOX_HIGH_WATER:
             self._counters["send_backlog"] += 1
             self._link.warn_once(
-                "send_backlog", "%s: outbox full (stalled link?); dropping frames", self._url
+                "send_backlog", "%s: outbox full (stalled link?); dropping frames", self._name
             )
             return False
         self._link.send(frame)
@@ -824,7 +824,7 @@ class TorrentRelay(ConnectionLifecycle):
         try:
             self._on_message(msg)
         except Exception:  # remote input must never take the connection down
-            log.exception("%s: failed to handle a tracker message", self._url)
+            log.exception("%s: failed to handle a tracker message", self._name)
             self._drop("bad_field", "handler error")
 
     def _on_message(self, msg: dict[str, Any]) -> None:
@@ -834,7 +834,7 @@ class TorrentRelay(ConnectionLifecycle):
             self._link.warn_once(
                 "failure",
                 "%s: tracker failure: %.200s (info_hash %.40r)",
-                self._url,
+                self._name,
                 str(failure),
                 msg.get("info_hash"),
             )
@@ -848,7 +848,7 @@ class TorrentRelay(ConnectionLifecycle):
         warning = msg.get("warning message")
         if warning:
             self._counters["warning"] += 1
-            self._link.warn_once("warning", "%s: tracker warning: %.200s", self._url, str(warning))
+            self._link.warn_once("warning", "%s: tracker warning: %.200s", self._name, str(warning))
         action = msg.get("action", TRACKER_ACTION)
         if action != TRACKER_ACTION:
             self._drop("bad_action", f"{action!r:.40}")
@@ -899,7 +899,7 @@ class TorrentRelay(ConnectionLifecycle):
         try:
             callback(room.info_hash, peer_id, offer_id, sdp)
         except Exception:
-            log.exception("%s: on_%s callback failed", self._url, kind)
+            log.exception("%s: on_%s callback failed", self._name, kind)
 
     def _on_interval(self, room: _Room, value: object) -> None:
         # JS: `if (interval && ...)`, so 0 is silently ignored; a non-number would make JS's
@@ -911,7 +911,7 @@ class TorrentRelay(ConnectionLifecycle):
             or value < 0
         ):
             self._counters["bad_interval"] += 1
-            self._link.warn_once("bad_interval", "%s: ignored tracker interval %.40r", self._url, value)
+            self._link.warn_once("bad_interval", "%s: ignored tracker interval %.40r", self._name, value)
             return
         if value == 0:
             return
@@ -919,7 +919,7 @@ class TorrentRelay(ConnectionLifecycle):
         self._counters["interval"] += 1
         if new != room.interval:
             log.debug(
-                "%s: %s announce interval %.1f s -> %.1f s", self._url, room.info_hash, room.interval, new
+                "%s: %s announce interval %.1f s -> %.1f s", self._name, room.info_hash, room.interval, new
             )
             room.interval = new
             room.wake.set()  # the running wait recomputes its deadline
@@ -951,8 +951,8 @@ class TorrentRelay(ConnectionLifecycle):
     def _drop(self, reason: str, detail: str = "") -> None:
         self._counters[f"dropped:{reason}"] += 1
         if reason in _EXPECTED_DROPS:
-            log.debug("%s: dropped a tracker message (%s)", self._url, reason)
+            log.debug("%s: dropped a tracker message (%s)", self._name, reason)
             return
         self._link.warn_once(
-            f"dropped:{reason}", "%s: dropped a tracker message (%s) %s", self._url, reason, detail
+            f"dropped:{reason}", "%s: dropped a tracker message (%s) %s", self._name, reason, detail
         )
