@@ -1,6 +1,7 @@
 # make run    install everything into .venv and start the server (config.toml, PORT overrides the port)
 # make test   install the test dependencies too and run the whole suite in a loopback-only netns
 # make bench  run the benchmarks (prints ratios against a baseline measured in the same run)
+# make soak   mixed REST + SSE + peer load for SOAK_MINUTES (default 30); prints RSS and fd slopes
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 NODE_STAMP := tests/interop/node_modules/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint system-deps clean
+.PHONY: run test bench soak lint system-deps clean
 
 $(PY):
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -41,6 +42,9 @@ bench: $(STAMP) system-deps $(NODE_STAMP)
 	@command -v wrk >/dev/null || { if [ "$$(id -u)" -eq 0 ]; then apt-get install -y -qq wrk; \
 	  else sudo apt-get install -y -qq wrk; fi; }
 	scripts/netns.sh $(PY) -m benchmarks
+
+soak: $(STAMP) system-deps $(NODE_STAMP)
+	scripts/netns.sh $(PY) -m benchmarks.soak
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
