@@ -1,8 +1,8 @@
 import sys
 
-from benchmarks import http, p2p
+from benchmarks import http, join022, p2p
 
-# `python -m benchmarks [http] [p2p]`: both by default.
-wanted = sys.argv[1:] or ["http", "p2p"]
+# `python -m benchmarks [http] [p2p] [join022]`: all by default.
+wanted = sys.argv[1:] or ["http", "p2p", "join022"]
 for name in wanted:
-    {"http": http.main, "p2p": p2p.main}[name]()
+    {"http": http.main, "p2p": p2p.main, "join022": join022.main}[name]()

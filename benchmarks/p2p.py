@@ -25,9 +25,15 @@ SIZE = 8 * 1024 * 1024
 TRANSFERS = int(os.environ.get("BENCH_TRANSFERS", "3"))
 
 
-def room_config(app_id: str, broker: Mosquitto) -> signaling.RoomConfig:
+def room_config(app_id: str, url: str, *, strategy: str = "mqtt", wire: str = "0.25") -> signaling.RoomConfig:
+    """Our room on one local relay, ICE on loopback without STUN."""
     return signaling.RoomConfig(
-        app_id=app_id, relay_urls=[broker.ws_url], ice_servers=[], ice_host_addresses=["127.0.0.1"]
+        app_id=app_id,
+        relay_urls=[url],
+        strategy=strategy,
+        wire=wire,
+        ice_servers=[],
+        ice_host_addresses=["127.0.0.1"],
     )
 
 
@@ -36,7 +42,7 @@ async def helper_join(session: signaling.Session, broker: Mosquitto, host: JsPee
     await host.join("bench", app_id=app_id, relay_urls=[broker.ws_url])
     joined = asyncio.get_running_loop().create_future()
     start = time.perf_counter()
-    room = signaling.join_room(room_config(app_id, broker), "bench", session=session)
+    room = signaling.join_room(room_config(app_id, broker.ws_url), "bench", session=session)
     room.on_peer_join(lambda peer_id: joined.done() or joined.set_result(peer_id))
     peer_id = await asyncio.wait_for(joined, 30)
     await room.ping(peer_id)
@@ -71,7 +77,7 @@ async def throughput(
     for js in (a, b):
         await js.join("tp", app_id=app_id, relay_urls=[broker.ws_url])
         await js.make_action("tp", "blob")
-    room = signaling.join_room(room_config(app_id, broker), "tp", session=session)
+    room = signaling.join_room(room_config(app_id, broker.ws_url), "tp", session=session)
     blob = room.make_action("blob")
     received: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
     blob.on_receive(lambda payload, peer_id, meta: received.put_nowait((time.time(), payload)))
@@ -112,7 +118,7 @@ async def run() -> None:
             # Trystero keeps its relay sockets open between rooms; our relay hub closes a relay
             # with its last room. A room nobody else joins keeps ours open too, so both sides
             # join with a warm broker connection, as a helper already serving a room does.
-            signaling.join_room(room_config("bench-anchor", broker), "anchor", session=session)
+            signaling.join_room(room_config("bench-anchor", broker.ws_url), "anchor", session=session)
             (relay,) = session.hub.relays()
             await asyncio.wait_for(relay.wait_connected(), 30)
             ours, theirs = [], []

@@ -39,9 +39,10 @@ it routes offers and answers to rooms by info_hash.
     tie-break). Its signaller differs from the 0.25 one only there: :class:`OfferBatches`
     instead of the pool (one batch per tracker, replaced at each announce, the previous batch
     closed), SDPs without the ``a=ice-options:trickle`` line, offers always handed to the
-    negotiator (the 0.22 one: it answers one offer per peer at a time and, while it answers, an
-    answer to one of our offers from the same peer is dropped, so a pair that crosses offers
-    still ends up with one connection), and its own trackers (policy ``TORRENT_022``: numwant
+    negotiator (the 0.22 one: it answers one offer per peer at a time, a newer one from the same
+    tracker replacing it until answered, and while it answers, an answer to one of our offers
+    from the same peer is dropped, so a pair that crosses offers still ends up with one
+    connection), and its own trackers (policy ``TORRENT_022``: numwant
     10, every 33.333 s raised by the tracker's interval, dedupe by offer id forever) that are
     not shared with 0.25 rooms.
 

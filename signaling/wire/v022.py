@@ -383,7 +383,8 @@ class WireProfile:
     #: In glare (both sides have an offer pending) the larger id's offer wins. ["smaller"]
     glare_winner: Literal["larger", "smaller"] = "larger"
     #: JS answers every offer with a new PC (no dedupe); the first channel to open wins and
-    #: later ones are closed. Answer at most one offer per peer ourselves. [dedupe by offerId]
+    #: later ones are closed. Answer at most one offer per peer ourselves: the newest on its
+    #: relay (signaling.legacy: JS applies an answer to its newest offer). [dedupe by offerId]
     dedupes_offers: bool = False
     #: One offer per relay the peer was heard on, each answered on the relay it came from;
     #: JS matches an answer by (sender, relay) only, so a late answer can hit a newer offer.
