@@ -88,7 +88,12 @@ SCHEMAS: dict[str, Any] = {
     },
     "NewTaskWithRoom": {
         "allOf": [ref("NewTask")],
-        "properties": {"roomId": {**nullable(ID), "description": "null or absent: [server] default_room"}},
+        "properties": {
+            "roomId": {
+                **nullable(ID),
+                "description": "null or absent: the helper room with this task, else [server] default_room",
+            }
+        },
     },
     "TaskUpdate": {
         "type": "object",
@@ -382,7 +387,10 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
     "/api/queue": {
         "post": _op(
             "addTaskDefaultRoom",
-            "Add a task to the body's roomId or the default room",
+            "Add a task to the body's roomId. Without one: the task a helper room already holds under "
+            "this id, prompt and createdBy (the browser app announces a task to its room, then POSTs "
+            "it here), its missing fields filled in (200, duplicate: true, roomId that room); else "
+            "the default room",
             {201: (JSON, ref("Added")), 200: (JSON, ref("Added"))},
             (409,),
             body="NewTaskWithRoom",
