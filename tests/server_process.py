@@ -80,6 +80,21 @@ class ServerProcess:
                     raise TimeoutError(f"server did not start: {self.log()}")
                 await asyncio.sleep(0.05)
 
+    async def __aenter__(self) -> ServerProcess:
+        try:
+            await self.start()
+        except BaseException:
+            await self._reap()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._reap()  # a test that failed half-way must not leave its server running
+
+    async def _reap(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            await self.kill()
+
     def log(self) -> str:
         path = self.workdir / "server.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.chaos.conftest import Serve
 from tests.server_process import ServerProcess
 from tests.support import eventually
 
@@ -48,11 +49,10 @@ def _open_flood(port: int) -> list[socket.socket]:
     return socks
 
 
-async def test_connection_flood_at_the_open_file_limit(tmp_path: Path) -> None:
-    server = ServerProcess(
+async def test_connection_flood_at_the_open_file_limit(tmp_path: Path, serve: Serve) -> None:
+    server = await serve(
         tmp_path, env={"P2PDIFF_STORE_PATH": str(tmp_path / "db.sqlite3")}, nofile=(SOFT, HARD)
     )
-    await server.start()
     assert server.proc is not None
     assert _limits(server.proc.pid) == (HARD, HARD)
     socks = _open_flood(server.port)

@@ -20,8 +20,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.chaos.conftest import Serve
 from tests.interop.test_helper_app import poll
-from tests.server_process import ServerProcess, free_port
+from tests.server_process import free_port
 from tests.services import Mosquitto, running
 from tests.sse_client import SSEStream
 from tests.support import service_or_fail
@@ -67,10 +68,9 @@ async def relay_states(http: aiohttp.ClientSession) -> dict[str, str]:
     return next(r["relays"] for r in health["p2p"]["rooms"] if r["roomId"] == "lobby")  # type: ignore[no-any-return]
 
 
-async def test_no_secret_on_any_surface(tmp_path: Path, broker: Mosquitto) -> None:
+async def test_no_secret_on_any_surface(tmp_path: Path, broker: Mosquitto, serve: Serve) -> None:
     env = secret_env(tmp_path, broker)
-    server = ServerProcess(tmp_path, env=env)
-    await server.start()
+    server = await serve(tmp_path, env=env)
     assert server.proc is not None
     shown = f"ws://user:***@127.0.0.1:{broker.ports['ws']}"
     seen: list[str] = []  # every surface's text

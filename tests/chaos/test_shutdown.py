@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.chaos.conftest import Serve
 from tests.interop.jspeer import JsPeer
 from tests.interop.test_helper_app import poll
-from tests.server_process import ServerProcess
 from tests.services import NostrRelay, running
 from tests.support import service_or_fail
 
@@ -77,10 +77,12 @@ async def stats(http: aiohttp.ClientSession) -> dict[str, Any]:
         return await resp.json()  # type: ignore[no-any-return]
 
 
-async def test_sigterm_exits_within_the_bound_whatever_clients_do(tmp_path: Path, relay: NostrRelay) -> None:
+async def test_sigterm_exits_within_the_bound_whatever_clients_do(
+    tmp_path: Path, relay: NostrRelay, serve: Serve
+) -> None:
     app_id = f"p2pdiff-chaos-{uuid.uuid4().hex[:10]}"
     db = tmp_path / "db.sqlite3"
-    server = ServerProcess(
+    server = await serve(
         tmp_path,
         env={
             "P2PDIFF_STORE_PATH": str(db),
@@ -99,7 +101,6 @@ async def test_sigterm_exits_within_the_bound_whatever_clients_do(tmp_path: Path
             "P2PDIFF_P2P_DISPATCH": "true",
         },
     )
-    await server.start()
     assert server.proc is not None
     port = server.port
     acked: list[str] = []
@@ -153,16 +154,10 @@ async def test_sigterm_exits_within_the_bound_whatever_clients_do(tmp_path: Path
         stored = {row[0] for row in conn.execute("SELECT id FROM tasks WHERE room_id = ?", (ROOM,))}
     assert set(acked) <= stored, sorted(set(acked) - stored)[:10]
     # And a new server process finds them.
-    again = ServerProcess(tmp_path, env={"P2PDIFF_STORE_PATH": str(db)})
-    await again.start()
-    try:
-        async with (
-            aiohttp.ClientSession(again.url) as http,
-            http.get(f"/api/queue/{ROOM}/{acked[-1]}") as resp,
-        ):
-            assert resp.status == 200
-    finally:
-        assert await again.stop() == 0
+    again = await serve(tmp_path, env={"P2PDIFF_STORE_PATH": str(db)})
+    async with aiohttp.ClientSession(again.url) as http, http.get(f"/api/queue/{ROOM}/{acked[-1]}") as resp:
+        assert resp.status == 200
+    assert await again.stop() == 0
 
 
 async def _gpu_peers(http: aiohttp.ClientSession) -> bool:
