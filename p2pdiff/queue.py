@@ -479,8 +479,7 @@ class QueueManager:
                 f"task '{task_id}' is claimed by '{task.claimed_by}', not '{update.worker}'",
                 code="worker_mismatch",
             )
-        stored = {"worker": update.worker, "result": update.result, "error": update.error}
-        validate.check_fields(stored, validate.MAX_STORED_DEPTH)
+        validate.check_update(update)
         now = now_ms(self.clock)
         self._set_status(room, task, update.action, now)
         if update.action == "claim":

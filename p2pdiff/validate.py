@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -149,6 +149,8 @@ class NewTask:
     options: dict[str, Any]
     extra: dict[str, Any]
     created_at: int | None
+    # new_task() checked every value already: the queue's own check need not walk them again.
+    checked: bool = field(default=False, compare=False)
 
 
 def new_task(body: Any) -> NewTask:
@@ -172,7 +174,7 @@ def new_task(body: Any) -> NewTask:
         raise PayloadTooLarge(f"options must serialize to at most {MAX_OPTIONS_BYTES} bytes")
     created_at = _created_at(body.get("createdAt"))
     extra = {k: v for k, v in body.items() if k not in SERVER_OWNED}
-    return NewTask(id=tid, prompt=prompt, options=options, extra=extra, created_at=created_at)
+    return NewTask(id=tid, prompt=prompt, options=options, extra=extra, created_at=created_at, checked=True)
 
 
 def _created_at(value: Any) -> int | None:
@@ -186,10 +188,11 @@ def _created_at(value: Any) -> int | None:
 
 
 def check_new_task(new: NewTask) -> None:
-    """What the queue stores of a submission, checked again where it stores it (defence in depth:
-    one unstorable value would fail every later listing of its room)."""
-    _created_at(new.created_at)
-    check_fields({"options": new.options, **new.extra}, MAX_STORED_DEPTH)
+    """The queue's check of what it stores, for a submission that did not come through new_task()
+    (defence in depth: one unstorable value would fail every later listing of its room)."""
+    if not new.checked:
+        _created_at(new.created_at)
+        check_fields({"options": new.options, **new.extra}, MAX_STORED_DEPTH)
 
 
 @dataclass(slots=True)
@@ -201,6 +204,16 @@ class TaskUpdate:
     progress: float | None
     result: Any
     error: str | None
+    # task_update() checked every value already; an update the helper builds from a peer's
+    # messages (a result of several chunks) is checked by the queue.
+    checked: bool = field(default=False, compare=False)
+
+
+def check_update(update: TaskUpdate) -> None:
+    """The queue's check of what it stores of an update (see check_new_task)."""
+    if not update.checked:
+        stored = {"worker": update.worker, "result": update.result, "error": update.error}
+        check_fields(stored, MAX_STORED_DEPTH)
 
 
 PATCH_ACTIONS = ("claim", "progress", "complete", "fail", "requeue")
@@ -235,7 +248,9 @@ def task_update(body: Any) -> TaskUpdate:
         raise BadRequest(
             f"error must be a string of at most {MAX_ERROR_CHARS} characters", code="invalid_error"
         )
-    return TaskUpdate(action=action, worker=worker, progress=progress, result=result, error=error)
+    return TaskUpdate(
+        action=action, worker=worker, progress=progress, result=result, error=error, checked=True
+    )
 
 
 STATUSES = ("pending", "processing", "complete", "failed", "cancelled")
