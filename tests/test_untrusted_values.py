@@ -28,7 +28,7 @@ from p2pdiff.keys import EVENTS, QUEUE
 from p2pdiff.queue import QueueManager
 from p2pdiff.store import Store
 from p2pdiff.validate import NewTask, TaskUpdate
-from tests.app_room import Room, RoomFactory
+from tests.app_room import Room, RoomFactory, app_task, until
 from tests.conftest import ClientFactory, post_task
 from tests.sse_client import SSEStream
 
@@ -547,3 +547,39 @@ async def test_an_id_that_cannot_be_ours_resets_the_stream(client: TestClient, r
         assert reset["type"] == "reset" and reset["id"] == client.server.app[EVENTS].last_id
         assert reset["data"] == {"reason": "invalid_id", "lastEventId": None}
         resp.close()
+
+
+async def test_a_peer_cannot_poison_the_queue_either(make_room: RoomFactory) -> None:
+    room = await make_room()
+    since = room.client.server.app[EVENTS].last_id
+    room.join("p")
+    room.say("p", "capabilities", {"hasGPU": True, "gpuName": "\ud800", "memory": 8})
+    room.say("p", "capabilities", {"hasGPU": True, "gpuName": "gpu", "memory": 10**30})
+    poisoned = [
+        app_task("deep", extra=DEPTH_300),
+        app_task("late", createdAt=2**63),
+        app_task("odd", prompt="a \ud800 prompt"),
+        app_task("inf", options={"steps": math.inf}),
+    ]
+    room.say("p", "queue", {"tasks": [*poisoned, app_task("ok")]})
+    room.say("p", "progress", {"taskId": "ok", "progress": 0.5, "chunkId": "c\udfff"})
+    room.say("p", "progress", {"taskId": "ok", "progress": 0.5})
+    for data in ("x\udc00", -math.inf, DEPTH_300, 2**64):
+        room.say("p", "result", {"taskId": "ok", "data": data})
+    room.say("p", "result", {"taskId": "ok", "status": "failed", "error": {"why": "\ud800"}})
+    assert await room.dropped() == {
+        "capabilities.bad_value": 2,
+        "queue.bad_value": 4,
+        "progress.bad_value": 1,
+        "result.bad_value": 5,
+    }
+    listing = await room.client.get("/api/queue/lobby")
+    assert [t["id"] for t in (await listing.json())["queue"]] == ["ok"]
+    assert room.task("ok")["status"] == "processing"
+    assert (await room.client.get("/api/health")).status == 200
+    room.say("p", "result", {"taskId": "ok", "data": {"note": "\u200f\U0001f600", "n": 2**64 - 1}})
+    await until(lambda: room.task("ok")["status"] == "complete")
+    assert room.task("ok")["result"]["data"] == {"note": "\u200f\U0001f600", "n": 2**64 - 1}
+    await room.queue.flush()
+    assert reloaded(room.queue.store).list_tasks("lobby") == room.queue.list_tasks("lobby")
+    await replay(room.client, since)
