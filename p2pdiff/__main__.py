@@ -1,4 +1,4 @@
-"""Command line: ``p2pdiff [--config PATH] [--check-config]`` or ``python -m p2pdiff``."""
+"""Command line: ``p2pdiff [--config PATH] [--check-config | --check-store]`` or ``python -m p2pdiff``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import resource
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -16,7 +17,7 @@ from p2pdiff.config import ConfigError, load_config, redacted, secret_values
 from p2pdiff.keys import CONFIG
 from p2pdiff.logs import AccessLogger, repeat_filters, setup_logging
 from p2pdiff.shutdown import arm_backstop
-from p2pdiff.store import StoreError
+from p2pdiff.store import StoreError, check_store, repair_hint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config", action="store_true", help="print the effective config (secrets masked) and exit"
     )
+    parser.add_argument(
+        "--check-store",
+        action="store_true",
+        help="check the store (SQLite integrity check and every row) without changing it; exit 1 on damage",
+    )
     return parser
+
+
+def _check_store(path: str) -> int:
+    try:
+        problems, summary = check_store(path)
+    except StoreError as exc:
+        print(f"p2pdiff: store error: {exc}", file=sys.stderr)
+        return 1
+    if not problems:
+        print(f"store {path}: ok ({summary})")
+        return 0
+    print(f"store {path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
+    for damage in problems:
+        print(f"  {damage}")
+    print(f"fix: {repair_hint(Path(path), problems)}")
+    return 1
 
 
 def raise_open_file_limit() -> str:
@@ -66,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(json.dumps(redacted(config), indent=2))
         return 0
+    if args.check_store:
+        return _check_store(config.store.path)
     setup_logging(config.server.log_level, config.server.log_format, secrets=secret_values(config))
     log = logging.getLogger("p2pdiff")
     log.info("starting p2pdiff %s on http://%s:%d", VERSION, config.server.host, config.server.port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import time
@@ -14,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from p2pdiff import validate
-from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType
 from p2pdiff.helper import WIRES, Helper, p2p_available
 from p2pdiff.keys import EVENTS, HELPER, QUEUE, STARTED_AT
 from p2pdiff.queue import QueueManager, Room, Task
@@ -81,7 +82,10 @@ async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except AppError as exc:
-        return error_response(exc.status, exc.code, exc.message)
+        response = error_response(exc.status, exc.code, exc.message)
+        if isinstance(exc, Unavailable) and exc.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -208,6 +212,7 @@ async def stats(request: web.Request) -> web.Response:
             "waitSeconds": totals["waitSeconds"],
             "runSeconds": totals["runSeconds"],
             "events": request.app[EVENTS].stats(),
+            "store": {**queue.store.stats(), "rollbacks": queue.rollbacks},
         }
     )
 
@@ -246,6 +251,7 @@ async def _add_task(request: web.Request, room_id: str | None) -> web.Response:
     if room_id is None and isinstance(body, dict) and body.get("roomId") is not None:
         room_id = validate.room_id(body["roomId"])
     queue = request.app[QUEUE]
+    queue.check_writable()
     # No room at all: the task the browser app announced to its room, or one for the default room.
     added = queue.add_unplaced(new) if room_id is None else queue.add(room_id, new)
     room_id = added.task.room_id
@@ -287,6 +293,7 @@ async def patch_task(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
     update = validate.task_update(await read_json(request))
     queue = request.app[QUEUE]
+    queue.check_writable()
     task = queue.update(room_id, request.match_info["task_id"], update)
     await queue.flush()
     return json_response(_task_payload(queue, task))
@@ -295,6 +302,7 @@ async def patch_task(request: web.Request) -> web.Response:
 async def delete_task(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
     queue = request.app[QUEUE]
+    queue.check_writable()
     task = queue.cancel(room_id, request.match_info["task_id"])
     await queue.flush()
     log.info("task %s in room %s cancelled", task.id, room_id)
@@ -313,6 +321,7 @@ async def join_room(request: web.Request) -> web.Response:
     if wire is not None and wire not in WIRES:
         raise BadRequest(f"wire must be one of {', '.join(WIRES)}", code="invalid_wire")
     helper, queue = request.app[HELPER], request.app[QUEUE]
+    queue.check_writable()  # before the helper joins: a join the store cannot remember is refused
     joined = await helper.join(room_id, wire)
     if dispatch is not None:
         helper.set_dispatch(room_id, dispatch)
@@ -335,6 +344,7 @@ async def join_room(request: web.Request) -> web.Response:
 async def leave_room(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
     helper, queue = request.app[HELPER], request.app[QUEUE]
+    queue.check_writable()
     was_in = await helper.leave(room_id)
     room = queue.get_room(room_id)
     if not was_in and not (room and room.helper_joined):

@@ -49,7 +49,10 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
         if stored is not None and stored.helper_dispatch is not None:
             helper.set_dispatch(room_id, stored.helper_dispatch)
         queue.set_helper_joined(room_id, True)
-    await queue.flush()
+    try:
+        await queue.flush()
+    except Unavailable as exc:  # a store failing at start (a held lock): serve anyway, reads work
+        log.warning("store: the rooms joined at start are not recorded (%s): %s", exc.code, exc.message)
     if wanted:
         log.info("helper (%s) joined %d rooms at start: %s", helper.mode, len(wanted), ", ".join(wanted))
     yield

@@ -53,3 +53,8 @@ class UnsupportedMediaType(AppError):
 class Unavailable(AppError):
     status = 503
     code = "unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, code=code)
+        # Seconds a client should wait before trying again (the Retry-After header), if known.
+        self.retry_after = retry_after

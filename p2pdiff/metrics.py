@@ -125,6 +125,35 @@ class StateCollector(Collector):
             "Tasks put back to pending (worker requeue or lease expiry) since start",
             value=queue.requeues,
         )
+        yield from self._store()
+
+    def _store(self) -> Iterator[Metric]:
+        queue = self.queue
+        store = queue.store.stats()
+        yield CounterMetricFamily(
+            "p2pdiff_store_commits", "Store commits (group commits)", value=store["commits"]
+        )
+        failures = CounterMetricFamily(
+            "p2pdiff_store_failures", "Failed store commits, by the code REST answers", labels=["code"]
+        )
+        for code, count in store["failures"].items():
+            failures.add_metric([code], count)
+        yield failures
+        yield CounterMetricFamily(
+            "p2pdiff_store_refused",
+            "Changes refused at once (503) while the store backed off after a failed commit",
+            value=store["refused"],
+        )
+        yield CounterMetricFamily(
+            "p2pdiff_store_rollbacks",
+            "Times memory went back to the last commit because a commit failed",
+            value=queue.rollbacks,
+        )
+        yield GaugeMetricFamily(
+            "p2pdiff_store_failing",
+            "1 while the last store commit failed, 0 once one works",
+            value=int(bool(store["failing"])),
+        )
 
     def _helper(self) -> Iterator[Metric]:
         helper = self.helper

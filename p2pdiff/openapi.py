@@ -258,6 +258,11 @@ SCHEMAS: dict[str, Any] = {
             "waitSeconds": ref("Timing"),
             "runSeconds": ref("Timing"),
             "events": {"type": "object", "description": "the event bus: lastId, published, clients, ..."},
+            "store": {
+                "type": "object",
+                "description": "commits, failures by code, refused, rollbacks, failing (a code or null), "
+                "retryAfter, busyRetries",
+            },
         },
     },
     "QueueList": {
@@ -316,7 +321,8 @@ ERROR_TEXT = {
     413: f"body over {MAX_BODY_BYTES} bytes, or options/result over their limit",
     415: "a body that is not application/json",
     429: "rate limited, or this client's share of event streams is open: retry after Retry-After seconds",
-    503: "the store could not save the change (nothing was changed), or too many event streams",
+    503: "the store could not save the change (nothing was changed: store_busy, store_unavailable; retry "
+    "after Retry-After seconds), or too many event streams",
 }
 
 
@@ -566,10 +572,10 @@ def _error(status: int) -> dict[str, Any]:
     headers = dict(HEADERS)
     if status == 401:
         headers["WWW-Authenticate"] = {"required": True, "schema": {"type": "string", "pattern": "^Bearer"}}
-    elif status == 429:
+    elif status in (429, 503):
         headers["Retry-After"] = {
-            "description": "seconds",
-            "required": True,
+            "description": "seconds" if status == 429 else "seconds (store_busy, store_unavailable)",
+            "required": status == 429,
             "schema": {"type": "string", "pattern": "^[0-9]+$"},
         }
     return _response(ERROR_TEXT[status], JSON, ref("Error"), headers)

@@ -1,7 +1,8 @@
 """The task queue: rooms, tasks and the one state machine every caller (REST, peers) goes through.
 
-Plain synchronous methods, no HTTP and no network. Each mutation is written to the store inside its
-open transaction; callers ``await queue.flush()`` to make it durable before they answer anyone.
+Plain synchronous methods, no HTTP and no network. Each mutation hands its changed rows to the store;
+callers ``await queue.flush()`` to make them durable before they answer anyone (a failed commit puts
+memory back as it was at the last one, see journal.py).
 Each state change is also handed to an injected ``publish`` callback (the event bus), so live views
 see exactly the changes this module makes and nothing else has to know the rules.
 """
@@ -19,7 +20,8 @@ from typing import Any
 
 from p2pdiff import events, validate
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
-from p2pdiff.store import Store, StoreError
+from p2pdiff.journal import Journal
+from p2pdiff.store import STORE_BUSY, Store, StoreFault
 from p2pdiff.validate import NewTask, TaskUpdate
 
 PENDING, PROCESSING, COMPLETE, FAILED, CANCELLED = "pending", "processing", "complete", "failed", "cancelled"
@@ -82,6 +84,15 @@ def _author(task: Task) -> Any:
 
 def now_ms(clock: Callable[[], float]) -> int:
     return int(clock() * 1000)
+
+
+def _unavailable(fault: StoreFault) -> Unavailable:
+    """The REST answer to a store fault: 503 with a documented code and Retry-After."""
+    if fault.code == STORE_BUSY:
+        message = "the task store is busy (another program holds its write lock); nothing was changed"
+    else:
+        message = "the task store cannot save changes (disk full or failing); nothing was changed"
+    return Unavailable(f"{message}, try again", code=fault.code, retry_after=fault.retry_after)
 
 
 @dataclass(slots=True)
@@ -210,6 +221,12 @@ class QueueManager:
         self.rooms: dict[str, Room] = {}
         self._seq = 0
         self.requeues = 0
+        # Memory runs ahead of the disk until the next commit; a failed commit puts it back.
+        self._journal = Journal()
+        self._committed_requeues = 0
+        self.rollbacks = 0
+        store.on_commit = self._committed
+        store.on_rollback = self._rolled_back
 
     # -- loading and persistence -------------------------------------------------------------
 
@@ -232,20 +249,47 @@ class QueueManager:
             room.counts[task.status] += 1
             self._seq = max(self._seq, task.seq)
         # A lifetime counter: pruning old tasks must not make it go down.
-        self.requeues = self.store.load_counter("requeues")
+        self.requeues = self._committed_requeues = self.store.load_counter("requeues")
+        self._journal.clear()
 
     async def flush(self) -> None:
         """Make every mutation so far durable (one group commit for all concurrent callers)."""
         try:
             await self.store.commit()
-        except StoreError as exc:
-            # Memory ran ahead of the disk: go back to what was last committed, and tell the caller.
-            log.error("%s; reloading queue from the store", exc)
+        except StoreFault as fault:
+            # Memory is back at the last commit already (_rolled_back): the caller changed nothing.
+            raise _unavailable(fault) from None
+
+    def check_writable(self) -> None:
+        """Refuse a change up front (Unavailable) while the store backs off after a failed commit:
+        cheaper than making it, failing to commit it and putting it back."""
+        try:
+            self.store.check_writable()
+        except StoreFault as fault:
+            raise _unavailable(fault) from None
+
+    def _committed(self) -> None:
+        self._journal.clear()
+        self._committed_requeues = self.requeues
+
+    def _rolled_back(self, fault: StoreFault) -> None:
+        """The store could not commit: memory goes back to what is on disk (the journal, O(changes))."""
+        try:
+            rooms = self._journal.rollback(self.rooms)
+        except Exception:  # a change the journal missed: memory half put back is worse than a reload
+            log.exception("store fault: putting memory back failed; reloading the queue from the store")
             self.load()
-            self._emit(events.QUEUE_RELOADED, None, {"reason": "store_error"})
-            raise Unavailable(
-                "the task store could not save the change; try again", code="store_error"
-            ) from exc
+            rooms = sorted(self.rooms)
+        self.requeues = self._committed_requeues
+        self.rollbacks += 1
+        log.info("store fault (%s): put %d rooms back as committed", fault.code, len(rooms))
+        self._emit(events.QUEUE_RELOADED, None, {"reason": fault.code, "rooms": rooms})
+
+    def _changing(self, room: Room, task: Task | None = None) -> None:
+        """Note ``room`` (and ``task``) as they are before a change, for ``_rolled_back``."""
+        self._journal.room(room)
+        if task is not None:
+            self._journal.task(task)
 
     def _emit(self, type: str, room_id: str | None, data: dict[str, Any]) -> None:
         if self.publish is not None:
@@ -263,6 +307,7 @@ class QueueManager:
         room = self.rooms.get(room_id)
         if room is None:
             room = self.rooms[room_id] = Room(id=room_id)
+            self._journal.created_room(room)
         return room
 
     def _touch(self, room: Room, now: int) -> None:
@@ -275,6 +320,7 @@ class QueueManager:
         target = TRANSITIONS.get((action, task.status))
         if target is None:
             raise InvalidTransition(action, task.status, ACTION_TARGET[action])
+        self._changing(room, task)
         if target != task.status:
             room.counts[task.status] -= 1
             room.counts[target] += 1
@@ -402,6 +448,8 @@ class QueueManager:
             queued_at=now,
             updated_at=now,
         )
+        self._changing(room)
+        self._journal.created_task(task)
         room.tasks[tid] = task
         room.counts[PENDING] += 1
         self._touch(room, now)
@@ -436,6 +484,7 @@ class QueueManager:
         extra = {k: v for k, v in new.extra.items() if k not in task.extra}
         if options is task.options and not extra:
             return
+        self._changing(room, task)
         task.options = options
         task.extra = {**task.extra, **extra}
         now = now_ms(self.clock)
@@ -447,12 +496,14 @@ class QueueManager:
     def _move(self, task: Task, to_room: str) -> Task:
         """Move ``task`` (any state) to the end of ``to_room``'s queue, as one store transaction."""
         source = self.rooms[task.room_id]
+        self._changing(source, task)
         del source.tasks[task.id]
         source.counts[task.status] -= 1
         self.store.delete_tasks(source.id, [task.id])
         now = now_ms(self.clock)
         self._touch(source, now)
         room = self._room(to_room)
+        self._changing(room)
         self._seq += 1
         task.room_id, task.seq, task.updated_at = to_room, self._seq, now
         room.tasks[task.id] = task
@@ -548,6 +599,7 @@ class QueueManager:
         # A processing task with no known worker (a peer announced it as processing without
         # naming one) belongs to the first worker that reports on it. Not a state change.
         if task.status == PROCESSING and task.claimed_by is None:
+            self._changing(self.rooms[task.room_id], task)
             task.claimed_by = worker
 
     def worker_progress(self, room_id: str, task_id: str, worker: str, progress: float) -> Task:
@@ -581,6 +633,7 @@ class QueueManager:
         validate.check_fields(fields, validate.MAX_STORED_DEPTH)
         result = dict(task.result) if isinstance(task.result, dict) else {"data": task.result}
         result.update(fields)
+        self._changing(room, task)
         task.result = result
         now = now_ms(self.clock)
         task.updated_at = now
@@ -629,6 +682,7 @@ class QueueManager:
                 continue
             gone = [t for t in room.tasks.values() if t.status in FINISHED]
             for task in gone:
+                self._changing(room, task)
                 del room.tasks[task.id]
                 room.counts[task.status] -= 1
             if gone:
@@ -638,6 +692,7 @@ class QueueManager:
                 removed += len(gone)
                 self._emit(events.TASKS_PRUNED, room.id, {"count": len(gone)})
             if not room.tasks and not room.helper_joined:
+                self._changing(room)
                 del self.rooms[room.id]
                 self.store.delete_room(room.id)
         return removed
@@ -646,6 +701,7 @@ class QueueManager:
         room = self._room(room_id)
         if room.helper_joined == joined:
             return
+        self._changing(room)
         room.helper_joined = joined
         if not joined:
             # Choices made when joining last until the helper leaves the room.
@@ -662,5 +718,6 @@ class QueueManager:
         wire = room.helper_wire if wire is None else wire
         dispatch = room.helper_dispatch if dispatch is None else dispatch
         if (room.helper_wire, room.helper_dispatch) != (wire, dispatch):
+            self._changing(room)
             room.helper_wire, room.helper_dispatch = wire, dispatch
             self._touch(room, now_ms(self.clock))
