@@ -230,7 +230,7 @@ class RoomAgent:
         try:
             await self.queue.flush()
         except Unavailable:
-            self.dropped[f"*.{rp.STORE_ERROR}"] += 1  # memory was reloaded; on_event resets plans
+            self.dropped[f"*.{rp.STORE_ERROR}"] += 1  # its changes were undone; on_event resets plans
 
     async def _send(self, action: str, payload: Any, target: str | None = None, metadata: Any = None) -> bool:
         try:
