@@ -548,8 +548,13 @@ class Store:
 
     def _run(self) -> None:
         """One attempt at the pending commit (a loop callback)."""
-        if self._db is None:
-            return  # closed meanwhile: close() committed (or failed) these changes
+        if self._pending_commit is None:
+            return  # a retry's timer after close() made (or failed) this commit
+        if self._db is None:  # changes after close(): nobody may wait forever for them
+            self._finish(
+                StoreFault(f"the store {self.path} is closed", STORE_UNAVAILABLE, BACKOFF_MAX_SECONDS)
+            )
+            return
         outcome = self._attempt(final=False)
         if outcome != WAITING:
             self._finish(outcome)

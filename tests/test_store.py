@@ -253,6 +253,17 @@ async def test_close_commits_what_waits_for_a_lock(tmp_path: Path) -> None:
     holder.close()
 
 
+async def test_a_change_after_close_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite3")
+    store.open()
+    queue = QueueManager(store, lease_seconds=10)
+    store.close()
+    queue.add("r", new("late"))
+    with pytest.raises(Unavailable):
+        await queue.flush()
+    assert queue.list_tasks("r") == []
+
+
 async def test_filled_in_options_and_fields_are_saved(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite3")
     store.open()
