@@ -69,7 +69,6 @@ class ServerConfig:
     static_path: str = "/p2p/"
 
 
-
 @dataclass(slots=True)
 class StoreConfig:
     path: str = "./data/p2pdiff.sqlite3"
