@@ -191,7 +191,8 @@ async def test_one_process_two_rooms(mqtt_url: str) -> None:
         await b.make_action(r2, "data")
         await a.wait_peer_join(r2, b.self_id, since=since, timeout=JOIN_TIMEOUT)
         await b.wait_peer_join(r2, a.self_id, timeout=JOIN_TIMEOUT)
-        await b.wait_peer_join(r2, c.self_id, timeout=JOIN_TIMEOUT)
+        # (B and C meeting would be a new node-datachannel connection, see meet(): not what this
+        # test is about, so not waited for.)
         assert sorted(await a.peers(r2)) == sorted([b.self_id, c.self_id])
 
         since = a.mark()
