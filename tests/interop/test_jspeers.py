@@ -10,6 +10,7 @@ test must run in a loopback-only network namespace (it fails, not skips, elsewhe
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 
@@ -62,11 +63,28 @@ async def meet(a: JsPeer, b: JsPeer, room: str, url: str, app_id: str = "p2pdiff
         for p in (a, b):
             await p.join(room, app_id=app_id, relay_urls=[url])
             await p.make_action(room, "data")
-        if await _sees(a, b, room, since[a.name]) and await _sees(b, a, room, since[b.name]):
+        if await _met(a, b, room, since):
             return
         for p in (a, b):
             await p.leave(room)
     raise AssertionError(f"{a.name} and {b.name} did not meet in {MEET_ATTEMPTS} attempts")
+
+
+async def _met(a: JsPeer, b: JsPeer, room: str, since: dict[str, int]) -> bool:
+    """Whether both see each other join; False as soon as either reports a join-error for the
+    other (the side that gives up first is either one)."""
+    waits = [
+        asyncio.ensure_future(_sees(a, b, room, since[a.name])),
+        asyncio.ensure_future(_sees(b, a, room, since[b.name])),
+    ]
+    try:
+        for outcome in asyncio.as_completed(waits):
+            if not await outcome:
+                return False
+        return True
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _sees(p: JsPeer, other: JsPeer, room: str, since: int) -> bool:
