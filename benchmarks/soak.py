@@ -38,7 +38,7 @@ import aiohttp
 import orjson
 
 from tests.interop.jspeer import JsPeer
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, app_helper_env
 from tests.services import NostrRelay, running
 from tests.sse_client import SSEStream
 
@@ -232,15 +232,7 @@ async def run() -> None:
                 "P2PDIFF_SERVER_SSE_CLIENT_BUFFER": "64",
                 "P2PDIFF_QUEUE_RETENTION_HOURS": str(RETENTION_HOURS),
                 "P2PDIFF_QUEUE_SWEEP_INTERVAL_SECONDS": "10",
-                "P2PDIFF_P2P_ENABLED": "true",
-                "P2PDIFF_P2P_STRATEGY": "nostr",
-                "P2PDIFF_P2P_RELAY_URLS": relay.url,
-                "P2PDIFF_P2P_APP_ID": app_id,
-                "P2PDIFF_P2P_ICE_SERVERS": "",
-                "P2PDIFF_P2P_ICE_HOST_ADDRESSES": "127.0.0.1",
-                "P2PDIFF_P2P_WIRE": "0.22",
-                "P2PDIFF_P2P_DISPATCH": "true",
-                "P2PDIFF_P2P_ROOMS": ",".join(HELPER_ROOMS),
+                **app_helper_env(relay.url, app_id, HELPER_ROOMS),
                 "P2PDIFF_SERVER_ACCESS_LOG": "false",
             },
         )

@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -24,6 +24,22 @@ _LIMITED_LAUNCHER = (
     "import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, ({}, {})); "
     "runpy.run_module('p2pdiff', run_name='__main__')"
 )
+
+
+def app_helper_env(relay_url: str, app_id: str, rooms: Iterable[str]) -> dict[str, str]:
+    """Environment for a server whose helper sits in ``rooms`` as the published app needs it:
+    nostr on a local relay, wire 0.22, dispatch on, ICE on loopback only."""
+    return {
+        "P2PDIFF_P2P_ENABLED": "true",
+        "P2PDIFF_P2P_STRATEGY": "nostr",
+        "P2PDIFF_P2P_RELAY_URLS": relay_url,
+        "P2PDIFF_P2P_APP_ID": app_id,
+        "P2PDIFF_P2P_ICE_SERVERS": "",
+        "P2PDIFF_P2P_ICE_HOST_ADDRESSES": "127.0.0.1",
+        "P2PDIFF_P2P_WIRE": "0.22",
+        "P2PDIFF_P2P_DISPATCH": "true",
+        "P2PDIFF_P2P_ROOMS": ",".join(rooms),
+    }
 
 
 class ServerProcess:

@@ -23,6 +23,7 @@ import pytest
 from tests.chaos.conftest import Serve
 from tests.interop.jspeer import JsPeer
 from tests.interop.test_helper_app import poll
+from tests.server_process import app_helper_env
 from tests.services import NostrRelay, running
 from tests.support import service_or_fail
 
@@ -90,15 +91,7 @@ async def test_sigterm_exits_within_the_bound_whatever_clients_do(
             "P2PDIFF_SERVER_SHUTDOWN_TIMEOUT_SECONDS": str(GRACE),
             # A stream that stopped reading stays (is not dropped as too slow), stuck in a write.
             "P2PDIFF_SERVER_SSE_CLIENT_BUFFER": "100000",
-            "P2PDIFF_P2P_ENABLED": "true",
-            "P2PDIFF_P2P_STRATEGY": "nostr",
-            "P2PDIFF_P2P_RELAY_URLS": relay.url,
-            "P2PDIFF_P2P_APP_ID": app_id,
-            "P2PDIFF_P2P_ICE_SERVERS": "",
-            "P2PDIFF_P2P_ICE_HOST_ADDRESSES": "127.0.0.1",
-            "P2PDIFF_P2P_WIRE": "0.22",
-            "P2PDIFF_P2P_ROOMS": ROOM,
-            "P2PDIFF_P2P_DISPATCH": "true",
+            **app_helper_env(relay.url, app_id, [ROOM]),
         },
     )
     assert server.proc is not None
