@@ -375,7 +375,8 @@ class RoomAgent:
         """``state`` lost a task to the lease: no new work for a while, then it is tried again
         (it may have been busy, or its messages lost), the wait doubling while it stays silent."""
         state.silences += 1
-        wait = min(REST_FIRST_SECONDS * 2 ** (state.silences - 1), REST_MAX_SECONDS)
+        # (the exponent is capped: a peer may stay silent in the room for days)
+        wait = min(REST_FIRST_SECONDS * 2 ** min(state.silences - 1, 20), REST_MAX_SECONDS)
         loop = asyncio.get_running_loop()
         state.resting_until = loop.time() + wait
         old = self._rest_timers.pop(state.id, None)

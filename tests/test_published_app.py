@@ -210,9 +210,9 @@ async def test_a_silent_worker_is_tried_again_after_a_backoff(
     agent = room.client.server.app[HELPER].room("lobby").agent
     # it says nothing: the lease takes t0 back, g1 rests, then gets t0 again without speaking
     await until(lambda: room.handed("g1") == ["t0", "t0"], within=5)
-    assert agent.peers["g1"].silences == 1
+    assert agent.peers["g1"].silences >= 1
     # silent again: a second, longer rest
-    await until(lambda: agent.peers["g1"].silences == 2, within=5)
+    await until(lambda: agent.peers["g1"].silences >= 2, within=5)
     assert agent.peers["g1"].resting_until > 0
     room.queue.lease_seconds = 60  # from here on g1 keeps what it gets
     await room.post("t1")
