@@ -253,7 +253,10 @@ async def _add_task(request: web.Request, room_id: str | None) -> web.Response:
     queue = request.app[QUEUE]
     queue.check_writable()
     # No room at all: the task the browser app announced to its room, or one for the default room.
-    added = queue.add_unplaced(new) if room_id is None else queue.add(room_id, new)
+    if room_id is None:
+        added = queue.add_unplaced(new, [room.room_id for room in request.app[HELPER].rooms()])
+    else:
+        added = queue.add(room_id, new)
     room_id = added.task.room_id
     await queue.flush()  # a duplicate may have filled in fields of the task: durable before 200 too
     if added.created:

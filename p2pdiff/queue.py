@@ -457,21 +457,22 @@ class QueueManager:
         self._emit(events.TASK_CREATED, room_id, {"task": task.to_json(room.counts[PENDING])})
         return AddResult(task, room.counts[PENDING], created=True)
 
-    def add_unplaced(self, new: NewTask) -> AddResult:
+    def add_unplaced(self, new: NewTask, helper_rooms: Iterable[str]) -> AddResult:
         """A task posted without a room (``POST /api/queue``). The browser app posts every task it
-        has just announced to its room this way: when a room the helper is in already holds a task
+        has just announced to its room this way: when one of ``helper_rooms`` (the rooms the
+        helper is in: a few, where the queue may hold tens of thousands) already holds a task
         with this id, prompt and author (``createdBy``), that task is the one meant, and the body
         fills what the room's ``queue`` message lacked (one id, one task). Anything else goes to
         the default room."""
         default = self.rooms.get(self.default_room)
         if new.id is not None and (default is None or new.id not in default.tasks):
-            for room in self.rooms.values():
-                existing = room.tasks.get(new.id) if room.helper_joined else None
-                if (
-                    existing is not None
-                    and same_task(existing, new)
-                    and _author(existing) == new.extra.get("createdBy")
-                ):
+            for room_id in helper_rooms:
+                room = self.rooms.get(room_id)
+                existing = room.tasks.get(new.id) if room is not None else None
+                if existing is None or not same_task(existing, new):
+                    continue
+                if _author(existing) == new.extra.get("createdBy"):
+                    assert room is not None
                     self._fill(room, existing, new)
                     return AddResult(existing, room.position(existing), created=False)
         return self.add(self.default_room, new)

@@ -242,7 +242,8 @@ def change(queue: QueueManager, op: tuple[Any, ...]) -> None:
     elif kind == "add_unplaced":
         tid, prompt, with_options, peer = args
         queue.add_unplaced(
-            NewTask(tid, prompt, {"steps": 4} if with_options else {}, {"createdBy": peer}, None)
+            NewTask(tid, prompt, {"steps": 4} if with_options else {}, {"createdBy": peer}, None),
+            queue.helper_rooms(),
         )
     elif kind == "update":
         room, tid, action, peer = args
