@@ -16,8 +16,8 @@ import time
 from aiohttp import web
 
 from p2pdiff.app import create_app
+from p2pdiff.appkeys import EVENTS
 from p2pdiff.config import Config
-from p2pdiff.keys import EVENTS
 from tests.server_process import free_port
 
 CLIENT_SCRIPT = r"""

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from p2pdiff.api import VERSION
 from p2pdiff.app import create_app
+from p2pdiff.appkeys import CONFIG
 from p2pdiff.config import ConfigError, load_config, redacted, secret_values
-from p2pdiff.keys import CONFIG
-from p2pdiff.logs import AccessLogger, repeat_filters, setup_logging
-from p2pdiff.shutdown import arm_backstop
-from p2pdiff.store import StoreError, check_store, repair_hint
+from p2pdiff.ops.logs import AccessLogger, repeat_filters, setup_logging
+from p2pdiff.ops.shutdown import arm_backstop
+from p2pdiff.rest.api import VERSION
+from p2pdiff.tasks.store import StoreError, check_store, repair_hint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log_class=AccessLogger,
             # SIGTERM/SIGINT: stop listening, give open requests this long, then run the cleanup
             # contexts (the helper leaves its rooms, the store commits and closes); exit code 0.
-            # p2pdiff/shutdown.py keeps the whole of it within this + 1 s.
+            # p2pdiff/ops/shutdown.py keeps the whole of it within this + 1 s.
             shutdown_timeout=config.server.shutdown_timeout_seconds,
             print=None,
         )

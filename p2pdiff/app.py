@@ -10,15 +10,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from p2pdiff import api, appfiles, dashboard, logs, metrics, observe, openapi, results, security, sse
+from p2pdiff.appkeys import CONFIG, EVENTS, HELPER, QUEUE, SHUTDOWN, STARTED_AT, STORE
 from p2pdiff.config import Config
 from p2pdiff.errors import Unavailable
-from p2pdiff.events import EventBus
-from p2pdiff.helper import Helper, make_helper
-from p2pdiff.keys import CONFIG, EVENTS, HELPER, QUEUE, SHUTDOWN, STARTED_AT, STORE
-from p2pdiff.queue import QueueManager
-from p2pdiff.shutdown import Shutdown
-from p2pdiff.store import Store
+from p2pdiff.ops import logs, metrics
+from p2pdiff.ops.shutdown import Shutdown
+from p2pdiff.rest import api, appfiles, dashboard, middleware, openapi, security, sse
+from p2pdiff.rooms.helper import Helper, make_helper
+from p2pdiff.tasks import results
+from p2pdiff.tasks.events import EventBus
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
     if wanted:
         log.info("helper (%s) joined %d rooms at start: %s", helper.mode, len(wanted), ", ".join(wanted))
     yield
-    # Bounded (p2pdiff/shutdown.py): a relay that does not answer must not hold up the exit.
+    # Bounded (p2pdiff/ops/shutdown.py): a relay that does not answer must not hold up the exit.
     budget = app[SHUTDOWN].leave_budget()
     try:
         async with asyncio.timeout(budget):
@@ -139,7 +141,7 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     shutdown = Shutdown(config.server.shutdown_timeout_seconds)
     app = web.Application(
         client_max_size=api.MAX_BODY_BYTES,
-        middlewares=[observe.request_middleware(http_metrics, guard, cors, shutdown)],
+        middlewares=[middleware.request_middleware(http_metrics, guard, cors, shutdown)],
     )
     app[SHUTDOWN] = shutdown
     app.on_shutdown.append(shutdown.begin)  # first: the clock starts when listening stops

@@ -258,7 +258,7 @@ def _validate(config: Config) -> None:
     if not config.server.cors_origins:
         raise ConfigError('[server] cors_origins: must list at least one origin (use "*" for any)')
     # Imported here: validate.py needs nothing from config, and config needs only this one rule.
-    from p2pdiff.validate import check_room_id
+    from p2pdiff.tasks.validate import check_room_id
 
     for where, room in [("[server] default_room", config.server.default_room)] + [
         (f"[p2p] rooms[{i}]", r) for i, r in enumerate(config.p2p.rooms)

@@ -1,4 +1,4 @@
-"""Domain errors. One middleware in api.py turns them into the JSON error shape."""
+"""Domain errors. One middleware in rest/middleware.py turns them into the JSON error shape."""
 
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from p2pdiff.appkeys import QUEUE
 from p2pdiff.config import Config
-from p2pdiff.keys import QUEUE
-from p2pdiff.queue import QueueManager
+from p2pdiff.tasks.queue import QueueManager
 from tests.conftest import ClientFactory, post_task
 from tests.fake_signaling import FakeRoom, fake_p2p_helper
 

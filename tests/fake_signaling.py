@@ -104,6 +104,6 @@ def fake_p2p_helper(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Fak
         RoomConfig=lambda **kw: SimpleNamespace(**kw), Session=Session, join_room=join_room
     )
     monkeypatch.setitem(sys.modules, "signaling", fake)
-    from p2pdiff.helper import P2PHelper
+    from p2pdiff.rooms.helper import P2PHelper
 
     return P2PHelper(P2PConfig(relay_urls=[RELAY])), rooms

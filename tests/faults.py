@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from p2pdiff.queue import QueueManager
-from p2pdiff.store import Store
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.store import Store
 
 
 class Clock:

@@ -7,7 +7,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from p2pdiff.config import Config
-from p2pdiff.helper import ApiOnlyHelper
+from p2pdiff.rooms.helper import ApiOnlyHelper
 from tests.conftest import ClientFactory, post_task
 
 APP_TASK = {

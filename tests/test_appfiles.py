@@ -1,4 +1,4 @@
-"""The browser app's own files at ``[server] static_path`` (``p2pdiff/appfiles.py``).
+"""The browser app's own files at ``[server] static_path`` (``p2pdiff/rest/appfiles.py``).
 
 Hostile paths go over a raw socket, byte for byte as written: aiohttp's client would normalise or
 re-encode them first.
@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from p2pdiff import appfiles, openapi
 from p2pdiff.app import create_app
 from p2pdiff.config import RESERVED_PATHS, Config, ConfigError, load_config
-from p2pdiff.security import CSP
+from p2pdiff.rest import appfiles, openapi
+from p2pdiff.rest.security import CSP
 from tests.conftest import ClientFactory
 
 SECRET = b"SECRET-OUTSIDE-THE-APP-DIR"
@@ -172,7 +172,7 @@ def test_missing_index_is_logged_at_start(
     config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config.server.static_dir = str(tmp_path)
-    with caplog.at_level(logging.INFO, logger="p2pdiff.appfiles"):
+    with caplog.at_level(logging.INFO, logger="p2pdiff.rest.appfiles"):
         create_app(config)
     assert f"serving the app's files from {tmp_path.resolve()} at /p2p/" in caplog.text
     assert "has no index.html" in caplog.text

@@ -12,10 +12,10 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pdiff import events
+from p2pdiff.appkeys import EVENTS
 from p2pdiff.config import Config
-from p2pdiff.events import EventBus
-from p2pdiff.keys import EVENTS
+from p2pdiff.tasks import events
+from p2pdiff.tasks.events import EventBus
 from tests.conftest import ClientFactory, post_task
 from tests.fake_signaling import fake_p2p_helper
 from tests.server_process import ServerProcess

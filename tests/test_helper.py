@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from p2pdiff import helper as helper_module
 from p2pdiff.config import P2PConfig
 from p2pdiff.errors import BadRequest, Conflict
-from p2pdiff.helper import ApiOnlyHelper, make_helper
+from p2pdiff.rooms import helper as helper_module
+from p2pdiff.rooms.helper import ApiOnlyHelper, make_helper
 
 
 def test_disabled_p2p_runs_api_only() -> None:

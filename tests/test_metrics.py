@@ -8,8 +8,8 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pdiff.config import Config
-from p2pdiff.helper import ApiOnlyHelper, HelperRoom, P2PRoom
-from p2pdiff.metrics import MAX_HTTP_SERIES, HttpMetrics
+from p2pdiff.ops.metrics import MAX_HTTP_SERIES, HttpMetrics
+from p2pdiff.rooms.helper import ApiOnlyHelper, HelperRoom, P2PRoom
 from tests.conftest import ClientFactory, post_task
 
 

@@ -7,9 +7,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from p2pdiff import openapi
 from p2pdiff.app import create_app
 from p2pdiff.config import Config
+from p2pdiff.rest import openapi
 from tests.conftest import ClientFactory
 
 TOKEN = "test-admin-token-0123456789"
@@ -30,7 +30,7 @@ def test_every_registered_route_is_documented(config: Config) -> None:
     registered = openapi.registered_operations(app)
     documented = {(method, path) for path, methods in doc["paths"].items() for method in methods}
     missing = sorted(f"{m.upper()} {p}" for m, p in registered - documented)
-    assert not missing, f"routes missing from p2pdiff/openapi.py PATHS: {missing}"
+    assert not missing, f"routes missing from p2pdiff/rest/openapi.py PATHS: {missing}"
     assert documented == registered
     # And PATHS describes no route that no longer exists.
     stale = {(m, p) for p, ms in openapi.PATHS.items() for m in ms} - registered
@@ -79,7 +79,7 @@ def test_document_follows_the_security_config(config: Config) -> None:
 
 def test_schemas_mirror_the_validation_rules() -> None:
     new_task = openapi.SCHEMAS["NewTask"]["properties"]
-    from p2pdiff import validate as rules
+    from p2pdiff.tasks import validate as rules
 
     assert new_task["prompt"]["maxLength"] == rules.MAX_PROMPT_CHARS
     assert re.fullmatch(new_task["id"]["anyOf"][0]["pattern"].strip("^$"), "task_1_ab:c.d-e")

@@ -30,9 +30,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from p2pdiff import openapi
 from p2pdiff.app import create_app
 from p2pdiff.config import Config
+from p2pdiff.rest import openapi
 from tests.server_process import free_port
 
 TOKEN = "fuzz-admin-token-0123456789abcdef"

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from p2pdiff.logs import REQUEST_ID, JsonFormatter, RepeatFilter, RequestIdFilter, setup_logging
+from p2pdiff.ops.logs import REQUEST_ID, JsonFormatter, RepeatFilter, RequestIdFilter, setup_logging
 from tests.server_process import ServerProcess
 
 
@@ -155,6 +155,6 @@ async def test_server_logs_json_with_request_ids(tmp_path: Path) -> None:
     # Every line is JSON (the server's own lines; the stderr of a crash would not be).
     assert len(records) == len([x for x in server.log().splitlines() if x.strip()])
     in_request = [r for r in records if r.get("request_id") == "rq-42"]
-    assert {r["logger"] for r in in_request} >= {"p2pdiff.api", "aiohttp.access"}
+    assert {r["logger"] for r in in_request} >= {"p2pdiff.rest.api", "aiohttp.access"}
     access = next(r for r in in_request if r["logger"] == "aiohttp.access")
     assert access["http"]["status"] == 201 and access["http"]["path"] == "/api/queue/logs"  # type: ignore[index]

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from p2pdiff import room_agent
-from p2pdiff.keys import EVENTS, HELPER
+from p2pdiff.appkeys import EVENTS, HELPER
+from p2pdiff.rooms import agent as room_agent
 from tests.app_room import HELPER_ID, PNG, RoomFactory, data_url, until
 
 OPTIONS = {"model": "prx-1024", "steps": 4, "width": 512, "height": 512}

@@ -14,9 +14,9 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
-from p2pdiff.queue import STATUSES, QueueManager
-from p2pdiff.store import Store
-from p2pdiff.validate import NewTask, TaskUpdate
+from p2pdiff.tasks.queue import STATUSES, QueueManager
+from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.faults import on_disk
 
 
@@ -199,7 +199,7 @@ async def test_state_survives_reload(queue: QueueManager, tmp_path: Path) -> Non
     assert again.stats()["requeues"] == 1
 
 
-# -- a failed commit puts memory back (p2pdiff/journal.py) ---------------------------------------
+# -- a failed commit puts memory back (p2pdiff/tasks/journal.py) ---------------------------------------
 
 ROOM_IDS = st.sampled_from(["a", "b", "default"])
 TASK_IDS = st.sampled_from(["t1", "t2", "t3"])

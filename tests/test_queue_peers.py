@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from p2pdiff import room_protocol as rp
 from p2pdiff.config import Config, ConfigError, load_config
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound
-from p2pdiff.queue import QueueManager
-from p2pdiff.results import ResultStore, StoredImage, results_dir, task_image
-from p2pdiff.store import Store
-from p2pdiff.validate import NewTask, TaskUpdate
+from p2pdiff.rooms import protocol as rp
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.results import ResultStore, StoredImage, results_dir, task_image
+from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.validate import NewTask, TaskUpdate
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 10
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
-from p2pdiff.keys import EVENTS, QUEUE
-from p2pdiff.results import RESULTS, ResultStore
+from p2pdiff.appkeys import EVENTS, QUEUE
+from p2pdiff.tasks.results import RESULTS, ResultStore
 from tests.app_room import HELPER_ID, PNG, RoomFactory, app_task, data_url, until
 
 # -- tracking -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""p2pdiff.room_protocol: the app's payloads, checked (every malformed shape has its reason)."""
+"""p2pdiff.rooms.protocol: the app's payloads, checked (every malformed shape has its reason)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from p2pdiff import room_protocol as rp
-from p2pdiff.queue import Task
+from p2pdiff.rooms import protocol as rp
+from p2pdiff.tasks.queue import Task
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 32

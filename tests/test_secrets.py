@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pdiff.config import Config, ConfigError, load_config, mask_url, redacted, secret_values
-from p2pdiff.logs import JsonFormatter, RedactingFormatter
+from p2pdiff.ops.logs import JsonFormatter, RedactingFormatter
 from signaling.relays.base import redact_url
 from signaling.relays.mqtt import parse_broker_url
 from signaling.relays.nostr import NostrRelay
@@ -148,7 +148,7 @@ def test_a_relay_url_given_as_a_string_is_not_quoted_in_the_error(
 
 
 def test_scrubbing_is_wired_into_setup_logging() -> None:
-    from p2pdiff.logs import setup_logging
+    from p2pdiff.ops.logs import setup_logging
 
     stream = io.StringIO()
     root = logging.getLogger()

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from p2pdiff.config import Config, ConfigError, load_config, redacted
-from p2pdiff.security import CSP, MAX_CLIENTS, RateLimiter
+from p2pdiff.rest.security import CSP, MAX_CLIENTS, RateLimiter
 from tests.conftest import ClientFactory
 
 TOKEN = "s3cret-admin-token-0123456789"

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from p2pdiff import store as store_module
 from p2pdiff.errors import Unavailable
-from p2pdiff.journal import Journal
-from p2pdiff.queue import QueueManager
-from p2pdiff.store import Store, StoreCorrupt, StoreError, check_store
-from p2pdiff.validate import NewTask, TaskUpdate
+from p2pdiff.tasks import store as store_module
+from p2pdiff.tasks.journal import Journal
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.store import Store, StoreCorrupt, StoreError, check_store
+from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.app_room import until
 from tests.faults import BIG_PROMPT, Clock, fill_disk, free_disk, held_lock, on_disk
 

@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from p2pdiff.appkeys import EVENTS, QUEUE, STORE
 from p2pdiff.config import Config
-from p2pdiff.keys import EVENTS, QUEUE, STORE
-from p2pdiff.queue import QueueManager
-from p2pdiff.results import ResultStore
-from p2pdiff.store import Store
-from p2pdiff.validate import NewTask
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.results import ResultStore
+from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.validate import NewTask
 from tests.app_room import PNG, RoomFactory, app_task, until
 from tests.conftest import ClientFactory, post_task
 from tests.faults import BIG_PROMPT, Clock, fill_disk, free_disk, held_lock, on_disk

@@ -21,13 +21,13 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from p2pdiff import validate
+from p2pdiff.appkeys import EVENTS, QUEUE
 from p2pdiff.config import Config
 from p2pdiff.errors import BadRequest
-from p2pdiff.keys import EVENTS, QUEUE
-from p2pdiff.queue import QueueManager
-from p2pdiff.store import Store
-from p2pdiff.validate import NewTask, TaskUpdate
+from p2pdiff.tasks import validate
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.app_room import Room, RoomFactory, app_task, until
 from tests.conftest import ClientFactory, post_task
 from tests.sse_client import SSEStream

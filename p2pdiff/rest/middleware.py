@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractResource
 
-from p2pdiff.api import Cors, Handler, guarded
-from p2pdiff.logs import REQUEST_ID
-from p2pdiff.metrics import UNMATCHED, HttpMetrics
-from p2pdiff.security import MUTATING_METHODS, Guard
-from p2pdiff.shutdown import Shutdown
+from p2pdiff.ops.logs import REQUEST_ID
+from p2pdiff.ops.metrics import UNMATCHED, HttpMetrics
+from p2pdiff.ops.shutdown import Shutdown
+from p2pdiff.rest.api import Cors, Handler, guarded
+from p2pdiff.rest.security import MUTATING_METHODS, Guard
 
 HEADER = "X-Request-Id"
 # A caller's (or a proxy's) id is kept when it is short and plain, so one id follows a request

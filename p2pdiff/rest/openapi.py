@@ -19,11 +19,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from p2pdiff import appfiles, dashboard, security, validate
-from p2pdiff.api import MAX_BODY_BYTES, VERSION
+from p2pdiff.appkeys import CONFIG
 from p2pdiff.config import Config
 from p2pdiff.errors import NotFound
-from p2pdiff.keys import CONFIG
+from p2pdiff.rest import appfiles, dashboard, security
+from p2pdiff.rest.api import MAX_BODY_BYTES, VERSION
+from p2pdiff.tasks import validate
 
 JSON = "application/json"
 # HEAD is answered for every GET route by aiohttp and means the same without a body.
@@ -679,7 +680,7 @@ def build(app: web.Application) -> dict[str, Any]:
 
 # -- docs page --------------------------------------------------------------------------------------
 
-WEB_DIR = Path(__file__).parent / "web"
+WEB_DIR = dashboard.WEB_DIR
 _TYPES = {".js": "text/javascript", ".css": "text/css"}
 ASSETS = {
     "init.js": (WEB_DIR / "api-docs" / "init.js", "text/javascript"),

@@ -1,6 +1,6 @@
 """Admin token, per-client rate limit and browser security headers.
 
-The checks run in the app's one request middleware (``observe.py``), not a middleware of their own:
+The checks run in the app's one request middleware (``rest/middleware.py``), not a middleware of their own:
 each middleware layer costs every request a coroutine frame, and for a plain GET all this module
 adds is a method check and a path prefix check.
 
@@ -25,9 +25,9 @@ from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
-from p2pdiff import appfiles
-from p2pdiff.api import error_response
 from p2pdiff.config import ServerConfig
+from p2pdiff.rest import appfiles
+from p2pdiff.rest.api import error_response
 
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Task submission: open by default (browsers post tasks), token-protected by queue_requires_token.

@@ -15,7 +15,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from p2pdiff.queue import Room, Task
+    from p2pdiff.tasks.queue import Room, Task
 
 # Room fields a rollback does not copy back: membership and counts are rebuilt from the tasks, and
 # cached views are dropped (version only ever goes up, so old cached answers are never served).

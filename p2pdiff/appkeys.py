@@ -5,11 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from p2pdiff.config import Config
-from p2pdiff.events import EventBus
-from p2pdiff.helper import Helper
-from p2pdiff.queue import QueueManager
-from p2pdiff.shutdown import Shutdown
-from p2pdiff.store import Store
+from p2pdiff.ops.shutdown import Shutdown
+from p2pdiff.rooms.helper import Helper
+from p2pdiff.tasks.events import EventBus
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.store import Store
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)

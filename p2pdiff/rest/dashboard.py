@@ -11,7 +11,7 @@ from aiohttp import web
 
 from p2pdiff.errors import NotFound
 
-WEB_DIR = Path(__file__).parent / "web"
+WEB_DIR = Path(__file__).parent.parent / "web"
 # Only these files are served: no directory walking, no path to escape the folder.
 FILES = {
     path.name: path

@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pdiff import events, validate
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
-from p2pdiff.journal import Journal
-from p2pdiff.store import STORE_BUSY, Store, StoreFault
-from p2pdiff.validate import NewTask, TaskUpdate
+from p2pdiff.tasks import events, validate
+from p2pdiff.tasks.journal import Journal
+from p2pdiff.tasks.store import STORE_BUSY, Store, StoreFault
+from p2pdiff.tasks.validate import NewTask, TaskUpdate
 
 PENDING, PROCESSING, COMPLETE, FAILED, CANCELLED = "pending", "processing", "complete", "failed", "cancelled"
 STATUSES = (PENDING, PROCESSING, COMPLETE, FAILED, CANCELLED)
@@ -547,7 +547,7 @@ class QueueManager:
         self._emit_task(update.action, task, room.position(task) if task.status == PENDING else None, reason)
         return task
 
-    # -- writes on behalf of peers (the helper; see p2pdiff/room_agent.py) ------------------------
+    # -- writes on behalf of peers (the helper; see p2pdiff/rooms/agent.py) ------------------------
     # The same transitions as REST, through update()/cancel(): peers get no rule of their own.
 
     def upsert_from_peer(

@@ -31,10 +31,10 @@ from typing import Any
 
 from aiohttp import web
 
-from p2pdiff import validate
 from p2pdiff.config import Config
 from p2pdiff.errors import NotFound
-from p2pdiff.room_protocol import IMAGE_EXTENSIONS, NOT_AN_IMAGE, TOO_LARGE, ProtocolError, sniff_image
+from p2pdiff.rooms.protocol import IMAGE_EXTENSIONS, NOT_AN_IMAGE, TOO_LARGE, ProtocolError, sniff_image
+from p2pdiff.tasks import validate
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ RESULTS = web.AppKey("results", ResultStore)
 
 
 async def get_result(request: web.Request) -> web.StreamResponse:
-    from p2pdiff.keys import QUEUE  # keys imports the helper, which imports this module
+    from p2pdiff.appkeys import QUEUE  # keys imports the helper, which imports this module
 
     room_id = validate.room_id(request.match_info["room_id"])
     task = request.app[QUEUE].get_task(room_id, request.match_info["task_id"])

@@ -22,10 +22,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from p2pdiff import events, security, validate
-from p2pdiff.api import CORS, error_response
+from p2pdiff.appkeys import CONFIG, EVENTS
 from p2pdiff.errors import Unavailable
-from p2pdiff.keys import CONFIG, EVENTS
+from p2pdiff.rest import security
+from p2pdiff.rest.api import CORS, error_response
+from p2pdiff.tasks import events, validate
 
 log = logging.getLogger(__name__)
 

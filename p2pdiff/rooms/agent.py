@@ -1,10 +1,10 @@
 """The helper's part in one room of the browser app: tracking, announcing and (optionally) dispatch.
 
-A :class:`RoomAgent` sits between one joined room and the :class:`~p2pdiff.queue.QueueManager`.
+A :class:`RoomAgent` sits between one joined room and the :class:`~p2pdiff.tasks.queue.QueueManager`.
 It never touches the network itself: the helper hands it a ``send(action, payload, target,
 metadata)`` coroutine and feeds it what the room delivers (``on_message``, ``on_peer_join``,
 ``on_peer_leave``) and what the event bus publishes (``on_event``). Payloads are checked and
-translated by :mod:`p2pdiff.room_protocol`; every state change goes through the same
+translated by :mod:`p2pdiff.rooms.protocol`; every state change goes through the same
 QueueManager methods (and so the same state machine) REST uses.
 
 What it does:
@@ -40,12 +40,12 @@ from typing import Any
 
 import orjson
 
-from p2pdiff import events
-from p2pdiff import room_protocol as rp
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
-from p2pdiff.queue import COMPLETE, FINISHED, PENDING, PROCESSING, QueueManager, Task
-from p2pdiff.results import ResultStore, StoredImage, task_image
-from p2pdiff.validate import TaskUpdate
+from p2pdiff.rooms import protocol as rp
+from p2pdiff.tasks import events
+from p2pdiff.tasks.queue import COMPLETE, FINISHED, PENDING, PROCESSING, QueueManager, Task
+from p2pdiff.tasks.results import ResultStore, StoredImage, task_image
+from p2pdiff.tasks.validate import TaskUpdate
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from p2pdiff import validate
 from p2pdiff.errors import AppError
+from p2pdiff.tasks import validate
 
 if TYPE_CHECKING:
-    from p2pdiff.queue import Task
+    from p2pdiff.tasks.queue import Task
 
 CAPABILITIES, QUEUE, TASK, PROGRESS, RESULT, CHUNK = (
     "capabilities",

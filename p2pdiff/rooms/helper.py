@@ -7,7 +7,7 @@ Trystero-compatible peer through the ``signaling`` library.
 A helper publishes what it sees (peers joining and leaving, their RTT, relay states) through the
 publisher that ``attach`` gives it; the queue publishes the task and room changes itself.
 
-In P2P mode each room also gets a :class:`~p2pdiff.room_agent.RoomAgent` (``connect`` gives the
+In P2P mode each room also gets a :class:`~p2pdiff.rooms.agent.RoomAgent` (``connect`` gives the
 helper the queue and the result store): the helper registers the browser app's six actions in
 the room and routes what arrives, peers coming and going, and the bus's queue events to it.
 """
@@ -23,13 +23,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pdiff import events
-from p2pdiff import room_protocol as rp
 from p2pdiff.config import P2PConfig, mask_url
 from p2pdiff.errors import BadRequest, Conflict
-from p2pdiff.queue import QueueManager
-from p2pdiff.results import ResultStore
-from p2pdiff.room_agent import RoomAgent
+from p2pdiff.rooms import protocol as rp
+from p2pdiff.rooms.agent import RoomAgent
+from p2pdiff.tasks import events
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.results import ResultStore
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import orjson
 
 if TYPE_CHECKING:
-    from p2pdiff.queue import Room, Task
+    from p2pdiff.tasks.queue import Room, Task
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def _room_from_row(r: tuple[Any, ...]) -> RoomRow:
 
 
 def _task_from_row(r: tuple[Any, ...]) -> Task:
-    from p2pdiff.queue import STATUSES, Task
+    from p2pdiff.tasks.queue import STATUSES, Task
 
     (room_id, tid, seq, prompt, options, extra, status, created, queued, updated) = r[:10]
     (claimed_by, claimed_at, finished_at, progress, result, error, requeues) = r[10:]

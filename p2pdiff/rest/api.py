@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from p2pdiff import validate
+from p2pdiff.appkeys import EVENTS, HELPER, QUEUE, STARTED_AT
 from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType
-from p2pdiff.helper import WIRES, Helper, p2p_available
-from p2pdiff.keys import EVENTS, HELPER, QUEUE, STARTED_AT
-from p2pdiff.queue import QueueManager, Room, Task
+from p2pdiff.rooms.helper import WIRES, Helper, p2p_available
+from p2pdiff.tasks import validate
+from p2pdiff.tasks.queue import QueueManager, Room, Task
 
 log = logging.getLogger(__name__)
 
