@@ -15,7 +15,7 @@ from p2pdiff.config import Config
 from p2pdiff.errors import Unavailable
 from p2pdiff.ops import logs, metrics
 from p2pdiff.ops.shutdown import Shutdown
-from p2pdiff.rest import api, appfiles, dashboard, middleware, openapi, security, sse
+from p2pdiff.rest import api, appfiles, dashboard, middleware, openapi, result_files, security, sse
 from p2pdiff.rooms.helper import Helper, make_helper
 from p2pdiff.tasks import results
 from p2pdiff.tasks.events import EventBus
@@ -176,6 +176,7 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     # shutdown's cut timer goes last.
     app.cleanup_ctx.extend([shutdown.ctx, _store_ctx, _helper_ctx, _background_ctx])
     api.add_routes(app)
+    result_files.add_routes(app)
     results.setup(
         app,
         result_store,

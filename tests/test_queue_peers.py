@@ -12,6 +12,7 @@ import pytest
 from p2pdiff.config import Config, ConfigError, load_config
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound
 from p2pdiff.rooms import protocol as rp
+from p2pdiff.tasks.images import ImageRejected
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore, StoredImage, results_dir, task_image
 from p2pdiff.tasks.store import Store
@@ -118,10 +119,10 @@ def test_result_store_names_files_by_content(tmp_path: Path) -> None:
     assert store.save(PNG) == image and store.saved == 1  # the same bytes are stored once
     assert store.resolve(image.path) == tmp_path / "results" / image.path
     assert store.resolve("../db.sqlite3") is None and store.resolve("x.png") is None
-    with pytest.raises(rp.ProtocolError) as info:
+    with pytest.raises(ImageRejected) as info:
         store.save(b"<svg/>")
     assert info.value.reason == rp.NOT_AN_IMAGE
-    with pytest.raises(rp.ProtocolError) as info:
+    with pytest.raises(ImageRejected) as info:
         store.save(PNG * 100)
     assert info.value.reason == rp.TOO_LARGE
     assert [p.name for p in (tmp_path / "results").iterdir()] == [image.path]  # no stray temp files

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from p2pdiff.rooms import protocol as rp
+from p2pdiff.tasks.images import sniff_image
 from p2pdiff.tasks.queue import Task
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
@@ -231,12 +232,12 @@ def test_chunk_needs_bytes_and_metadata() -> None:
 
 
 def test_sniff_by_magic_bytes() -> None:
-    assert rp.sniff_image(PNG) == "image/png"
-    assert rp.sniff_image(JPEG) == "image/jpeg"
-    assert rp.sniff_image(WEBP) == "image/webp"
-    assert rp.sniff_image(b"<svg xmlns=...>") is None
-    assert rp.sniff_image(b"RIFF\x00\x00\x00\x00WAVE") is None
-    assert rp.sniff_image(b"") is None
+    assert sniff_image(PNG) == "image/png"
+    assert sniff_image(JPEG) == "image/jpeg"
+    assert sniff_image(WEBP) == "image/webp"
+    assert sniff_image(b"<svg xmlns=...>") is None
+    assert sniff_image(b"RIFF\x00\x00\x00\x00WAVE") is None
+    assert sniff_image(b"") is None
 
 
 def test_data_urls() -> None:

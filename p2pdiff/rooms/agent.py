@@ -43,6 +43,7 @@ import orjson
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
 from p2pdiff.rooms import protocol as rp
 from p2pdiff.tasks import events
+from p2pdiff.tasks.images import ImageRejected
 from p2pdiff.tasks.queue import COMPLETE, FINISHED, PENDING, PROCESSING, QueueManager, Task
 from p2pdiff.tasks.results import ResultStore, StoredImage, task_image
 from p2pdiff.tasks.validate import TaskUpdate
@@ -525,6 +526,8 @@ class RoomAgent:
     def _save(self, raw: bytes) -> StoredImage:
         try:
             image = self.results.save(raw)
+        except ImageRejected as exc:
+            raise rp.ProtocolError(exc.reason, exc.detail) from None
         except OSError as exc:
             log.error("room %s: cannot store a result image: %s", self.room_id, exc)
             raise rp.ProtocolError(rp.STORE_ERROR, str(exc)) from None
@@ -690,10 +693,10 @@ class RoomAgent:
             raise rp.ProtocolError(rp.DUPLICATE)
         try:
             self.results.check(data)
-        except rp.ProtocolError as exc:
+        except ImageRejected as exc:
             if exc.reason == rp.TOO_LARGE and task.status == PROCESSING:
                 self._fail(task, plan, exc.detail)
-            raise
+            raise rp.ProtocolError(exc.reason, exc.detail) from None
         image = self._save(data)
         if chunk is not None:
             assert plan is not None

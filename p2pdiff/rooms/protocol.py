@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from p2pdiff.errors import AppError
-from p2pdiff.tasks import validate
+from p2pdiff.tasks import images, validate
 
 if TYPE_CHECKING:
     from p2pdiff.tasks.queue import Task
@@ -56,7 +56,7 @@ MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 BAD_VALUE = "bad_value"  # right type, impossible value (progress 7, unknown status, ...)
 BAD_ID = "bad_id"  # a task id that is not 1..128 of A-Za-z0-9_.:-
-TOO_LARGE = "too_large"  # a string, list or result over its cap
+TOO_LARGE = images.TOO_LARGE  # a string, list or result over its cap
 TOO_MANY_TASKS = "too_many_tasks"  # a queue message listing more than MAX_TASKS_IN (the rest is used)
 UNKNOWN_TASK = "unknown_task"  # no such task in the room's queue
 NOT_HANDED_OUT = "not_handed_out"  # progress/result/bytes for a task nobody was given
@@ -65,7 +65,7 @@ LATE = "late"  # from a worker the task was taken away from (it left, went silen
 DUPLICATE = "duplicate"  # the same worker reporting a finished task or chunk again
 CONFLICT = "conflict"  # a known task id announced with another prompt or options
 INVALID_TRANSITION = "invalid_transition"  # the state machine refused (e.g. progress on a finished task)
-NOT_AN_IMAGE = "not_an_image"  # result bytes that are not PNG, JPEG or WebP
+NOT_AN_IMAGE = images.NOT_AN_IMAGE  # result bytes that are not PNG, JPEG or WebP
 BAD_DATA_URL = "bad_data_url"
 NOT_A_WORKER = "not_a_worker"  # a `task` sent to the helper, which has no GPU
 RATE_LIMITED = "rate_limited"  # past the peer's message or new-task budget (room_agent)
@@ -384,22 +384,7 @@ def parse_chunk(payload: Any, metadata: Any) -> tuple[bytes, ChunkMeta]:
     return bytes(payload), ChunkMeta(_task_id(meta), _name(meta, "chunkId"))
 
 
-# -- images ---------------------------------------------------------------------------------------
-
-IMAGE_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
-
-
-def sniff_image(data: bytes | memoryview) -> str | None:
-    """The content type from the first bytes (PNG, JPEG or WebP), or None for anything else.
-    The bytes decide, never what the peer claims: the file is served from our origin."""
-    head = bytes(data[:16])
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+# -- data URLs (result images; which bytes are images: p2pdiff.tasks.images) -----------------------
 
 
 def is_data_url(value: Any) -> bool:

@@ -1,9 +1,9 @@
-"""Result images: files under the data directory, referenced from their task, served over REST.
+"""Result images: files under the data directory, referenced from their task.
 
 Peers deliver a finished image as ``chunk`` bytes or as a ``data:`` URL in ``result.data`` (see
-``room_protocol``). The helper stores the bytes here and puts a small reference into the task's
-result (``image: {path, sha256, size, contentType, url}``); the task row stays small, and
-``GET /api/queue/{room}/{task}/result`` serves the file.
+``p2pdiff.rooms.protocol``). The helper stores the bytes here and puts a small reference into the
+task's result (``image: {path, sha256, size, contentType, url}``); the task row stays small, and
+``GET /api/queue/{room}/{task}/result`` (``p2pdiff.rest.result_files``) serves the file.
 
 Files are named by their SHA-256 (``<sha256>.png``): no name a peer chooses ever reaches the file
 system (room and task ids may contain ``..``), identical images are stored once, and a half-written
@@ -32,9 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from p2pdiff.config import Config
-from p2pdiff.errors import NotFound
-from p2pdiff.rooms.protocol import IMAGE_EXTENSIONS, NOT_AN_IMAGE, TOO_LARGE, ProtocolError, sniff_image
-from p2pdiff.tasks import validate
+from p2pdiff.tasks.images import IMAGE_EXTENSIONS, NOT_AN_IMAGE, TOO_LARGE, ImageRejected, sniff_image
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +94,14 @@ class ResultStore:
         self.removed = 0
 
     def check(self, data: bytes) -> str:
-        """The content type of acceptable image bytes; ProtocolError (too_large, not_an_image) else."""
+        """The content type of acceptable image bytes; ImageRejected (too_large, not_an_image) else."""
         if len(data) > self.max_bytes:
-            raise ProtocolError(
+            raise ImageRejected(
                 TOO_LARGE, f"result of {len(data)} bytes is over max_result_bytes ({self.max_bytes})"
             )
         ctype = sniff_image(data)
         if ctype is None:
-            raise ProtocolError(NOT_AN_IMAGE, "not PNG, JPEG or WebP")
+            raise ImageRejected(NOT_AN_IMAGE, "not PNG, JPEG or WebP")
         return ctype
 
     def save(self, data: bytes) -> StoredImage:
@@ -173,30 +171,6 @@ class ResultStore:
 RESULTS = web.AppKey("results", ResultStore)
 
 
-async def get_result(request: web.Request) -> web.StreamResponse:
-    from p2pdiff.appkeys import QUEUE  # keys imports the helper, which imports this module
-
-    room_id = validate.room_id(request.match_info["room_id"])
-    task = request.app[QUEUE].get_task(room_id, request.match_info["task_id"])
-    image = task_image(task.result)
-    if image is None:
-        raise NotFound(f"task '{task.id}' has no stored result image", code="result_not_found")
-    path = request.app[RESULTS].resolve(image.path)
-    if path is None or not path.is_file():
-        raise NotFound(f"the result file of task '{task.id}' is gone", code="result_missing")
-    return web.FileResponse(
-        path,
-        headers={
-            "Content-Type": image.content_type,
-            "Content-Disposition": f'inline; filename="{task.id}.{IMAGE_EXTENSIONS[image.content_type]}"',
-            "X-Content-Type-Options": "nosniff",
-            # An image may be replaced (the task requeued and run again): revalidate each time.
-            "Cache-Control": "no-cache",
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-        },
-    )
-
-
 def setup(
     app: web.Application,
     store: ResultStore,
@@ -204,9 +178,9 @@ def setup(
     interval: float,
     referenced: Callable[[], Iterable[str]],
 ) -> None:
-    """Register the route, and the periodic gc of files that ``referenced()`` no longer names."""
+    """Share ``store`` with the handlers (rest/result_files.py serves the files), and run the
+    periodic gc of files that ``referenced()`` no longer names."""
     app[RESULTS] = store
-    app.router.add_get("/api/queue/{room_id}/{task_id}/result", get_result)
 
     async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
         async def loop() -> None:
