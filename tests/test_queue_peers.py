@@ -12,6 +12,7 @@ import pytest
 from p2pdiff.config import Config, ConfigError, load_config
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound
 from p2pdiff.rooms import protocol as rp
+from p2pdiff.tasks.events import SERVER, Event, EventBus, Origin
 from p2pdiff.tasks.images import ImageRejected
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore, StoredImage, results_dir, task_image
@@ -30,7 +31,7 @@ def published() -> list[tuple[str, Any]]:
 def queue(tmp_path: Path, published: list[tuple[str, Any]]) -> QueueManager:
     store = Store(tmp_path / "q.sqlite3")
     store.open()
-    q = QueueManager(store, lease_seconds=10, publish=lambda t, room, data: published.append((t, data)))
+    q = QueueManager(store, lease_seconds=10, publish=lambda t, r, data, origin: published.append((t, data)))
     q.load()
     return q
 
@@ -55,6 +56,30 @@ def test_upsert_adds_new_tasks_in_the_state_the_peer_saw(queue: QueueManager, pu
         "task.claimed",
         "task.complete",
     ]
+
+
+def test_events_carry_the_origin_their_caller_named(tmp_path: Path) -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.add_listener(seen.append)
+    store = Store(tmp_path / "o.sqlite3")
+    store.open()
+    queue = QueueManager(store, lease_seconds=10, publish=bus.publish)
+    queue.load()
+    peer = Origin.peer_message("r", "p1")
+    queue.add("r", new("over-rest"))
+    queue.upsert_from_peer("r", new("a"), "processing", "w1", sender="p1", origin=peer)
+    queue.worker_complete("r", "a", "w1", {"status": "complete"}, origin=peer)
+    queue.cancel("r", "over-rest")
+    assert [(e.type, e.origin) for e in seen] == [
+        ("task.created", SERVER),
+        ("task.created", peer),
+        ("task.claimed", peer),
+        ("task.complete", peer),
+        ("task.cancelled", SERVER),
+    ]
+    # what clients see is unchanged: the origin stays in the process
+    assert "origin" not in seen[1].to_json() and b"origin" not in seen[1].frame
 
 
 def test_upsert_leaves_known_tasks_alone(queue: QueueManager) -> None:

@@ -121,7 +121,7 @@ async def test_a_failed_commit_puts_back_only_what_changed(tmp_path: Path) -> No
     store = Store(tmp_path / "s.sqlite3", clock=Clock())
     store.open()
     events: list[tuple[str, Any]] = []
-    queue = QueueManager(store, lease_seconds=10, publish=lambda t, r, d: events.append((t, d)))
+    queue = QueueManager(store, lease_seconds=10, publish=lambda t, r, d, origin: events.append((t, d)))
     for i in range(50):
         queue.add("r", new(f"t{i}"))
     queue.add("other", new("o1"))

@@ -199,7 +199,6 @@ class RoomAgent:
         self.closed = False
         self._joins = 0
         self._served = 0
-        self._from_peer = False  # set while a peer's `queue` adds tasks: those are not re-announced
         self._announce: dict[str, None] = {}  # task ids created over REST, not yet broadcast
         self._announcer: asyncio.Task[None] | None = None
         self._pump_task: asyncio.Task[None] | None = None
@@ -406,6 +405,7 @@ class RoomAgent:
         message = rp.parse_queue(payload)
         state = self._peer(peer_id)
         assert state is not None  # on_message checked
+        origin = events.Origin.peer_message(self.room_id, peer_id)
         for reason in message.rejected:
             self._drop(rp.QUEUE, reason, peer_id)
         created = False
@@ -415,20 +415,17 @@ class RoomAgent:
             if not known and not state.new_tasks.take():
                 self._drop(rp.QUEUE, rp.RATE_LIMITED, peer_id)
                 continue
-            self._from_peer = True
             try:
                 added = self._queue_call(
                     rp.QUEUE,
                     peer_id,
                     lambda item=item: self.queue.upsert_from_peer(
-                        self.room_id, item.new, item.status, item.worker, sender=peer_id
+                        self.room_id, item.new, item.status, item.worker, sender=peer_id, origin=origin
                     ),
                 )
             except rp.ProtocolError as exc:
                 self._drop(rp.QUEUE, exc.reason, peer_id, exc.detail)
                 continue
-            finally:
-                self._from_peer = False
             created = created or added.created
             if added.created and not added.task.options:
                 deadline = asyncio.get_running_loop().time() + FILL_GRACE_SECONDS
@@ -474,6 +471,7 @@ class RoomAgent:
 
     def _on_progress(self, payload: Any, peer_id: str, metadata: Any) -> None:
         msg = rp.parse_progress(payload)
+        origin = events.Origin.peer_message(self.room_id, peer_id)
         self._heard_from(peer_id)
         plan = self.plans.get(msg.task_id)
         # The published app's worker reports progress up to 1.0 and never sends a result: 1.0
@@ -487,13 +485,14 @@ class RoomAgent:
                 raise rp.ProtocolError(rp.DUPLICATE)
             chunk.progress = msg.progress
             if done:
-                self._chunk_done(
-                    plan, chunk, self._result_fields(plan.task_id, chunk.plan.id, peer_id, chunk.image)
-                )
+                fields = self._result_fields(plan.task_id, chunk.plan.id, peer_id, chunk.image)
+                self._chunk_done(plan, chunk, fields, origin)
                 return
             update = TaskUpdate("progress", plan.claimer, plan.progress(), None, None)
             self._queue_call(
-                rp.PROGRESS, peer_id, lambda: self.queue.update(self.room_id, plan.task_id, update)
+                rp.PROGRESS,
+                peer_id,
+                lambda: self.queue.update(self.room_id, plan.task_id, update, origin=origin),
             )
         else:
             task = self._task_or_none(msg.task_id)
@@ -507,12 +506,14 @@ class RoomAgent:
             self._queue_call(
                 rp.PROGRESS,
                 peer_id,
-                lambda: self.queue.worker_progress(self.room_id, msg.task_id, peer_id, msg.progress),
+                lambda: self.queue.worker_progress(
+                    self.room_id, msg.task_id, peer_id, msg.progress, origin=origin
+                ),
             )
             if done:
                 image = self.staged.pop(msg.task_id, None)
                 fields = self._result_fields(msg.task_id, msg.chunk_id, peer_id, image)
-                self.queue.worker_complete(self.room_id, msg.task_id, peer_id, fields)
+                self.queue.worker_complete(self.room_id, msg.task_id, peer_id, fields, origin=origin)
                 _put_bounded(self.finished, msg.task_id, None, MAX_FINISHED)
         self._flush_soon()
 
@@ -535,14 +536,16 @@ class RoomAgent:
         self.counts["resultBytes"] += image.size
         return image
 
-    def _fail(self, task: Task, plan: TaskPlan | None, error: str) -> None:
+    def _fail(self, task: Task, plan: TaskPlan | None, error: str, origin: events.Origin) -> None:
         """Fail a processing task its sender holds (checked by the caller), through the queue."""
         claimer = task.claimed_by
         if plan is not None:
             self.plans.pop(plan.task_id, None)
             self._release(plan)
             claimer = plan.claimer
-        self.queue.update(self.room_id, task.id, TaskUpdate("fail", claimer, None, None, error))
+        self.queue.update(
+            self.room_id, task.id, TaskUpdate("fail", claimer, None, None, error), origin=origin
+        )
         self._flush_soon()
         self._kick()
 
@@ -565,13 +568,14 @@ class RoomAgent:
 
     def _on_result(self, payload: Any, peer_id: str, metadata: Any) -> None:
         msg = rp.parse_result(payload)
+        origin = events.Origin.peer_message(self.room_id, peer_id)
         self._heard_from(peer_id)
         task = self._task_or_none(msg.task_id)
         if task is None:
             raise rp.ProtocolError(rp.UNKNOWN_TASK)
         plan = self.plans.get(msg.task_id)
         if plan is None and msg.task_id in self.finished:
-            self._late_result(task, self.finished[msg.task_id], msg, peer_id)
+            self._late_result(task, self.finished[msg.task_id], msg, peer_id, origin)
             return
         chunk: ChunkState | None = None
         if plan is not None:
@@ -581,18 +585,18 @@ class RoomAgent:
                     rp.DUPLICATE if chunk is not None else self._not_yours(task, msg.task_id, peer_id)
                 )
             if chunk.done:  # finished by progress 1.0, other chunks still running
-                self._late_result(task, plan, msg, peer_id)
+                self._late_result(task, plan, msg, peer_id, origin)
                 return
         elif task.status != PROCESSING or task.claimed_by not in (None, peer_id):
             raise rp.ProtocolError(self._not_yours(task, msg.task_id, peer_id))
         if msg.status == "failed":
-            self._fail(task, plan, msg.error or "failed on the worker")
+            self._fail(task, plan, msg.error or "failed on the worker", origin)
             return
         try:
             image = self._image_from_data(msg.data)
         except rp.ProtocolError as exc:
             if exc.reason == rp.TOO_LARGE:
-                self._fail(task, plan, exc.detail)
+                self._fail(task, plan, exc.detail, origin)
             raise
         if plan is None:
             image = image or self.staged.pop(msg.task_id, None)
@@ -600,18 +604,19 @@ class RoomAgent:
             self._queue_call(
                 rp.RESULT,
                 peer_id,
-                lambda: self.queue.worker_complete(self.room_id, msg.task_id, peer_id, fields),
+                lambda: self.queue.worker_complete(self.room_id, msg.task_id, peer_id, fields, origin=origin),
             )
             self._flush_soon()
         else:
             assert chunk is not None
             chunk.image = image or chunk.image
             chunk.reported = True
-            self._chunk_done(
-                plan, chunk, self._result_fields(plan.task_id, msg.chunk_id, peer_id, chunk.image, msg)
-            )
+            fields = self._result_fields(plan.task_id, msg.chunk_id, peer_id, chunk.image, msg)
+            self._chunk_done(plan, chunk, fields, origin)
 
-    def _late_result(self, task: Task, plan: TaskPlan | None, msg: rp.Result, peer_id: str) -> None:
+    def _late_result(
+        self, task: Task, plan: TaskPlan | None, msg: rp.Result, peer_id: str, origin: events.Origin
+    ) -> None:
         """A ``result`` after progress 1.0 finished the sender's work: its data and image join the
         task's result (``plan`` None: a task the helper did not dispatch)."""
         if plan is None:
@@ -632,16 +637,18 @@ class RoomAgent:
             self.finished.pop(task.id, None)  # one result per task: a second is a duplicate
             fields = self._result_fields(task.id, chunk_id, peer_id, image, msg)
             self._queue_call(
-                rp.RESULT, peer_id, lambda: self.queue.attach_result(self.room_id, task.id, peer_id, fields)
+                rp.RESULT,
+                peer_id,
+                lambda: self.queue.attach_result(self.room_id, task.id, peer_id, fields, origin=origin),
             )
         else:
             chunk.reported = True
             chunk.image = image or chunk.image
             chunk.result = self._result_fields(task.id, chunk_id, peer_id, chunk.image, msg)
-            self._attach_plan_result(plan)
+            self._attach_plan_result(plan, origin)
         self._flush_soon()
 
-    def _attach_plan_result(self, plan: TaskPlan) -> None:
+    def _attach_plan_result(self, plan: TaskPlan, origin: events.Origin) -> None:
         """A finished chunk gained its data or image: the complete task's result follows."""
         if plan.task_id not in self.finished:
             return  # other chunks still run: the result is built when the last one is done
@@ -649,9 +656,11 @@ class RoomAgent:
         if all(c.reported for c in plan.chunks.values()):
             self.finished.pop(plan.task_id, None)
         if result is not None:
-            self.queue.attach_result(self.room_id, plan.task_id, plan.claimer, result)
+            self.queue.attach_result(self.room_id, plan.task_id, plan.claimer, result, origin=origin)
 
-    def _chunk_done(self, plan: TaskPlan, chunk: ChunkState, result: dict[str, Any]) -> None:
+    def _chunk_done(
+        self, plan: TaskPlan, chunk: ChunkState, result: dict[str, Any], origin: events.Origin
+    ) -> None:
         """``chunk``'s worker is done with it (its result, or progress 1.0): the worker is free,
         and the task completes with its last chunk."""
         chunk.done = True
@@ -660,19 +669,20 @@ class RoomAgent:
             self._free(chunk.worker)
         if not all(c.done for c in plan.chunks.values()):
             update = TaskUpdate("progress", plan.claimer, plan.progress(), None, None)
-            self.queue.update(self.room_id, plan.task_id, update)
+            self.queue.update(self.room_id, plan.task_id, update, origin=origin)
         else:
             self.plans.pop(plan.task_id, None)
             if not all(c.reported for c in plan.chunks.values()):
                 _put_bounded(self.finished, plan.task_id, plan, MAX_FINISHED)
             update = TaskUpdate("complete", plan.claimer, None, plan.result(self.room_id), None)
-            self.queue.update(self.room_id, plan.task_id, update)
+            self.queue.update(self.room_id, plan.task_id, update, origin=origin)
             self.counts["completed"] += 1
         self._flush_soon()
         self._kick()
 
     def _on_chunk(self, payload: Any, peer_id: str, metadata: Any) -> None:
         data, meta = rp.parse_chunk(payload, metadata)
+        origin = events.Origin.peer_message(self.room_id, peer_id)
         self._heard_from(peer_id)
         task = self._task_or_none(meta.task_id)
         if task is None:
@@ -695,7 +705,7 @@ class RoomAgent:
             self.results.check(data)
         except ImageRejected as exc:
             if exc.reason == rp.TOO_LARGE and task.status == PROCESSING:
-                self._fail(task, plan, exc.detail)
+                self._fail(task, plan, exc.detail, origin)
             raise rp.ProtocolError(exc.reason, exc.detail) from None
         image = self._save(data)
         if chunk is not None:
@@ -703,12 +713,14 @@ class RoomAgent:
             chunk.image = image
             if chunk.result is not None:  # its result (or progress 1.0) came first
                 chunk.result["image"] = image.to_json(self.room_id, task.id)
-                self._attach_plan_result(plan)
+                self._attach_plan_result(plan, origin)
                 self._flush_soon()
         elif attach:
             fields = {"image": image.to_json(self.room_id, task.id)}
             self._queue_call(
-                rp.CHUNK, peer_id, lambda: self.queue.attach_result(self.room_id, task.id, peer_id, fields)
+                rp.CHUNK,
+                peer_id,
+                lambda: self.queue.attach_result(self.room_id, task.id, peer_id, fields, origin=origin),
             )
             self._flush_soon()
         else:
@@ -731,7 +743,7 @@ class RoomAgent:
         task_json = event.data.get("task") if isinstance(event.data, dict) else None
         task_id = task_json.get("id") if isinstance(task_json, dict) else None
         if event.type == events.TASK_CREATED and task_id is not None:
-            if not self._from_peer:
+            if event.origin.kind != "peer":  # a peer's own task: its room heard of it from the peer
                 self._announce_task(task_id)
             self._kick()
         elif event.type == events.TASK_MOVED and event.room == self.room_id:

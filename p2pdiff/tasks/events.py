@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -55,8 +55,31 @@ RESET = "reset"  # SSE only: the stream cannot be resumed from the client's id; 
 HELLO = "hello"  # SSE only: first event of a fresh stream, its id is where the client stands
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """What made an event happen, for listeners in this process (never sent to clients).
+
+    ``kind`` "server": the server itself (a REST request, the helper's own hand-outs, the lease and
+    retention sweeps); "peer": a message from peer ``peer`` in room ``room``. The room agent does
+    not announce back to a room the tasks its own peers announced.
+    """
+
+    kind: Literal["server", "peer"]
+    room: str | None = None
+    peer: str | None = None
+
+    @classmethod
+    def peer_message(cls, room: str, peer: str) -> Origin:
+        return cls("peer", room, peer)
+
+
+SERVER = Origin("server")
+
+
 class Publish(Protocol):
-    def __call__(self, type: str, room: str | None, data: dict[str, Any]) -> Event | None: ...
+    def __call__(
+        self, type: str, room: str | None, data: dict[str, Any], *, origin: Origin = SERVER
+    ) -> Event | None: ...
 
 
 def encode_sse(event_id: int, payload: bytes) -> bytes:
@@ -71,6 +94,7 @@ class Event:
     room: str | None
     data: dict[str, Any]
     ts: int  # milliseconds since the epoch, like the task times
+    origin: Origin = SERVER  # not part of to_json(): what clients see stays as it was
     # Serialized once at publish and shared by every subscriber: N clients cost N references.
     frame: bytes = field(init=False, repr=False, compare=False)
 
@@ -220,11 +244,13 @@ class EventBus:
         """The id of the newest event (one below the first id while there is none)."""
         return self._next_id - 1
 
-    def publish(self, type: str, room: str | None, data: dict[str, Any]) -> Event | None:
+    def publish(
+        self, type: str, room: str | None, data: dict[str, Any], *, origin: Origin = SERVER
+    ) -> Event | None:
         """Record an event and hand it to every subscriber. Never raises, never awaits."""
         if self.closed:
             return None
-        event = Event(self._next_id, type, room, data, int(self.clock() * 1000))
+        event = Event(self._next_id, type, room, data, int(self.clock() * 1000), origin)
         self._next_id += 1
         self.published += 1
         self._backlog.append(event)

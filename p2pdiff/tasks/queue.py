@@ -4,7 +4,9 @@ Plain synchronous methods, no HTTP and no network. Each mutation hands its chang
 callers ``await queue.flush()`` to make them durable before they answer anyone (a failed commit puts
 memory back as it was at the last one, see journal.py).
 Each state change is also handed to an injected ``publish`` callback (the event bus), so live views
-see exactly the changes this module makes and nothing else has to know the rules.
+see exactly the changes this module makes and nothing else has to know the rules; the methods that
+change tasks take the caller's ``origin`` (``events.Origin``: the server, or a peer's message) and
+publish it with the event.
 """
 
 from __future__ import annotations
@@ -291,17 +293,24 @@ class QueueManager:
         if task is not None:
             self._journal.task(task)
 
-    def _emit(self, type: str, room_id: str | None, data: dict[str, Any]) -> None:
+    def _emit(
+        self, type: str, room_id: str | None, data: dict[str, Any], origin: events.Origin = events.SERVER
+    ) -> None:
         if self.publish is not None:
-            self.publish(type, room_id, data)
+            self.publish(type, room_id, data, origin=origin)
 
     def _emit_task(
-        self, action: str, task: Task, position: int | None = None, reason: str | None = None
+        self,
+        action: str,
+        task: Task,
+        position: int | None = None,
+        reason: str | None = None,
+        origin: events.Origin = events.SERVER,
     ) -> None:
         data: dict[str, Any] = {"task": task.to_json(position)}
         if action in ("requeue", "expire"):
             data["reason"] = reason or ("lease_expired" if action == "expire" else "requeue")
-        self._emit(ACTION_EVENT[action], task.room_id, data)
+        self._emit(ACTION_EVENT[action], task.room_id, data, origin)
 
     def _room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
@@ -420,7 +429,7 @@ class QueueManager:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def add(self, room_id: str, new: NewTask) -> AddResult:
+    def add(self, room_id: str, new: NewTask, *, origin: events.Origin = events.SERVER) -> AddResult:
         """Add a task, or return the existing one if the same id was already submitted."""
         validate.check_new_task(new)  # before anything changes: a refused task is never half-stored
         room = self._room(room_id)
@@ -431,7 +440,7 @@ class QueueManager:
                     f"task '{new.id}' already exists in room '{room_id}' with a different prompt or options",
                     code="task_exists",
                 )
-            self._fill(room, existing, new)
+            self._fill(room, existing, new, origin)
             return AddResult(existing, room.position(existing), created=False)
         now = now_ms(self.clock)
         self._seq += 1
@@ -454,7 +463,7 @@ class QueueManager:
         room.counts[PENDING] += 1
         self._touch(room, now)
         self.store.save_task(task)
-        self._emit(events.TASK_CREATED, room_id, {"task": task.to_json(room.counts[PENDING])})
+        self._emit(events.TASK_CREATED, room_id, {"task": task.to_json(room.counts[PENDING])}, origin)
         return AddResult(task, room.counts[PENDING], created=True)
 
     def add_unplaced(self, new: NewTask, helper_rooms: Iterable[str]) -> AddResult:
@@ -477,7 +486,7 @@ class QueueManager:
                     return AddResult(existing, room.position(existing), created=False)
         return self.add(self.default_room, new)
 
-    def _fill(self, room: Room, task: Task, new: NewTask) -> None:
+    def _fill(self, room: Room, task: Task, new: NewTask, origin: events.Origin = events.SERVER) -> None:
         """Complete ``task`` with what another submission of it carries and it lacks (options,
         extra fields such as ``negativePrompt``); what it has already is never overwritten."""
         validate.check_new_task(new)
@@ -492,9 +501,9 @@ class QueueManager:
         task.updated_at = now
         self._touch(room, now)
         self.store.save_task(task)
-        self._emit(events.TASK_UPDATED, room.id, {"task": task.to_json(room.position(task))})
+        self._emit(events.TASK_UPDATED, room.id, {"task": task.to_json(room.position(task))}, origin)
 
-    def _move(self, task: Task, to_room: str) -> Task:
+    def _move(self, task: Task, to_room: str, origin: events.Origin) -> Task:
         """Move ``task`` (any state) to the end of ``to_room``'s queue, as one store transaction."""
         source = self.rooms[task.room_id]
         self._changing(source, task)
@@ -512,10 +521,18 @@ class QueueManager:
         self._touch(room, now)
         self.store.save_task(task)
         data = {"task": task.to_json(room.position(task)), "fromRoom": source.id}
-        self._emit(events.TASK_MOVED, to_room, data)
+        self._emit(events.TASK_MOVED, to_room, data, origin)
         return task
 
-    def update(self, room_id: str, task_id: str, update: TaskUpdate, *, reason: str | None = None) -> Task:
+    def update(
+        self,
+        room_id: str,
+        task_id: str,
+        update: TaskUpdate,
+        *,
+        reason: str | None = None,
+        origin: events.Origin = events.SERVER,
+    ) -> Task:
         """Apply one worker action. ``reason`` names why a requeue happened in its event (default
         ``requeue``; the helper says ``worker_left`` when a peer holding the task leaves)."""
         room = self.rooms.get(room_id)
@@ -544,7 +561,8 @@ class QueueManager:
             task.error = update.error
         self._touch(room, now)
         self.store.save_task(task)
-        self._emit_task(update.action, task, room.position(task) if task.status == PENDING else None, reason)
+        position = room.position(task) if task.status == PENDING else None
+        self._emit_task(update.action, task, position, reason, origin)
         return task
 
     # -- writes on behalf of peers (the helper; see p2pdiff/rooms/agent.py) ------------------------
@@ -558,6 +576,7 @@ class QueueManager:
         worker: str | None = None,
         *,
         sender: str | None = None,
+        origin: events.Origin = events.SERVER,
     ) -> AddResult:
         """A task peer ``sender`` announced (the app's ``queue`` action). A new task is added and
         carried forward to the state the peer reports (claim, then complete/fail; or cancel). A
@@ -574,26 +593,27 @@ class QueueManager:
                     code="task_exists",
                 )
             assert room is not None
-            self._fill(room, existing, new)
+            self._fill(room, existing, new, origin)
             return AddResult(existing, self.position(existing), created=False)
         default = self.rooms.get(self.default_room) if room_id != self.default_room else None
         parked = default.tasks.get(new.id) if default is not None and new.id is not None else None
         if parked is not None and same_task(parked, new) and sender is not None and _author(parked) == sender:
             # The app's POST without a room reached us before its `queue` message: the task
             # belongs here. It keeps the state it has (a REST worker may hold it already).
-            task = self._move(parked, room_id)
-            self._fill(self.rooms[room_id], task, new)
+            task = self._move(parked, room_id, origin)
+            self._fill(self.rooms[room_id], task, new, origin)
             return AddResult(task, self.position(task), created=True)
-        added = self.add(room_id, new)
+        added = self.add(room_id, new, origin=origin)
         task = added.task
         if status in (PROCESSING, COMPLETE, FAILED):
-            self.update(room_id, task.id, TaskUpdate("claim", worker, None, None, None))
+            self.update(room_id, task.id, TaskUpdate("claim", worker, None, None, None), origin=origin)
             if status == COMPLETE:
-                self.update(room_id, task.id, TaskUpdate("complete", None, None, None, None))
+                self.update(room_id, task.id, TaskUpdate("complete", None, None, None, None), origin=origin)
             elif status == FAILED:
-                self.update(room_id, task.id, TaskUpdate("fail", None, None, None, "failed on a peer"))
+                failed = TaskUpdate("fail", None, None, None, "failed on a peer")
+                self.update(room_id, task.id, failed, origin=origin)
         elif status == CANCELLED:
-            self.cancel(room_id, task.id)
+            self.cancel(room_id, task.id, origin=origin)
         return AddResult(task, self.position(task), created=True)
 
     def _adopt(self, task: Task, worker: str) -> None:
@@ -603,21 +623,43 @@ class QueueManager:
             self._changing(self.rooms[task.room_id], task)
             task.claimed_by = worker
 
-    def worker_progress(self, room_id: str, task_id: str, worker: str, progress: float) -> Task:
+    def worker_progress(
+        self,
+        room_id: str,
+        task_id: str,
+        worker: str,
+        progress: float,
+        *,
+        origin: events.Origin = events.SERVER,
+    ) -> Task:
         """Progress from a worker peer: a pending task is claimed by it first (a browser handed it
         out); another worker's task is a Conflict (worker_mismatch), a finished one invalid."""
         task = self.get_task(room_id, task_id)
         if task.status == PENDING:
-            self.update(room_id, task_id, TaskUpdate("claim", worker, None, None, None))
+            self.update(room_id, task_id, TaskUpdate("claim", worker, None, None, None), origin=origin)
         self._adopt(task, worker)
-        return self.update(room_id, task_id, TaskUpdate("progress", worker, progress, None, None))
+        return self.update(
+            room_id, task_id, TaskUpdate("progress", worker, progress, None, None), origin=origin
+        )
 
-    def worker_complete(self, room_id: str, task_id: str, worker: str, result: Any) -> Task:
+    def worker_complete(
+        self, room_id: str, task_id: str, worker: str, result: Any, *, origin: events.Origin = events.SERVER
+    ) -> Task:
         """A worker's result: only a processing task it holds completes (pending: invalid)."""
         self._adopt(self.get_task(room_id, task_id), worker)
-        return self.update(room_id, task_id, TaskUpdate("complete", worker, None, result, None))
+        return self.update(
+            room_id, task_id, TaskUpdate("complete", worker, None, result, None), origin=origin
+        )
 
-    def attach_result(self, room_id: str, task_id: str, worker: str, fields: dict[str, Any]) -> Task:
+    def attach_result(
+        self,
+        room_id: str,
+        task_id: str,
+        worker: str,
+        fields: dict[str, Any],
+        *,
+        origin: events.Origin = events.SERVER,
+    ) -> Task:
         """Add ``fields`` (the stored image) to the result of a complete task, for the worker that
         completed it (image bytes may come after the ``result`` message). Not a state change;
         published as ``task.result``."""
@@ -640,10 +682,10 @@ class QueueManager:
         task.updated_at = now
         self._touch(room, now)
         self.store.save_task(task)
-        self._emit(events.TASK_RESULT, room_id, {"task": task.to_json()})
+        self._emit(events.TASK_RESULT, room_id, {"task": task.to_json()}, origin)
         return task
 
-    def cancel(self, room_id: str, task_id: str) -> Task:
+    def cancel(self, room_id: str, task_id: str, *, origin: events.Origin = events.SERVER) -> Task:
         room = self.rooms.get(room_id)
         task = self.get_task(room_id, task_id)
         assert room is not None
@@ -651,7 +693,7 @@ class QueueManager:
         self._set_status(room, task, "cancel", now)
         self._touch(room, now)
         self.store.save_task(task)
-        self._emit_task("cancel", task)
+        self._emit_task("cancel", task, origin=origin)
         return task
 
     def expire_leases(self) -> list[Task]:
