@@ -17,30 +17,57 @@ between the rooms of an app id and runs admission; ``legacy`` is what ``wire="0.
 differently (and ``strangers`` spots peers of the other wire); ``room`` is the public API.
 """
 
-from signaling.config import DEFAULT_ICE_SERVERS, DEFAULT_RELAY_URLS, JoinConfig, Limits, RoomConfig, Timeouts
-from signaling.room import Action, PeerInfo, PeerNotFound, Room
-from signaling.session import (
-    PROCESS_SELF_ID,
-    Session,
-    close_default_session,
-    default_session,
-    join_room,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_ICE_SERVERS",
-    "DEFAULT_RELAY_URLS",
-    "PROCESS_SELF_ID",
-    "Action",
-    "JoinConfig",
-    "Limits",
-    "PeerInfo",
-    "PeerNotFound",
-    "Room",
-    "RoomConfig",
-    "Session",
-    "Timeouts",
-    "close_default_session",
-    "default_session",
-    "join_room",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below, for type checkers (``X as X``: re-exported)
+    from signaling.config import DEFAULT_ICE_SERVERS as DEFAULT_ICE_SERVERS
+    from signaling.config import DEFAULT_RELAY_URLS as DEFAULT_RELAY_URLS
+    from signaling.config import JoinConfig as JoinConfig
+    from signaling.config import Limits as Limits
+    from signaling.config import RoomConfig as RoomConfig
+    from signaling.config import Timeouts as Timeouts
+    from signaling.room import Action as Action
+    from signaling.room import PeerInfo as PeerInfo
+    from signaling.room import PeerNotFound as PeerNotFound
+    from signaling.room import Room as Room
+    from signaling.session import PROCESS_SELF_ID as PROCESS_SELF_ID
+    from signaling.session import Session as Session
+    from signaling.session import close_default_session as close_default_session
+    from signaling.session import default_session as default_session
+    from signaling.session import join_room as join_room
+
+# The public names, loaded on first use: a program that needs only a module without WebRTC
+# (``signaling.bounded``, ``signaling.background``; p2pdiff's API-only server) never imports aiortc.
+_PUBLIC = {
+    "signaling.config": (
+        "DEFAULT_ICE_SERVERS",
+        "DEFAULT_RELAY_URLS",
+        "JoinConfig",
+        "Limits",
+        "RoomConfig",
+        "Timeouts",
+    ),
+    "signaling.room": ("Action", "PeerInfo", "PeerNotFound", "Room"),
+    "signaling.session": (
+        "PROCESS_SELF_ID",
+        "Session",
+        "close_default_session",
+        "default_session",
+        "join_room",
+    ),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'signaling' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from p2pdiff.config import P2PConfig
@@ -19,6 +22,18 @@ def test_missing_aiortc_runs_api_only(
     helper = make_helper(P2PConfig(enabled=True))
     assert helper.mode == "api-only"
     assert "aiortc is not importable" in caplog.text
+
+
+def test_an_api_only_server_never_imports_aiortc() -> None:
+    # The app uses signaling's leaf modules (bounded, background); the package loads the rest
+    # on first use, so a server that never joins a room never pays for (or needs) WebRTC.
+    code = (
+        "import sys; from p2pdiff.app import create_app; from p2pdiff.config import Config; "
+        "config = Config(); config.p2p.enabled = False; create_app(config); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiortc'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 async def test_api_only_helper_remembers_rooms() -> None:

@@ -20,7 +20,6 @@ import hmac
 import ipaddress
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
@@ -28,6 +27,7 @@ from aiohttp import web
 from p2pdiff.config import ServerConfig
 from p2pdiff.rest import appfiles
 from p2pdiff.rest.api import error_response
+from signaling.bounded import LruDict, TokenBucket
 
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Task submission: open by default (browsers post tasks), token-protected by queue_requires_token.
@@ -78,27 +78,20 @@ class RateLimiter:
         self.burst = float(burst)
         self.max_clients = max_clients
         self.clock = clock
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # key -> [tokens, last refill]
+        self._buckets: LruDict[str, TokenBucket] = LruDict(max_clients)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     def take(self, key: str) -> float:
         """Take one token: 0.0 when allowed, else the seconds until the next token."""
-        now = self.clock()
-        bucket = self._buckets.get(key)
+        bucket = self._buckets.touch(key)
         if bucket is None:
-            bucket = self._buckets[key] = [self.burst, now]
-            if len(self._buckets) > self.max_clients:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-            bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
-            return 0.0
-        return (1.0 - bucket[0]) / self.rate
+            bucket = self._buckets.setdefault(key, self._new_bucket)
+        return 0.0 if bucket.take() else bucket.retry_after
+
+    def _new_bucket(self) -> TokenBucket:
+        return TokenBucket(self.rate, self.burst, self.clock)
 
 
 def client_key(request: web.BaseRequest, proxy_header: str) -> str:
