@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -21,6 +20,7 @@ from p2pdiff.tasks import results
 from p2pdiff.tasks.events import EventBus
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.store import Store
+from signaling.background import BackgroundTasks, every
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,6 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("leaving the rooms took over %.1f s: exiting without the remaining goodbyes", budget)
 
 
-async def _every(seconds: float, name: str, work: Callable[[], Awaitable[None]]) -> None:
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await work()
-        except Unavailable:
-            pass  # already logged by the queue; try again next round
-        except Exception:
-            log.exception("%s failed; will retry", name)
-
-
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     config, queue = app[CONFIG], app[QUEUE]
 
@@ -100,17 +89,16 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
             repeats.close_due()
 
     lease_check = max(0.05, min(1.0, config.queue.lease_seconds / 4))
-    tasks = [
-        asyncio.create_task(_every(lease_check, "lease check", expire)),
-        asyncio.create_task(_every(config.queue.sweep_interval_seconds, "retention sweep", sweep)),
-        asyncio.create_task(_every(logs.REPEAT_WINDOW_SECONDS, "log repeat summaries", report_repeats)),
-    ]
+    # A store failure (Unavailable) is logged by the queue already; the next round tries again.
+    loops = BackgroundTasks(log)
+    for seconds, work, what in [
+        (lease_check, expire, "lease check"),
+        (config.queue.sweep_interval_seconds, sweep, "retention sweep"),
+        (logs.REPEAT_WINDOW_SECONDS, report_repeats, "log repeat summaries"),
+    ]:
+        loops.spawn(every(seconds, work, what, logger=log, expected=(Unavailable,)), what)
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await loops.close()
 
 
 async def _log_shutdown(app: web.Application) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
+from signaling.background import BackgroundTasks
 from signaling.config import RELAY_FACTORIES, RelayFactory
 from signaling.relays import Relay, RelayState
 
@@ -37,7 +39,7 @@ class RelayHub:
         self._factories = factories if factories is not None else RELAY_FACTORIES
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._by_relay: dict[Relay, _Entry] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks(log)
 
     def acquire(self, strategy: str, url: str, factory: RelayFactory | None = None) -> Relay:
         """The relay for ``url`` (created and started in the background on first use).
@@ -96,8 +98,7 @@ class RelayHub:
         self._by_relay.clear()
         for entry in entries:
             self._spawn(entry.relay.close(), f"close {entry.relay.name}")
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        await self._tasks.wait(timeout=5)
 
     # ------------------------------------------------------------------ internals
 
@@ -119,13 +120,6 @@ class RelayHub:
             except Exception:
                 log.exception("%s: relay state handler failed", entry.relay.name)
 
-    def _spawn(self, coro: object, what: str) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        task.set_name(f"relay-hub {what}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("relay task %s failed", task.get_name(), exc_info=task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        name = f"relay-hub {what}"
+        self._tasks.spawn(coro, "relay task %s", name, name=name)

@@ -33,11 +33,13 @@ import contextlib
 import inspect
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from signaling.background import BackgroundTasks, every
+from signaling.bounded import LruDict
 from signaling.framing import NO_METADATA
 
 if TYPE_CHECKING:
@@ -96,7 +98,7 @@ class Binding:
     pong_waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
-def _call(callback: Callable[..., Any], *args: Any, tasks: set[asyncio.Task[Any]]) -> None:
+def _call(callback: Callable[..., Any], *args: Any, tasks: BackgroundTasks) -> None:
     """Run a user callback; coroutines become tasks. Never raises."""
     try:
         result = callback(*args)
@@ -104,15 +106,7 @@ def _call(callback: Callable[..., Any], *args: Any, tasks: set[asyncio.Task[Any]
         log.exception("callback %r failed", callback)
         return
     if inspect.isawaitable(result):
-        task = asyncio.ensure_future(result)
-        tasks.add(task)
-        task.add_done_callback(lambda t: _task_done(t, tasks, callback))
-
-
-def _task_done(task: asyncio.Task[Any], tasks: set[asyncio.Task[Any]], callback: Callable[..., Any]) -> None:
-    tasks.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("callback %r failed", callback, exc_info=task.exception())
+        tasks.spawn(result, "callback %r", callback)
 
 
 Item = tuple[Any, str, Any]  # (payload, peer_id, metadata)
@@ -256,14 +250,19 @@ class Room:
         self._wire = app.wire
         self._actions: dict[str, Action] = {}
         # Messages for action names nobody made yet; LRU by name, each queue bounded.
-        self._unclaimed: OrderedDict[str, _Queue] = OrderedDict()
+        self._unclaimed: LruDict[str, _Queue] = LruDict(
+            config.limits.unclaimed_actions, self._unclaimed_evicted
+        )
         #: Bytes held by all receive queues of this room (Limits.max_queued_bytes).
         self.queued_bytes = 0
         self._join_callbacks: list[PeerCallback] = []
         self._leave_callbacks: list[PeerCallback] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log)
         self.left = False
-        self._rtt_task = asyncio.get_running_loop().create_task(self._rtt_loop(), name=f"rtt {room_id}")
+        self._rtt_task = asyncio.get_running_loop().create_task(
+            every(config.timeouts.rtt_interval, self._refresh_rtts, "room %s: rtt refresh", room_id),
+            name=f"rtt {room_id}",
+        )
 
     def __repr__(self) -> str:
         return f"<Room {self.app_id}/{self.room_id} peers={len(self.peers)}{' left' if self.left else ''}>"
@@ -279,7 +278,7 @@ class Room:
         if name.startswith(self._wire.INTERNAL_PREFIX):
             raise ValueError(f"action names starting with {self._wire.INTERNAL_PREFIX!r} are reserved")
         self._wire.LAYOUT.name_field(name)  # ValueError if empty or too long
-        action = self._actions[name] = Action(self, name, self._unclaimed.pop(name, None))
+        action = self._actions[name] = Action(self, name, self._unclaimed.pop(name))
         return action
 
     def on_peer_join(self, callback: PeerCallback) -> PeerCallback:
@@ -382,14 +381,11 @@ class Room:
         if action is not None:
             action._deliver(item, size)
             return
-        queue = self._unclaimed.get(name)
-        if queue is None:
-            limits = self.config.limits
-            queue = self._unclaimed[name] = _Queue(self, limits.action_queue)
-            while len(self._unclaimed) > limits.unclaimed_actions:
-                _, evicted = self._unclaimed.popitem(last=False)
-                self.counters["dropped.queue_overflow"] += evicted.clear()
+        queue = self._unclaimed.setdefault(name, lambda: _Queue(self, self.config.limits.action_queue))
         queue.push(item, size)
+
+    def _unclaimed_evicted(self, _name: str, queue: _Queue) -> None:
+        self.counters["dropped.queue_overflow"] += queue.clear()
 
     def peer_joined(self, peer_id: str) -> None:
         log.info("peer %s joined room %s", peer_id, self.room_id)
@@ -434,20 +430,13 @@ class Room:
 
     def refresh_rtt(self, peer_id: str) -> None:
         """Ping ``peer_id`` in the background (updates ``rtt_ms``; failures are ignored)."""
-        self._spawn(self._refresh_rtt(peer_id))
+        self._tasks.spawn(self._refresh_rtt(peer_id), "room %s: ping %s", self.room_id, peer_id)
 
     async def _refresh_rtt(self, peer_id: str) -> None:
         with contextlib.suppress(PeerNotFound, TimeoutError, ConnectionError):
             await self.ping(peer_id)
 
-    async def _rtt_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.timeouts.rtt_interval)
-            active = [peer_id for peer_id, b in self.bindings.items() if b.active]
-            if active:
-                await asyncio.gather(*(self._refresh_rtt(peer_id) for peer_id in active))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _refresh_rtts(self) -> None:
+        active = [peer_id for peer_id, b in self.bindings.items() if b.active]
+        if active:
+            await asyncio.gather(*(self._refresh_rtt(peer_id) for peer_id in active))

@@ -23,10 +23,13 @@ wire changes but how often it is sent. Installed once per process, from :mod:`si
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiortc.rtcsctptransport import RTCSctpTransport
+
+from signaling.background import BackgroundTasks
 
 __all__ = ["ACK_DELAY_S", "install", "installed", "uninstall"]
 
@@ -39,8 +42,9 @@ SendSack = Callable[[RTCSctpTransport], Coroutine[Any, Any, None]]
 
 #: aiortc's own method, taken before anything replaces it.
 _AIORTC_SEND_SACK: SendSack = RTCSctpTransport._send_sack
-# Timer-driven sends in flight, kept referenced until done (the loop holds tasks weakly).
-_pending: set[asyncio.Task[None]] = set()
+# Timer-driven sends in flight. One on a transport closing meanwhile fails like aiortc's own sends
+# do, with nothing to do about it: that is no error worth a log line above DEBUG.
+_pending = BackgroundTasks(logging.getLogger(__name__), level=logging.DEBUG)
 
 
 def installed() -> bool:
@@ -59,11 +63,7 @@ def uninstall() -> None:
 
 async def _send_sack_delayed(transport: RTCSctpTransport) -> None:
     state = transport.__dict__
-    if (
-        not state.get("_p2p_sack_held")
-        and not transport._sack_misordered
-        and not transport._sack_duplicates
-    ):
+    if not state.get("_p2p_sack_held") and not transport._sack_misordered and not transport._sack_duplicates:
         state["_p2p_sack_held"] = True
         state["_p2p_sack_timer"] = asyncio.get_running_loop().call_later(ACK_DELAY_S, _timer_fired, transport)
         return
@@ -87,13 +87,4 @@ def _timer_fired(transport: RTCSctpTransport) -> None:
     if not transport._sack_needed or transport._association_state != RTCSctpTransport.State.ESTABLISHED:
         state["_p2p_sack_held"] = False
         return
-    task = asyncio.ensure_future(_send_now(transport))
-    _pending.add(task)
-    task.add_done_callback(_sent)
-
-
-def _sent(task: asyncio.Task[None]) -> None:
-    _pending.discard(task)
-    if not task.cancelled():
-        # A send on a transport closing meanwhile fails like aiortc's own sends do: nothing to do.
-        task.exception()
+    _pending.spawn(_send_now(transport), "delayed SCTP acknowledgement")

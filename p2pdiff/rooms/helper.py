@@ -30,6 +30,7 @@ from p2pdiff.rooms.agent import RoomAgent
 from p2pdiff.tasks import events
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore
+from signaling.background import every
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,9 @@ class P2PHelper(Helper):
         )
         self.watch_once(room)
         if self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch(), name="helper-watch")
+            self._watcher = asyncio.create_task(
+                every(WATCH_INTERVAL, self._watch_rooms, "watching rooms", logger=log), name="helper-watch"
+            )
         return room
 
     def connect(self, queue: QueueManager, results: ResultStore) -> None:
@@ -356,14 +359,12 @@ class P2PHelper(Helper):
         for gone in room.seen_rtts.keys() - peers.keys():
             del room.seen_rtts[gone]
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            for room in list(self._rooms.values()):
-                try:
-                    self.watch_once(room)
-                except Exception:
-                    log.exception("watching room %s failed", room.room_id)
+    def _watch_rooms(self) -> None:
+        for room in list(self._rooms.values()):
+            try:
+                self.watch_once(room)
+            except Exception:  # one broken room must not stop the others being watched
+                log.exception("watching room %s failed", room.room_id)
 
     async def leave(self, room_id: str) -> bool:
         room = self._rooms.pop(room_id, None)

@@ -17,7 +17,6 @@ run on the retention sweep's schedule.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -33,6 +32,7 @@ from aiohttp import web
 
 from p2pdiff.config import Config
 from p2pdiff.tasks.images import IMAGE_EXTENSIONS, NOT_AN_IMAGE, TOO_LARGE, ImageRejected, sniff_image
+from signaling.background import BackgroundTasks, every
 
 log = logging.getLogger(__name__)
 
@@ -182,22 +182,15 @@ def setup(
     periodic gc of files that ``referenced()`` no longer names."""
     app[RESULTS] = store
 
-    async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    removed = store.gc(referenced())
-                except Exception:
-                    log.exception("result file gc failed; will retry")
-                    continue
-                if removed:
-                    log.info("results: removed %d files no task references", removed)
+    def gc() -> None:
+        removed = store.gc(referenced())
+        if removed:
+            log.info("results: removed %d files no task references", removed)
 
-        task = asyncio.create_task(loop(), name="results-gc")
+    async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = BackgroundTasks(log)
+        loop.spawn(every(interval, gc, "result file gc", logger=log), "result file gc", name="results-gc")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await loop.close()
 
     app.cleanup_ctx.append(gc_ctx)

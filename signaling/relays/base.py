@@ -39,6 +39,8 @@ from typing import ClassVar, Literal
 
 import aiohttp
 
+from signaling.background import BackgroundTasks
+
 log = logging.getLogger(__name__)
 
 RelayState = Literal["connecting", "connected", "reconnecting", "closed"]
@@ -531,7 +533,7 @@ class WebSocketLink:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._closers: set[asyncio.Task[None]] = set()
+        self._closers = BackgroundTasks(logger)
         self._closed = asyncio.Event()
         self._closed.set()  # no connection yet
         self._outbox: deque[str] = deque()
@@ -612,15 +614,17 @@ class WebSocketLink:
         self._idle.set()
         self._closed.set()
         if ws is not None and not ws.closed:
-            closer = asyncio.create_task(self._close_quietly(ws), name=f"{self._label} close {self._name}")
-            self._closers.add(closer)
-            closer.add_done_callback(self._closers.discard)
+            self._closers.spawn(
+                self._close_quietly(ws),
+                "%s: closing the connection",
+                self._name,
+                name=f"{self._label} close {self._name}",
+            )
         return ws is not None
 
     async def release(self) -> None:
         """After ``drop``: wait for the sockets closing in the background, close the session."""
-        if self._closers:
-            await asyncio.wait(list(self._closers))
+        await self._closers.wait()
         if self._session is not None:
             await self._session.close()
             self._session = None

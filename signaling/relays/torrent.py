@@ -149,7 +149,7 @@ from typing import Any, NamedTuple
 import aiohttp
 import orjson
 
-from signaling.bounded import LruSet
+from signaling.bounded import LruDict, LruSet
 
 from .base import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -486,8 +486,8 @@ class TorrentRelay(ConnectionLifecycle):
         self._generation = 0
         self._up = asyncio.Event()  # set while a connection is open
 
-        # key -> time it was handled; insertion order == time order (refreshed keys move to the end).
-        self._handled: collections.OrderedDict[tuple[str, ...], float] = collections.OrderedDict()
+        # key -> time it was handled; oldest first == earliest first (a key is only ever added new).
+        self._handled: LruDict[tuple[str, ...], float] = LruDict(DEDUPE_CAPACITY)
         # Rooms removed lately: the tracker's reply to our stopped announce (and offers already in
         # flight) still name them; those are expected, so they are counted as ``late``, not warned.
         self._removed: LruSet[str] = LruSet(64)
@@ -935,17 +935,14 @@ class TorrentRelay(ConnectionLifecycle):
             handled[key] = 0.0
         else:
             now = self._clock()
-            while handled:  # forget what aged out of the window (oldest first)
-                oldest_key, at = next(iter(handled.items()))
-                if now - at < window:
+            while (oldest := handled.oldest()) is not None:  # forget what aged out of the window
+                if now - oldest[1] < window:
                     break
-                del handled[oldest_key]
+                handled.pop(oldest[0])
             key = (info_hash, kind, offer_id, peer_id)
             if key in handled:
                 return True
             handled[key] = now
-        while len(handled) > DEDUPE_CAPACITY:
-            handled.popitem(last=False)
         return False
 
     def _drop(self, reason: str, detail: str = "") -> None:
