@@ -17,7 +17,8 @@ from p2pdiff.config import ConfigError, load_config, redacted, secret_values
 from p2pdiff.ops.logs import AccessLogger, repeat_filters, setup_logging
 from p2pdiff.ops.shutdown import arm_backstop
 from p2pdiff.rest.api import VERSION
-from p2pdiff.tasks.store import StoreError, check_store, repair_hint
+from p2pdiff.tasks.sqlite_store import check_store, repair_hint
+from p2pdiff.tasks.store import StoreError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from p2pdiff.rooms.helper import Helper, make_helper
 from p2pdiff.tasks import results
 from p2pdiff.tasks.events import EventBus
 from p2pdiff.tasks.queue import QueueManager
-from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.sqlite_store import SqliteStore
 from signaling.background import BackgroundTasks, every
 
 log = logging.getLogger(__name__)
@@ -27,17 +27,17 @@ log = logging.getLogger(__name__)
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
-    store.open()
-    app[QUEUE].load()
+    await store.open()
+    await app[QUEUE].load()
     rooms = app[QUEUE].rooms
     log.info(
         "store %s open: %d rooms, %d tasks",
-        store.path,
+        store.location,
         len(rooms),
         sum(len(r.tasks) for r in rooms.values()),
     )
     yield
-    store.close()
+    await store.close()
 
 
 async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -133,7 +133,7 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     )
     app[SHUTDOWN] = shutdown
     app.on_shutdown.append(shutdown.begin)  # first: the clock starts when listening stops
-    store = Store(config.store.path, synchronous=config.store.synchronous)
+    store = SqliteStore(config.store.path, synchronous=config.store.synchronous)
     bus = EventBus(
         backlog=config.server.sse_backlog,
         max_subscribers=config.server.sse_max_clients,

@@ -9,10 +9,10 @@ from p2pdiff.ops.shutdown import Shutdown
 from p2pdiff.rooms.helper import Helper
 from p2pdiff.tasks.events import EventBus
 from p2pdiff.tasks.queue import QueueManager
-from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.store import TaskStore
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", Store)
+STORE = web.AppKey[TaskStore]("store")  # the backend create_app chose
 QUEUE = web.AppKey("queue", QueueManager)
 HELPER = web.AppKey("helper", Helper)
 STARTED_AT = web.AppKey("started_at", float)

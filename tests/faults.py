@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from p2pdiff.tasks.queue import QueueManager
-from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.sqlite_store import SqliteStore
 
 
 class Clock:
@@ -19,13 +19,13 @@ class Clock:
         return self.now
 
 
-def fill_disk(store: Store) -> None:
+def fill_disk(store: SqliteStore) -> None:
     """A full disk as SQLite reports it (SQLITE_FULL): the file may not grow by another page."""
     pages = store.db.execute("PRAGMA page_count").fetchone()[0]
     store.db.execute(f"PRAGMA max_page_count={pages}")
 
 
-def free_disk(store: Store) -> None:
+def free_disk(store: SqliteStore) -> None:
     store.db.execute("PRAGMA max_page_count=4294967294")
 
 
@@ -40,11 +40,11 @@ def held_lock(path: str | Path) -> sqlite3.Connection:
     return holder
 
 
-def on_disk(path: str | Path) -> QueueManager:
+async def on_disk(path: str | Path) -> QueueManager:
     """The queue a restart would load, through a connection of its own."""
-    store = Store(path)
-    store.open()
+    store = SqliteStore(path)
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
-    queue.load()
-    store.close()
+    await queue.load()
+    await store.close()
     return queue

@@ -289,7 +289,7 @@ async def test_a_moved_task_survives_a_restart_in_its_new_room(make_room: RoomFa
     room.say("page-a", "queue", queue_message("task_7", "a grey cat"))
     queue = room.queue
     await queue.flush()
-    queue.load()  # what a restart reads back
+    await queue.load()  # what a restart reads back
     assert queue.get_task("lobby", "task_7").options == OPTIONS
     assert "task_7" not in queue.rooms["default"].tasks
 

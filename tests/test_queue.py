@@ -14,8 +14,9 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
-from p2pdiff.tasks.queue import STATUSES, QueueManager
-from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.model import STATUSES
+from p2pdiff.tasks.queue import QueueManager
+from p2pdiff.tasks.sqlite_store import SqliteStore
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.faults import on_disk
 
@@ -34,11 +35,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def queue(tmp_path: Path, clock: Clock) -> QueueManager:
-    store = Store(tmp_path / "q.sqlite3")
-    store.open()
+async def queue(tmp_path: Path, clock: Clock) -> QueueManager:
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    await store.open()
     q = QueueManager(store, lease_seconds=10, clock=clock)
-    q.load()
+    await q.load()
     return q
 
 
@@ -189,11 +190,11 @@ async def test_state_survives_reload(queue: QueueManager, tmp_path: Path) -> Non
     queue.set_helper_joined("r", True)
     await queue.flush()
     before = queue.list_tasks("r")
-    queue.store.close()
-    store = Store(tmp_path / "q.sqlite3")
-    store.open()
+    await queue.store.close()
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    await store.open()
     again = QueueManager(store, lease_seconds=10)
-    again.load()
+    await again.load()
     assert again.list_tasks("r") == before
     assert again.helper_rooms() == ["r"]
     assert again.stats()["requeues"] == 1
@@ -320,8 +321,8 @@ async def test_after_any_changes_a_failed_commit_leaves_memory_as_on_disk(
     would load."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "q.sqlite3"
-        store = Store(path, synchronous="off", clock=(store_clock := Clock()))
-        store.open()
+        store = SqliteStore(path, synchronous="off", clock=(store_clock := Clock()))
+        await store.open()
         queue = QueueManager(store, lease_seconds=10, clock=Clock())
         failed = 0
         for op in [*setup, ("commit", False), *steps, ("commit", False), *last, ("commit", True)]:
@@ -343,7 +344,7 @@ async def test_after_any_changes_a_failed_commit_leaves_memory_as_on_disk(
                 assert not (fail and dirty)
             store.db.set_authorizer(None)
             store_clock.now += 10  # past the back-off
-            assert image(queue) == image(on_disk(path))
+            assert image(queue) == image(await on_disk(path))
         event(f"failed commits: {min(failed, 3)}{'+' if failed > 3 else ''}")
         assert queue.rollbacks == failed
-        store.close()
+        await store.close()

@@ -16,7 +16,7 @@ from p2pdiff.tasks.events import SERVER, Event, EventBus, Origin
 from p2pdiff.tasks.images import ImageRejected
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore, StoredImage, results_dir, task_image
-from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.sqlite_store import SqliteStore
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 10
@@ -28,11 +28,11 @@ def published() -> list[tuple[str, Any]]:
 
 
 @pytest.fixture
-def queue(tmp_path: Path, published: list[tuple[str, Any]]) -> QueueManager:
-    store = Store(tmp_path / "q.sqlite3")
-    store.open()
+async def queue(tmp_path: Path, published: list[tuple[str, Any]]) -> QueueManager:
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    await store.open()
     q = QueueManager(store, lease_seconds=10, publish=lambda t, r, data, origin: published.append((t, data)))
-    q.load()
+    await q.load()
     return q
 
 
@@ -58,14 +58,14 @@ def test_upsert_adds_new_tasks_in_the_state_the_peer_saw(queue: QueueManager, pu
     ]
 
 
-def test_events_carry_the_origin_their_caller_named(tmp_path: Path) -> None:
+async def test_events_carry_the_origin_their_caller_named(tmp_path: Path) -> None:
     bus = EventBus()
     seen: list[Event] = []
     bus.add_listener(seen.append)
-    store = Store(tmp_path / "o.sqlite3")
-    store.open()
+    store = SqliteStore(tmp_path / "o.sqlite3")
+    await store.open()
     queue = QueueManager(store, lease_seconds=10, publish=bus.publish)
-    queue.load()
+    await queue.load()
     peer = Origin.peer_message("r", "p1")
     queue.add("r", new("over-rest"))
     queue.upsert_from_peer("r", new("a"), "processing", "w1", sender="p1", origin=peer)

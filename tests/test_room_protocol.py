@@ -9,7 +9,7 @@ import pytest
 
 from p2pdiff.rooms import protocol as rp
 from p2pdiff.tasks.images import sniff_image
-from p2pdiff.tasks.queue import Task
+from p2pdiff.tasks.model import Task
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 32

@@ -12,10 +12,11 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from p2pdiff.errors import Unavailable
-from p2pdiff.tasks import store as store_module
+from p2pdiff.tasks import sqlite_store
 from p2pdiff.tasks.journal import Journal
 from p2pdiff.tasks.queue import QueueManager
-from p2pdiff.tasks.store import Store, StoreCorrupt, StoreError, check_store
+from p2pdiff.tasks.sqlite_store import SqliteStore, check_store
+from p2pdiff.tasks.store import StoreCorrupt, StoreError
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.app_room import until
 from tests.faults import BIG_PROMPT, Clock, fill_disk, free_disk, held_lock, on_disk
@@ -25,12 +26,12 @@ def new(tid: str) -> NewTask:
     return NewTask(id=tid, prompt="p", options={}, extra={"type": "generate"}, created_at=None)
 
 
-def test_fresh_store_is_migrated_to_latest(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.sqlite3")
-    store.open()
-    assert store.schema_version() == store_module.MIGRATIONS[-1][0]
+async def test_fresh_store_is_migrated_to_latest(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
+    assert store.schema_version() == sqlite_store.MIGRATIONS[-1][0]
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    store.close()
+    await store.close()
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -39,66 +40,66 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db.execute("PRAGMA user_version=99")
     db.close()
     with pytest.raises(StoreError, match="schema version 99, newer than"):
-        Store(path).open()
+        asyncio.run(SqliteStore(path).open())
 
 
 async def test_migration_path_keeps_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "s.sqlite3"
-    store = Store(path)
-    store.open()
+    store = SqliteStore(path)
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
     queue.add("r", new("t1"))
     await queue.flush()
-    store.close()
-    following = store_module.MIGRATIONS[-1][0] + 1
+    await store.close()
+    following = sqlite_store.MIGRATIONS[-1][0] + 1
     step = (following, ["ALTER TABLE tasks ADD COLUMN note TEXT", "UPDATE tasks SET note = 'migrated'"])
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, step])
-    store = Store(path)
-    store.open()
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", [*sqlite_store.MIGRATIONS, step])
+    store = SqliteStore(path)
+    await store.open()
     assert store.schema_version() == following
     assert store.db.execute("SELECT id, note FROM tasks").fetchall() == [("t1", "migrated")]
     again = QueueManager(store, lease_seconds=10)
-    again.load()
+    await again.load()
     assert [t["id"] for t in again.list_tasks("r")] == ["t1"]
 
 
 async def test_v1_store_gains_the_helper_wire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Schema 2 adds rooms.helper_wire: rooms of a v1 store keep everything and follow the default."""
     path = tmp_path / "s.sqlite3"
-    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
-    v1 = Store(path)
-    v1.open()
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:1])
+    v1 = SqliteStore(path)
+    await v1.open()
     v1.db.execute(
         "INSERT INTO rooms (room_id, generated, last_activity, helper_joined) VALUES ('old', 3, 7, 1)"
     )
-    v1.close()
+    await v1.close()
     monkeypatch.undo()
 
-    store = Store(path)
-    store.open()
-    assert store.schema_version() == len(store_module.MIGRATIONS)
+    store = SqliteStore(path)
+    await store.open()
+    assert store.schema_version() == len(sqlite_store.MIGRATIONS)
     queue = QueueManager(store, lease_seconds=10)
-    queue.load()
+    await queue.load()
     room = queue.get_room("old")
     assert room is not None and (room.generated, room.helper_joined, room.helper_wire) == (3, True, None)
     queue.set_helper_options("old", wire="0.22")
     await queue.flush()
-    store.close()
+    await store.close()
 
-    store = Store(path)
-    store.open()
+    store = SqliteStore(path)
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
-    queue.load()
+    await queue.load()
     assert queue.get_room("old").helper_wire == "0.22"  # type: ignore[union-attr]
     queue.set_helper_joined("old", False)  # leaving forgets the choice
     await queue.flush()
     assert store.db.execute("SELECT helper_wire FROM rooms").fetchall() == [(None,)]
-    store.close()
+    await store.close()
 
 
 async def test_concurrent_commits_share_one_transaction(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.sqlite3")
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
 
     async def add(i: int) -> None:
@@ -118,8 +119,8 @@ def big(tid: str) -> NewTask:
 
 
 async def test_a_failed_commit_puts_back_only_what_changed(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.sqlite3", clock=Clock())
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3", clock=Clock())
+    await store.open()
     events: list[tuple[str, Any]] = []
     queue = QueueManager(store, lease_seconds=10, publish=lambda t, r, d, origin: events.append((t, d)))
     for i in range(50):
@@ -139,14 +140,14 @@ async def test_a_failed_commit_puts_back_only_what_changed(tmp_path: Path) -> No
     assert [t["id"] for t in queue.list_tasks("r")] == [f"t{i}" for i in range(50)]
     assert queue.get_room("new-room") is None and queue.rollbacks == 1
     assert events[-1] == ("queue.reloaded", {"reason": "store_unavailable", "rooms": ["new-room", "r"]})
-    assert queue.list_tasks("r") == on_disk(store.path).list_tasks("r")
+    assert queue.list_tasks("r") == (await on_disk(store.path)).list_tasks("r")
 
 
 async def test_when_putting_memory_back_fails_the_queue_reloads_and_callers_hear(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = Store(tmp_path / "s.sqlite3", clock=Clock())
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3", clock=Clock())
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
     queue.add("r", new("kept"))
     await queue.flush()
@@ -164,8 +165,8 @@ async def test_when_putting_memory_back_fails_the_queue_reloads_and_callers_hear
 
 async def test_a_failing_store_refuses_changes_until_its_backoff_ends(tmp_path: Path) -> None:
     clock = Clock()
-    store = Store(tmp_path / "s.sqlite3", clock=clock)
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3", clock=clock)
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
     queue.add("r", new("kept"))
     await queue.flush()
@@ -194,12 +195,12 @@ async def test_a_failing_store_refuses_changes_until_its_backoff_ends(tmp_path: 
     await queue.flush()
     queue.check_writable()
     assert store.stats()["failing"] is None
-    assert [t["id"] for t in on_disk(store.path).list_tasks("r")] == ["kept", "saved"]
+    assert [t["id"] for t in (await on_disk(store.path)).list_tasks("r")] == ["kept", "saved"]
 
 
 async def test_a_lock_held_briefly_is_waited_for_off_the_loop(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.sqlite3")
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
     holder = held_lock(store.path)
     # Released by a loop timer before the retries run out (their waits add up to about 0.5 s).
@@ -212,14 +213,14 @@ async def test_a_lock_held_briefly_is_waited_for_off_the_loop(tmp_path: Path) ->
         await asyncio.sleep(0)
     await flush
     assert turns > 1 and store.busy_retries >= 1 and not store.failures
-    assert [t["id"] for t in on_disk(store.path).list_tasks("r")] == ["t1"]
+    assert [t["id"] for t in (await on_disk(store.path)).list_tasks("r")] == ["t1"]
     holder.close()
 
 
 async def test_a_lock_held_on_fails_the_commit_as_busy(tmp_path: Path) -> None:
     clock = Clock()
-    store = Store(tmp_path / "s.sqlite3", clock=clock)
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3", clock=clock)
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
     queue.add("r", new("t1"))
     await queue.flush()
@@ -228,36 +229,36 @@ async def test_a_lock_held_on_fails_the_commit_as_busy(tmp_path: Path) -> None:
     with pytest.raises(Unavailable) as info:
         await queue.flush()
     assert (info.value.code, info.value.retry_after) == ("store_busy", 1.0)
-    assert store.busy_retries == len(store_module.BUSY_RETRY_SECONDS)
+    assert store.busy_retries == len(sqlite_store.BUSY_RETRY_SECONDS)
     assert [t["id"] for t in queue.list_tasks("r")] == ["t1"]
     holder.rollback()
     holder.close()
     clock.now += 1
     queue.add("r", new("t2"))
     await queue.flush()
-    assert [t["id"] for t in on_disk(store.path).list_tasks("r")] == ["t1", "t2"]
+    assert [t["id"] for t in (await on_disk(store.path)).list_tasks("r")] == ["t1", "t2"]
 
 
 async def test_close_commits_what_waits_for_a_lock(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.sqlite3")
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
     holder = held_lock(store.path)
     queue.add("r", new("t1"))
     flush = asyncio.ensure_future(queue.flush())
     await until(lambda: store.busy_retries)
     holder.rollback()
-    store.close()  # shutdown while the commit waits for its next try: it is made now
+    await store.close()  # shutdown while the commit waits for its next try: it is made now
     await flush
-    assert [t["id"] for t in on_disk(store.path).list_tasks("r")] == ["t1"]
+    assert [t["id"] for t in (await on_disk(store.path)).list_tasks("r")] == ["t1"]
     holder.close()
 
 
 async def test_a_change_after_close_is_refused_not_left_waiting(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.sqlite3")
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
-    store.close()
+    await store.close()
     queue.add("r", new("late"))
     with pytest.raises(Unavailable):
         await queue.flush()
@@ -265,8 +266,8 @@ async def test_a_change_after_close_is_refused_not_left_waiting(tmp_path: Path) 
 
 
 async def test_filled_in_options_and_fields_are_saved(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.sqlite3")
-    store.open()
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
     queue.add("r", NewTask(id="t", prompt="p", options={}, extra={}, created_at=None))
     await queue.flush()
@@ -274,7 +275,7 @@ async def test_filled_in_options_and_fields_are_saved(tmp_path: Path) -> None:
         "r", NewTask(id="t", prompt="p", options={"steps": 3}, extra={"negativePrompt": "x"}, created_at=None)
     )
     await queue.flush()
-    task = on_disk(store.path).get_task("r", "t")
+    task = (await on_disk(store.path)).get_task("r", "t")
     assert (task.options, task.extra) == ({"steps": 3}, {"negativePrompt": "x"})
 
 
@@ -290,8 +291,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "s.sqlite3"
 
     async def build() -> None:
-        store = Store(path)
-        store.open()
+        store = SqliteStore(path)
+        await store.open()
         queue = QueueManager(store, lease_seconds=10)
         for i in range(300):
             queue.add(f"room{i % 3}", NewTask(f"t{i}", f"prompt {i}", {"steps": i}, {"type": "g"}, None))
@@ -302,7 +303,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
         queue.set_helper_joined("room2", True)
         queue.set_helper_options("room2", wire="0.22", dispatch=True)
         await queue.flush()
-        store.close()
+        await store.close()
 
     asyncio.run(build())
     return path
@@ -316,20 +317,24 @@ def damaged_copy(template: Path, directory: str) -> Path:
 
 def start_up(path: Path) -> StoreCorrupt | None:
     """What start-up makes of the file: None (it loads) or the one error it stops with."""
-    store = Store(path)
-    try:
-        store.open()
-        QueueManager(store, lease_seconds=10).load()
-    except StoreCorrupt as exc:
-        return exc
-    finally:
-        store.close()
-    return None
+
+    async def run() -> StoreCorrupt | None:
+        store = SqliteStore(path)
+        try:
+            await store.open()
+            await QueueManager(store, lease_seconds=10).load()
+        except StoreCorrupt as exc:
+            return exc
+        finally:
+            await store.close()
+        return None
+
+    return asyncio.run(run())
 
 
 COLUMNS = (
-    [("tasks", c) for c in store_module.TASK_COLUMNS.split(", ")]
-    + [("rooms", c) for c in store_module.ROOM_COLUMNS.split(", ")]
+    [("tasks", c) for c in sqlite_store.TASK_COLUMNS.split(", ")]
+    + [("rooms", c) for c in sqlite_store.ROOM_COLUMNS.split(", ")]
     + [("counters", "name"), ("counters", "value")]
 )
 GARBAGE = st.one_of(

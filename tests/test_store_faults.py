@@ -28,7 +28,7 @@ from p2pdiff.appkeys import EVENTS, QUEUE, STORE
 from p2pdiff.config import Config
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore
-from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.sqlite_store import SqliteStore
 from p2pdiff.tasks.validate import NewTask
 from tests.app_room import PNG, RoomFactory, app_task, until
 from tests.conftest import ClientFactory, post_task
@@ -101,7 +101,7 @@ async def test_a_held_write_lock_gets_503_at_once_and_loses_nothing(
     await post_until_accepted(client, "r", {"id": "after", "prompt": "p"})
     accepted.append("after")
     assert (await store_stats(client))["failing"] is None
-    assert [t["id"] for t in on_disk(config.store.path).list_tasks("r")] == accepted
+    assert [t["id"] for t in (await on_disk(config.store.path)).list_tasks("r")] == accepted
 
 
 async def test_a_lock_held_at_start_does_not_stop_the_server(
@@ -164,7 +164,7 @@ async def test_a_full_disk_costs_one_rollback_per_failed_commit_and_recovers(
     clock.now += 2
     resp = await post("saved")
     assert resp.status == 201, await resp.text()
-    ids = [t["id"] for t in on_disk(config.store.path).list_tasks("big")]
+    ids = [t["id"] for t in (await on_disk(config.store.path)).list_tasks("big")]
     assert ids == [f"t{i}" for i in range(2000)] + ["saved"]
 
 
@@ -182,7 +182,7 @@ async def test_a_peer_change_the_store_cannot_save_is_put_back_and_counted(make_
     clock.now += 1
     room.say("a", "queue", {"tasks": [app_task("t1", prompt=BIG_PROMPT)]})  # the app sends its queue again
     await until(lambda: store.commits and not store.dirty)
-    assert [t["id"] for t in on_disk(store.path).list_tasks("lobby")] == ["t1"]
+    assert [t["id"] for t in (await on_disk(store.path)).list_tasks("lobby")] == ["t1"]
 
 
 async def test_a_result_image_the_disk_cannot_take_is_a_counted_store_error(
@@ -220,13 +220,13 @@ def run(args: list[str], cwd: Path, store: Path) -> subprocess.CompletedProcess[
 
 async def fill_store(path: Path) -> None:
     """200 tasks in two rooms, committed and closed."""
-    store = Store(path)
-    store.open()
+    store = SqliteStore(path)
+    await store.open()
     queue = QueueManager(store, lease_seconds=10)
     for i in range(200):
         queue.add(f"room{i % 2}", NewTask(f"t{i}", f"prompt {i}", {"steps": i}, {}, None))
     await queue.flush()
-    store.close()
+    await store.close()
 
 
 def build_store(path: Path) -> None:

@@ -26,7 +26,7 @@ from p2pdiff.config import Config
 from p2pdiff.errors import BadRequest
 from p2pdiff.tasks import validate
 from p2pdiff.tasks.queue import QueueManager
-from p2pdiff.tasks.store import Store
+from p2pdiff.tasks.sqlite_store import SqliteStore
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.app_room import Room, RoomFactory, app_task, until
 from tests.conftest import ClientFactory, post_task
@@ -130,20 +130,20 @@ def given_fields(task: dict[str, Any]) -> dict[str, Any]:
 # -- the checker and the queue boundary ----------------------------------------------------------
 
 
-def reloaded(store: Store) -> QueueManager:
+async def reloaded(store: SqliteStore) -> QueueManager:
     """The queue as a restarted process sees it: a second connection to the same database file."""
-    other = Store(store.path)
-    other.open()
+    other = SqliteStore(store.path)
+    await other.open()
     queue = QueueManager(other, lease_seconds=60)
-    queue.load()
-    other.close()
+    await queue.load()
+    await other.close()
     return queue
 
 
 @pytest.fixture
-def queue(tmp_path: Path) -> QueueManager:
-    store = Store(tmp_path / "q.sqlite3")
-    store.open()
+async def queue(tmp_path: Path) -> QueueManager:
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    await store.open()
     return QueueManager(store, lease_seconds=60)
 
 
@@ -175,7 +175,7 @@ async def test_the_queue_stores_only_what_comes_back_intact(
         assert storable
     await queue.flush()
     after = queue.list_tasks("r")
-    assert reloaded(queue.store).list_tasks("r") == after
+    assert (await reloaded(queue.store)).list_tasks("r") == after
     if storable:
         task = after[-1]
         served = {"options": task["options"].get("v"), "extra": task.get("v"), "result": task["result"]}
@@ -252,7 +252,7 @@ class Api:
                 if ack_room == room:
                     assert given_fields(listed[tid]) == given_fields(task)
                     assert listed[tid]["result"] == task["result"]
-            assert reloaded(self.queue.store).list_tasks(room) == self.queue.list_tasks(room)
+            assert (await reloaded(self.queue.store)).list_tasks(room) == self.queue.list_tasks(room)
         assert (await self.client.get("/api/stats")).status == 200
         await replay(self.client, since)
 
@@ -447,7 +447,7 @@ async def test_no_peer_payload_poisons_the_queue(
     if leave:
         room.leave(peer)
         await room.queue.flush()
-    assert reloaded(room.queue.store).list_tasks(room.name) == room.queue.list_tasks(room.name)
+    assert (await reloaded(room.queue.store)).list_tasks(room.name) == room.queue.list_tasks(room.name)
     await replay(room.client, since)
     assert loop_errors == []
 
@@ -584,5 +584,5 @@ async def test_a_peer_cannot_poison_the_queue_either(make_room: RoomFactory) -> 
     await until(lambda: room.task("ok")["status"] == "complete")
     assert room.task("ok")["result"]["data"] == {"note": "\u200f\U0001f600", "n": 2**64 - 1}
     await room.queue.flush()
-    assert reloaded(room.queue.store).list_tasks("lobby") == room.queue.list_tasks("lobby")
+    assert (await reloaded(room.queue.store)).list_tasks("lobby") == room.queue.list_tasks("lobby")
     await replay(room.client, since)

@@ -23,7 +23,8 @@ from prometheus_client.registry import Collector
 
 from p2pdiff.config import mask_url
 from p2pdiff.rooms.helper import Helper
-from p2pdiff.tasks.queue import PENDING, STATUSES, QueueManager
+from p2pdiff.tasks.model import PENDING, STATUSES
+from p2pdiff.tasks.queue import QueueManager
 
 # Latency buckets (seconds): a cached GET takes well under a millisecond, a POST waits for an fsync.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -18,7 +18,8 @@ from p2pdiff.appkeys import EVENTS, HELPER, QUEUE, STARTED_AT
 from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType
 from p2pdiff.rooms.helper import WIRES, Helper, p2p_available
 from p2pdiff.tasks import validate
-from p2pdiff.tasks.queue import QueueManager, Room, Task
+from p2pdiff.tasks.model import Room, Task
+from p2pdiff.tasks.queue import QueueManager
 
 log = logging.getLogger(__name__)
 

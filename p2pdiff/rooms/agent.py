@@ -44,7 +44,8 @@ from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
 from p2pdiff.rooms import protocol as rp
 from p2pdiff.tasks import events
 from p2pdiff.tasks.images import ImageRejected
-from p2pdiff.tasks.queue import COMPLETE, FINISHED, PENDING, PROCESSING, QueueManager, Task
+from p2pdiff.tasks.model import COMPLETE, FINISHED, PENDING, PROCESSING, Task
+from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore, StoredImage, task_image
 from p2pdiff.tasks.validate import TaskUpdate
 

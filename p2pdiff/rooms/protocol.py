@@ -38,7 +38,7 @@ from p2pdiff.errors import AppError
 from p2pdiff.tasks import images, validate
 
 if TYPE_CHECKING:
-    from p2pdiff.tasks.queue import Task
+    from p2pdiff.tasks.model import Task
 
 CAPABILITIES, QUEUE, TASK, PROGRESS, RESULT, CHUNK = (
     "capabilities",

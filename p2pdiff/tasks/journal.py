@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from p2pdiff.tasks.queue import Room, Task
+from p2pdiff.tasks.model import Room, Task
 
 # Room fields a rollback does not copy back: membership and counts are rebuilt from the tasks, and
 # cached views are dropped (version only ever goes up, so old cached answers are never served).

@@ -1,8 +1,9 @@
 """The task queue: rooms, tasks and the one state machine every caller (REST, peers) goes through.
 
-Plain synchronous methods, no HTTP and no network. Each mutation hands its changed rows to the store;
-callers ``await queue.flush()`` to make them durable before they answer anyone (a failed commit puts
-memory back as it was at the last one, see journal.py).
+Plain synchronous methods, no HTTP and no network. Each mutation hands its changed rows to the store
+(any ``store.TaskStore``: the app chooses the backend); callers ``await queue.flush()`` to make them
+durable before they answer anyone (a failed commit puts memory back as it was at the last one, see
+journal.py).
 Each state change is also handed to an injected ``publish`` callback (the event bus), so live views
 see exactly the changes this module makes and nothing else has to know the rules; the methods that
 change tasks take the caller's ``origin`` (``events.Origin``: the server, or a peer's message) and
@@ -11,24 +12,32 @@ publish it with the event.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
 from p2pdiff.tasks import events, validate
 from p2pdiff.tasks.journal import Journal
-from p2pdiff.tasks.store import STORE_BUSY, Store, StoreFault
+from p2pdiff.tasks.model import (
+    CANCELLED,
+    COMPLETE,
+    FAILED,
+    FINISHED,
+    PENDING,
+    PROCESSING,
+    STATUSES,
+    Room,
+    Task,
+)
+from p2pdiff.tasks.store import STORE_BUSY, StoreFault, TaskStore
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
-
-PENDING, PROCESSING, COMPLETE, FAILED, CANCELLED = "pending", "processing", "complete", "failed", "cancelled"
-STATUSES = (PENDING, PROCESSING, COMPLETE, FAILED, CANCELLED)
-FINISHED = frozenset({COMPLETE, FAILED, CANCELLED})
 
 # The whole state machine: (action, from) -> to. Nothing else may change a task's status.
 TRANSITIONS: dict[tuple[str, str], str] = {
@@ -98,88 +107,6 @@ def _unavailable(fault: StoreFault) -> Unavailable:
 
 
 @dataclass(slots=True)
-class Task:
-    room_id: str
-    id: str
-    seq: int
-    prompt: str
-    options: dict[str, Any]
-    extra: dict[str, Any]
-    status: str
-    created_at: int
-    queued_at: int
-    updated_at: int
-    claimed_by: str | None = None
-    claimed_at: int | None = None
-    finished_at: int | None = None
-    progress: float = 0.0
-    result: Any = None
-    error: str | None = None
-    requeues: int = 0
-
-    def to_json(self, position: int | None = None) -> dict[str, Any]:
-        data = dict(self.extra)
-        data.update(
-            id=self.id,
-            roomId=self.room_id,
-            prompt=self.prompt,
-            options=self.options,
-            status=self.status,
-            createdAt=self.created_at,
-            queuedAt=self.queued_at,
-            updatedAt=self.updated_at,
-            claimedBy=self.claimed_by,
-            claimedAt=self.claimed_at,
-            finishedAt=self.finished_at,
-            progress=self.progress,
-            result=self.result,
-            error=self.error,
-            requeues=self.requeues,
-        )
-        if position is not None:
-            data["position"] = position
-        return data
-
-
-@dataclass(slots=True)
-class Room:
-    id: str
-    generated: int = 0
-    last_activity: int = 0
-    helper_joined: bool = False
-    # The Trystero wire the helper was asked to use here, and whether it hands out the room's
-    # tasks (None: the [p2p] defaults).
-    helper_wire: str | None = None
-    helper_dispatch: bool | None = None
-    # Insertion order is queue order: tasks are created in seq order and never re-inserted.
-    tasks: dict[str, Task] = field(default_factory=dict)
-    counts: Counter[str] = field(default_factory=Counter)
-    version: int = 0
-    views: dict[Any, bytes] = field(default_factory=dict)
-
-    def position(self, task: Task) -> int | None:
-        if task.status != PENDING:
-            return None
-        pos = 0
-        for other in self.tasks.values():
-            if other.status == PENDING:
-                pos += 1
-                if other is task:
-                    return pos
-        return None
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "queueLength": self.counts[PENDING],
-            "generated": self.generated,
-            "lastActivity": self.last_activity,
-            "tasks": self.counts[PENDING] + self.counts[PROCESSING] + sum(self.counts[s] for s in FINISHED),
-            "byStatus": {s: self.counts[s] for s in STATUSES},
-            "helperJoined": self.helper_joined,
-        }
-
-
-@dataclass(slots=True)
 class AddResult:
     task: Task
     position: int | None
@@ -207,7 +134,7 @@ def _timing(values: list[float]) -> dict[str, Any]:
 class QueueManager:
     def __init__(
         self,
-        store: Store,
+        store: TaskStore,
         *,
         lease_seconds: float,
         clock: Callable[[], float] = time.time,
@@ -227,31 +154,26 @@ class QueueManager:
         self._journal = Journal()
         self._committed_requeues = 0
         self.rollbacks = 0
+        # A reload after a rollback that could not put memory back; flush() callers wait for it.
+        self._reloading: asyncio.Task[None] | None = None
         store.on_commit = self._committed
         store.on_rollback = self._rolled_back
 
     # -- loading and persistence -------------------------------------------------------------
 
-    def load(self) -> None:
+    async def load(self) -> None:
         """Rebuild memory from the store, in the stored queue order."""
+        stored = await self.store.load()
         self.rooms.clear()
-        rooms, tasks = self.store.load()
-        for row in rooms:
-            self.rooms[row.id] = Room(
-                id=row.id,
-                generated=row.generated,
-                last_activity=row.last_activity,
-                helper_joined=row.helper_joined,
-                helper_wire=row.helper_wire,
-                helper_dispatch=row.helper_dispatch,
-            )
-        for task in tasks:
+        for room in stored.rooms:
+            self.rooms[room.id] = room
+        for task in stored.tasks:
             room = self._room(task.room_id)
             room.tasks[task.id] = task
             room.counts[task.status] += 1
             self._seq = max(self._seq, task.seq)
         # A lifetime counter: pruning old tasks must not make it go down.
-        self.requeues = self._committed_requeues = self.store.load_counter("requeues")
+        self.requeues = self._committed_requeues = stored.counters.get("requeues", 0)
         self._journal.clear()
 
     async def flush(self) -> None:
@@ -259,7 +181,10 @@ class QueueManager:
         try:
             await self.store.commit()
         except StoreFault as fault:
-            # Memory is back at the last commit already (_rolled_back): the caller changed nothing.
+            # Memory is back at the last commit already (_rolled_back), or being reloaded: the
+            # caller changed nothing.
+            if self._reloading is not None:
+                await asyncio.shield(self._reloading)
             raise _unavailable(fault) from None
 
     def check_writable(self) -> None:
@@ -276,16 +201,27 @@ class QueueManager:
 
     def _rolled_back(self, fault: StoreFault) -> None:
         """The store could not commit: memory goes back to what is on disk (the journal, O(changes))."""
+        self.requeues = self._committed_requeues
+        self.rollbacks += 1
         try:
             rooms = self._journal.rollback(self.rooms)
         except Exception:  # a change the journal missed: memory half put back is worse than a reload
             log.exception("store fault: putting memory back failed; reloading the queue from the store")
-            self.load()
-            rooms = sorted(self.rooms)
-        self.requeues = self._committed_requeues
-        self.rollbacks += 1
+            # The store reads asynchronously; the task starts before any waiter of this commit resumes.
+            self._reloading = asyncio.get_running_loop().create_task(self._reload(fault))
+            return
         log.info("store fault (%s): put %d rooms back as committed", fault.code, len(rooms))
         self._emit(events.QUEUE_RELOADED, None, {"reason": fault.code, "rooms": rooms})
+
+    async def _reload(self, fault: StoreFault) -> None:
+        try:
+            await self.load()
+        except Exception:  # nobody awaits this with a use for the error: say it here
+            log.exception("store fault: reloading the queue failed; memory may differ from the store")
+            return
+        finally:
+            self._reloading = None
+        self._emit(events.QUEUE_RELOADED, None, {"reason": fault.code, "rooms": sorted(self.rooms)})
 
     def _changing(self, room: Room, task: Task | None = None) -> None:
         """Note ``room`` (and ``task``) as they are before a change, for ``_rolled_back``."""
