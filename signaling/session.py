@@ -44,6 +44,7 @@ from types import ModuleType
 from typing import Any
 
 from signaling import crypto, legacy
+from signaling.background import BackgroundTasks, every
 from signaling.bounded import LruSet
 from signaling.config import RoomConfig, wire_module
 from signaling.errors import FramingError, HandshakeError, PayloadError
@@ -225,9 +226,12 @@ class AppContext:
             limits=config.limits,
             timeouts=config.timeouts,
         )
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log)
         self._keepalive = asyncio.get_running_loop().create_task(
-            self._keepalive_loop(), name=f"keepalive {self.app_id}"
+            every(
+                min(1.0, config.timeouts.keepalive), self._keepalive_round, "app %s: keepalive", self.app_id
+            ),
+            name=f"keepalive {self.app_id}",
         )
 
     # ------------------------------------------------------------------ rooms
@@ -295,8 +299,7 @@ class AppContext:
         await self.negotiator.close()
         for link in list(self.links.values()):
             self.drop_link(link, "session closed", quiet=True)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        await self._tasks.wait(timeout=5)
 
     # ------------------------------------------------------------------ LinkDirectory (negotiator)
 
@@ -375,22 +378,20 @@ class AppContext:
         link.release()
         log.info("connection to peer %s closed (app %s): %s", link.peer_id, self.app_id, reason)
 
-    async def _keepalive_loop(self) -> None:
+    def _keepalive_round(self) -> None:
         """Ping connections that went quiet; drop those that stay quiet (a vanished peer)."""
         timeouts = self.config.timeouts
-        while True:
-            await asyncio.sleep(min(1.0, timeouts.keepalive))
-            now = time.time()
-            for link in list(self.links.values()):
-                silence = now - link.last_seen
-                active = next((b for b in link.bindings.values() if b.active), None)
-                if active is None or link.closing:
-                    continue  # pending peers do not answer pings; idle links time out anyway
-                if silence > timeouts.peer_timeout:
-                    self.drop_link(link, f"no traffic for {silence:.0f} s")
-                elif silence >= timeouts.keepalive and now - link.last_keepalive >= timeouts.keepalive:
-                    link.last_keepalive = now
-                    active.room.refresh_rtt(link.peer_id)
+        now = time.time()
+        for link in list(self.links.values()):
+            silence = now - link.last_seen
+            active = next((b for b in link.bindings.values() if b.active), None)
+            if active is None or link.closing:
+                continue  # pending peers do not answer pings; idle links time out anyway
+            if silence > timeouts.peer_timeout:
+                self.drop_link(link, f"no traffic for {silence:.0f} s")
+            elif silence >= timeouts.keepalive and now - link.last_keepalive >= timeouts.keepalive:
+                link.last_keepalive = now
+                active.room.refresh_rtt(link.peer_id)
 
     def _schedule_idle(self, link: PeerLink) -> None:
         if link.closed or link.bindings:
@@ -427,16 +428,8 @@ class AppContext:
     def _close_peer(self, peer: Peer, reason: str) -> None:
         self.spawn(peer.close(reason))
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("app %s: background task failed", self.app_id, exc_info=task.exception())
+    def spawn(self, coro: Any) -> asyncio.Future[Any]:
+        return self._tasks.spawn(coro, "app %s: background task", self.app_id)
 
     # ------------------------------------------------------------------ frames from a link
 

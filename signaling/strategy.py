@@ -43,6 +43,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from signaling import crypto
+from signaling.background import BackgroundTasks
 from signaling.bounded import LruDict, LruSet, TokenBucket
 from signaling.config import Limits, Timeouts
 from signaling.errors import DecryptError
@@ -180,7 +181,7 @@ class RoomSignaller:
         self._relays: dict[str, Relay] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._unwatch: list[Any] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = BackgroundTasks(log)
         self._stopped = False
         self._peer_topics: LruDict[str, str] = LruDict(256)
         #: Whether the room has an active peer (set by the session); stretches announces (pacing).
@@ -204,10 +205,12 @@ class RoomSignaller:
                 self._hub.route(relay, topic, self._on_text) for topic in (self.self_topic, self.root_topic)
             ]
             self._unwatch.append(self._hub.watch(relay, self._on_state))
-            self._tasks.append(
-                asyncio.create_task(
-                    self._announce_loop(url, relay, acks), name=f"announce {self.room_id} {url}"
-                )
+            self._tasks.spawn(
+                self._announce_loop(url, relay, acks),
+                "room %s: announcing on %s",
+                self.room_id,
+                url,
+                name=f"announce {self.room_id} {url}",
             )
 
     async def stop(self) -> None:
@@ -215,9 +218,7 @@ class RoomSignaller:
         if self._stopped:
             return
         self._stopped = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         for unwatch in self._unwatch:
             unwatch()
         for url, relay in self._relays.items():
@@ -327,7 +328,7 @@ class Negotiation:
     answered: bool = False
     answer_relay: str = ""
     timer: asyncio.TimerHandle | None = None
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    tasks: BackgroundTasks = field(default_factory=lambda: BackgroundTasks(log))
 
 
 class Negotiator:
@@ -351,7 +352,7 @@ class Negotiator:
         self._warned: LruSet[tuple[str, str]] = LruSet(256)
         self._new_conn_budget = TokenBucket(limits.offer_rate, max(1.0, 2 * limits.offer_rate))
         self._reply_budget = TokenBucket(limits.reply_rate, max(1.0, 2 * limits.reply_rate))
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing = BackgroundTasks(log)
         self._closed = False
 
     @property
@@ -401,8 +402,7 @@ class Negotiator:
         self._closed = True
         for neg in list(self._pending.values()):
             self._drop(neg, "session closed")
-        if self._closing:
-            await asyncio.wait(list(self._closing), timeout=5)
+        await self._closing.wait(timeout=5)
 
     # ------------------------------------------------------------------ announcements
 
@@ -685,27 +685,21 @@ class Negotiator:
 
     def _drop(self, neg: Negotiation, reason: str) -> None:
         self._forget(neg)
-        for task in neg.tasks:
-            task.cancel()
+        neg.tasks.cancel()
         neg.peer.on_open = None
         neg.peer.on_close = None
         self._close_peer(neg.peer, reason)
 
     def _close_peer(self, peer: Peer, reason: str) -> None:
-        task = asyncio.ensure_future(peer.close(reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.spawn(peer.close(reason), "closing a negotiation's connection")
 
     def _spawn(self, neg: Negotiation, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        neg.tasks.add(task)
-        task.add_done_callback(lambda t: self._task_done(neg, t))
-
-    def _task_done(self, neg: Negotiation, task: asyncio.Task[Any]) -> None:
-        neg.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("negotiation with %s: task failed", neg.peer_id, exc_info=task.exception())
-            self._drop(neg, "internal error")
+        neg.tasks.spawn(
+            coro,
+            "negotiation with %s: task",
+            neg.peer_id,
+            on_error=lambda _exc: self._drop(neg, "internal error"),
+        )
 
     def _decrypt_failed(self, room: RoomSignaller, peer_id: str, what: str, exc: Exception) -> None:
         room.counters["dropped.decrypt_failed"] += 1
