@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from p2pdiff.appkeys import EVENTS, HELPER
-from p2pdiff.rooms import agent as room_agent
+from p2pdiff.rooms import dispatch
 from tests.app_room import HELPER_ID, PNG, RoomFactory, data_url, until
 
 OPTIONS = {"model": "prx-1024", "steps": 4, "width": 512, "height": 512}
@@ -185,7 +185,7 @@ async def test_a_task_nobody_posts_goes_out_after_the_grace(
     make_room: RoomFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A page whose backend is off never POSTs: the task goes out with what the room knows."""
-    monkeypatch.setattr(room_agent, "FILL_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(dispatch, "FILL_GRACE_SECONDS", 0.2)
     room = await make_room(dispatch=True)
     room.join("page-a", gpu=False)
     room.join("gpu-page", gpu=True)
@@ -202,23 +202,23 @@ async def test_a_task_nobody_posts_goes_out_after_the_grace(
 async def test_a_silent_worker_is_tried_again_after_a_backoff(
     make_room: RoomFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(room_agent, "REST_FIRST_SECONDS", 0.2)
+    monkeypatch.setattr(dispatch, "REST_FIRST_SECONDS", 0.2)
     room = await make_room(dispatch=True, lease=0.2)
     room.join("g1", gpu=True)
     await room.post("t0")
     await until(lambda: room.handed("g1") == ["t0"])
-    agent = room.client.server.app[HELPER].room("lobby").agent
+    g1 = room.client.server.app[HELPER].room("lobby").agent.dispatcher.workers["g1"]
     # it says nothing: the lease takes t0 back, g1 rests, then gets t0 again without speaking
     await until(lambda: room.handed("g1") == ["t0", "t0"], within=5)
-    assert agent.peers["g1"].silences >= 1
+    assert g1.silences >= 1
     # silent again: a second, longer rest
-    await until(lambda: agent.peers["g1"].silences >= 2, within=5)
-    assert agent.peers["g1"].resting_until > 0
+    await until(lambda: g1.silences >= 2, within=5)
+    assert g1.resting_until > 0
     room.queue.lease_seconds = 60  # from here on g1 keeps what it gets
     await room.post("t1")
     # anything it says ends the rest at once
     room.say("g1", "capabilities", {"hasGPU": True, "gpuName": "gpu", "memory": 8, "cores": 8})
-    assert (agent.peers["g1"].silences, agent.peers["g1"].resting_until) == (0, 0.0)
+    assert (g1.silences, g1.resting_until) == (0, 0.0)
     await until(lambda: len(room.handed("g1")) == 3)
     work_like_the_app(room, "g1", room.sent("task", "g1")[-1])
     await until(lambda: len(room.handed("g1")) == 4)

@@ -1,4 +1,4 @@
-"""The helper's part in one room of the browser app: tracking, announcing and (optionally) dispatch.
+"""The helper's part in one room of the browser app: tracking, announcing, and the room's dispatch.
 
 A :class:`RoomAgent` sits between one joined room and the :class:`~p2pdiff.tasks.queue.QueueManager`.
 It never touches the network itself: the helper hands it a ``send(action, payload, target,
@@ -15,13 +15,10 @@ What it does:
 - **Announcing.** Greets each joining peer with the helper's own ``capabilities`` (no GPU, but a
   server that queues) and the room's active tasks; broadcasts a ``queue`` message when a task is
   created over REST.
-- **Dispatch** (when enabled): hands pending tasks to idle GPU peers as ``task`` messages, one
-  task at a time per peer, least recently served first. The published app never sends
-  ``result``: a worker's ``progress`` of 1.0 finishes its chunk (a ``result`` or image that
-  comes later still attaches to the task). A peer that leaves has its task re-offered at once;
-  one that goes silent loses it when the queue's lease expires (the ``task.requeued`` event
-  with reason ``lease_expired``) and rests: it is tried again after a backoff that doubles with
-  each lost task, or at once when it speaks.
+- **Dispatch** (when enabled) is its :class:`~p2pdiff.rooms.dispatch.Dispatcher`'s job: which GPU
+  peer works on which task and chunk, re-offers, resting silent workers. The agent tells it what
+  the room and the queue say, and finds there the chunk a worker's ``progress``, ``result`` or
+  ``chunk`` is about.
 
 Anything malformed or out of turn is ignored and counted by ``<action>.<reason>`` (shown in
 ``/api/stats``); no payload can raise out of here into the room.
@@ -30,11 +27,11 @@ Anything malformed or out of turn is ignored and counted by ``<action>.<reason>`
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
-import time
-from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +39,14 @@ import orjson
 
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
 from p2pdiff.rooms import protocol as rp
+from p2pdiff.rooms.dispatch import ChunkState, Dispatcher, TaskPlan, task_id_of
 from p2pdiff.tasks import events
 from p2pdiff.tasks.images import ImageRejected
 from p2pdiff.tasks.model import COMPLETE, FINISHED, PENDING, PROCESSING, Task
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore, StoredImage, task_image
 from p2pdiff.tasks.validate import TaskUpdate
+from signaling.bounded import LruDict, LruSet, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +55,8 @@ Emit = Callable[[str, dict[str, Any]], None]
 
 # Caps on state kept per room; each says what happens when it is reached.
 MAX_PEERS = 512  # peer records (signaling admits at most 256 connections per app); new ones ignored
-MAX_PLANS = 1024  # tasks being dispatched at once; past it nothing new is handed out until one ends
 MAX_STAGED = 256  # images that arrived before their result message (LRU; the file stays for gc)
-MAX_HISTORY = 4096  # (task, worker) pairs a task was taken from, to tell late from foreign (LRU)
-MAX_FINISHED = 256  # dispatched tasks finished by progress, kept to attach a later result (LRU)
-STORE_RETRY_SECONDS = 1.0  # dispatch pauses this long after the store failed to commit a claim
-# A worker that lost a task to the lease rests this long before it is offered work again,
-# doubling with each task it loses in a row (up to the cap); anything it sends ends the rest.
-REST_FIRST_SECONDS, REST_MAX_SECONDS = 15.0, 600.0
-# The published app announces a task with a `queue` message that has no options and POSTs the
-# full task ~10 ms later: a task announced without options is not dispatched before that POST
-# filled it in, or this long after the announcement (a page without the backend never POSTs).
-FILL_GRACE_SECONDS = 1.0
-MAX_UNFILLED = 1024  # announced tasks waiting for their options (LRU; the oldest just go out)
+MAX_FINISHED = 256  # tracked tasks finished by progress, kept to attach a later result (LRU)
 # Per peer token buckets (like REST's per-client limit): messages of any action, and new tasks a
 # peer may add to the durable queue. A browser steps at well under 100 progress messages per
 # second; a joining browser may announce a few hundred queued tasks at once, then few.
@@ -79,86 +67,16 @@ NEW_TASKS_PER_SECOND, NEW_TASK_BURST = 10.0, 500
 MAX_QUEUE_MESSAGE_BYTES = 1024 * 1024
 
 
-def _put_bounded(items: OrderedDict[Any, Any], key: Any, value: Any, cap: int) -> None:
-    """Insert or refresh ``key`` as the newest entry; the oldest go beyond ``cap``."""
-    items[key] = value
-    items.move_to_end(key)
-    while len(items) > cap:
-        items.popitem(last=False)
-
-
-@dataclass(slots=True)
-class Budget:
-    """A token bucket: ``rate`` per second, at most ``burst`` saved up."""
-
-    rate: float
-    burst: float
-    tokens: float = -1.0  # full on first use
-    stamp: float = 0.0
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        if self.tokens < 0:
-            self.tokens = self.burst
-        else:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 @dataclass(slots=True)
 class PeerState:
     id: str
-    order: int  # join order: the tie-break between peers never served
-    messages: Budget = field(default_factory=lambda: Budget(MESSAGES_PER_SECOND, MESSAGE_BURST))
-    new_tasks: Budget = field(default_factory=lambda: Budget(NEW_TASKS_PER_SECOND, NEW_TASK_BURST))
+    messages: TokenBucket = field(default_factory=lambda: TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST))
+    new_tasks: TokenBucket = field(default_factory=lambda: TokenBucket(NEW_TASKS_PER_SECOND, NEW_TASK_BURST))
     capabilities: rp.Capabilities | None = None
-    last_served: int = 0  # dispatch sequence number of its last hand-out; least recent goes first
-    assignment: tuple[str, str] | None = None  # (task id, chunk id) it is working on
-    silences: int = 0  # tasks lost to the lease in a row (reset when it speaks)
-    resting_until: float = 0.0  # loop time before which it gets no new work
 
     @property
     def has_gpu(self) -> bool:
         return self.capabilities is not None and self.capabilities.has_gpu
-
-
-@dataclass(slots=True)
-class ChunkState:
-    plan: rp.ChunkPlan
-    worker: str | None = None
-    progress: float = 0.0
-    done: bool = False  # by its result message or progress 1.0
-    reported: bool = False  # its result message came (the published app never sends one)
-    result: dict[str, Any] | None = None
-    image: StoredImage | None = None
-
-
-@dataclass(slots=True)
-class TaskPlan:
-    """A task the helper dispatched: its chunks and who has them."""
-
-    task_id: str
-    claimer: str  # the worker the queue knows: the peer (one chunk) or the helper (several)
-    chunks: dict[str, ChunkState] = field(default_factory=dict)
-
-    def progress(self) -> float:
-        return sum(1.0 if c.done else c.progress for c in self.chunks.values()) / len(self.chunks)
-
-    def result(self, room_id: str) -> dict[str, Any] | None:
-        """The task's result once every chunk is done: the chunk's own for one chunk; for several,
-        all of them, with the image of the last chunk that has one (the final steps)."""
-        chunks = list(self.chunks.values())
-        if len(chunks) == 1:
-            return chunks[0].result
-        result: dict[str, Any] = {"chunks": [c.result for c in chunks], "status": "complete"}
-        final = next((c.image for c in reversed(chunks) if c.image is not None), None)
-        if final is not None:
-            result["image"] = final.to_json(room_id, self.task_id)
-        return result
 
 
 class RoomAgent:
@@ -181,31 +99,30 @@ class RoomAgent:
         self.self_id = self_id
         self.active_peers = active_peers
         self.emit = emit
-        self.dispatch = dispatch
         self.peers: dict[str, PeerState] = {}
-        self.plans: dict[str, TaskPlan] = {}
         # Images for tracked (not dispatched) tasks, waiting for the result message; by task id.
-        self.staged: OrderedDict[str, StoredImage] = OrderedDict()
-        self.history: OrderedDict[tuple[str, str], None] = OrderedDict()
-        # Dispatched tasks completed by their workers' progress, by task id: a result or image
-        # that arrives afterwards still finds its chunk.
-        self.finished: OrderedDict[str, TaskPlan] = OrderedDict()
-        self._rest_timers: dict[str, asyncio.TimerHandle] = {}
-        # Tasks peers announced without options, by id: when the grace for their POST ends.
-        self._unfilled: OrderedDict[str, float] = OrderedDict()
-        self._fill_timer: asyncio.TimerHandle | None = None
+        self.staged: LruDict[str, StoredImage] = LruDict(MAX_STAGED)
+        # Tracked tasks completed by their worker's progress: a result that comes afterwards still
+        # attaches (dispatched ones are the dispatcher's).
+        self.finished: LruSet[str] = LruSet(MAX_FINISHED)
         self.received: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.closed = False
-        self._joins = 0
-        self._served = 0
         self._announce: dict[str, None] = {}  # task ids created over REST, not yet broadcast
         self._announcer: asyncio.Task[None] | None = None
-        self._pump_task: asyncio.Task[None] | None = None
-        self._pump_again = False
         self._flush_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.dispatcher = Dispatcher(
+            room_id,
+            queue,
+            self_id=self_id,
+            send=self._send,
+            spawn=self._spawn,
+            flush_soon=self._flush_soon,
+            active_peers=active_peers,
+            enabled=dispatch,
+        )
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -244,10 +161,7 @@ class RoomAgent:
 
     async def close(self) -> None:
         self.closed = True
-        for timer in [*self._rest_timers.values(), self._fill_timer]:
-            if timer is not None:
-                timer.cancel()
-        self._rest_timers.clear()
+        self.dispatcher.close()
         tasks = list(self._tasks)
         for task in tasks:
             if task is not self._flush_task:
@@ -258,10 +172,6 @@ class RoomAgent:
         self.dropped[f"{action}.{reason}"] += 1
         log.debug("room %s: ignored %s from %s: %s %s", self.room_id, action, peer_id, reason, detail)
 
-    def _remember(self, task_id: str, worker: str | None) -> None:
-        if worker is not None:
-            _put_bounded(self.history, (task_id, worker), None, MAX_HISTORY)
-
     # -- peers -----------------------------------------------------------------------------------
 
     def _peer(self, peer_id: str) -> PeerState | None:
@@ -269,8 +179,8 @@ class RoomAgent:
         # Only for active peers: a message replayed after its peer left must not leave a record
         # behind that no leave event would ever remove.
         if state is None and len(self.peers) < MAX_PEERS and peer_id in self.active_peers():
-            self._joins += 1
-            state = self.peers[peer_id] = PeerState(peer_id, self._joins)
+            state = self.peers[peer_id] = PeerState(peer_id)
+            self.dispatcher.add_worker(peer_id)
         return state
 
     def on_peer_join(self, peer_id: str) -> None:
@@ -290,26 +200,8 @@ class RoomAgent:
     def on_peer_leave(self, peer_id: str) -> None:
         if self.closed:
             return  # the helper is leaving the room: the peers keep their work
-        state = self.peers.pop(peer_id, None)
-        timer = self._rest_timers.pop(peer_id, None)
-        if timer is not None:
-            timer.cancel()
-        if state is not None and state.assignment is not None:
-            task_id, chunk_id = state.assignment
-            plan = self.plans.get(task_id)
-            if plan is not None and chunk_id in plan.chunks:
-                self._reoffer(plan, plan.chunks[chunk_id], "worker_left")
-        # Tasks it held without the helper's hand-out (a browser coordinated) go back too.
-        room = self.queue.get_room(self.room_id)
-        if room is not None and room.counts[PROCESSING]:
-            held = [t.id for t in room.tasks.values() if t.status == PROCESSING and t.claimed_by == peer_id]
-            for task_id in held:
-                self._remember(task_id, peer_id)
-                update = TaskUpdate("requeue", peer_id, None, None, None)
-                self.queue.update(self.room_id, task_id, update, reason="worker_left")
-                self.counts["reoffered"] += 1
-        self._flush_soon()
-        self._kick()
+        self.peers.pop(peer_id, None)
+        self.dispatcher.peer_left(peer_id)
 
     def peer_info(self, peer_id: str) -> dict[str, Any]:
         """Extra fields for the API's view of a peer."""
@@ -359,48 +251,16 @@ class RoomAgent:
             reason = rp.WORKER_MISMATCH if exc.code == "worker_mismatch" else rp.CONFLICT
             raise rp.ProtocolError(reason, exc.message) from None
 
-    def _heard_from(self, peer_id: str) -> None:
-        state = self.peers.get(peer_id)
-        if state is not None and state.silences:
-            self._wake(state)  # it is alive after all: it may have work again
-
-    def _wake(self, state: PeerState) -> None:
-        state.silences = 0
-        state.resting_until = 0.0
-        timer = self._rest_timers.pop(state.id, None)
-        if timer is not None:
-            timer.cancel()
-        self._kick()
-
-    def _rest(self, state: PeerState) -> None:
-        """``state`` lost a task to the lease: no new work for a while, then it is tried again
-        (it may have been busy, or its messages lost), the wait doubling while it stays silent."""
-        state.silences += 1
-        # (the exponent is capped: a peer may stay silent in the room for days)
-        wait = min(REST_FIRST_SECONDS * 2 ** min(state.silences - 1, 20), REST_MAX_SECONDS)
-        loop = asyncio.get_running_loop()
-        state.resting_until = loop.time() + wait
-        old = self._rest_timers.pop(state.id, None)
-        if old is not None:
-            old.cancel()
-        self._rest_timers[state.id] = loop.call_later(wait, self._end_rest, state.id)
-        log.info("room %s: %s lost a task to the lease; next offer in %.0f s", self.room_id, state.id, wait)
-
-    def _end_rest(self, peer_id: str) -> None:
-        self._rest_timers.pop(peer_id, None)
-        self._kick()
-
     def _on_capabilities(self, payload: Any, peer_id: str, metadata: Any) -> None:
         caps = rp.parse_capabilities(payload)
         state = self._peer(peer_id)
         if state is None:
             raise rp.ProtocolError(rp.NOT_A_PEER, f"not an active peer, or more than {MAX_PEERS}")
         state.capabilities = caps
-        self._heard_from(peer_id)
+        self.dispatcher.heard_from(peer_id)
         if self.emit is not None:
             self.emit(events.PEER_CAPABILITIES, {"peer": {"id": peer_id, "capabilities": caps.to_json()}})
-        if caps.has_gpu:
-            self._kick()
+        self.dispatcher.set_gpu(peer_id, caps.has_gpu)
 
     def _on_queue(self, payload: Any, peer_id: str, metadata: Any) -> None:
         message = rp.parse_queue(payload)
@@ -420,8 +280,14 @@ class RoomAgent:
                 added = self._queue_call(
                     rp.QUEUE,
                     peer_id,
-                    lambda item=item: self.queue.upsert_from_peer(
-                        self.room_id, item.new, item.status, item.worker, sender=peer_id, origin=origin
+                    functools.partial(
+                        self.queue.upsert_from_peer,
+                        self.room_id,
+                        item.new,
+                        item.status,
+                        item.worker,
+                        sender=peer_id,
+                        origin=origin,
                     ),
                 )
             except rp.ProtocolError as exc:
@@ -429,34 +295,19 @@ class RoomAgent:
                 continue
             created = created or added.created
             if added.created and not added.task.options:
-                deadline = asyncio.get_running_loop().time() + FILL_GRACE_SECONDS
-                _put_bounded(self._unfilled, added.task.id, deadline, MAX_UNFILLED)
+                self.dispatcher.awaits_options(added.task.id)
             room = self.queue.get_room(self.room_id)
         if created:
             self._flush_soon()
-            self._kick()
+            self.dispatcher.kick()
 
     def _on_task(self, payload: Any, peer_id: str, metadata: Any) -> None:
         # The helper announces hasGPU: false, so a well-behaved app never sends it work.
         raise rp.ProtocolError(rp.NOT_A_WORKER)
 
-    def _find_chunk(
-        self, plan: TaskPlan, chunk_id: str | None, peer_id: str, *, reported: bool = False
-    ) -> ChunkState | None:
-        """The chunk of a dispatched task that ``peer_id`` holds: the one named, or (no id, or an
-        id the helper did not make, e.g. an app numbering chunks its own way) the one it has that
-        is not done (``reported``: whose result message has not come, though progress 1.0 may)."""
-        chunk = plan.chunks.get(chunk_id) if chunk_id is not None else None
-        if chunk is not None:
-            return chunk if chunk.worker == peer_id else None
-        for chunk in plan.chunks.values():
-            if chunk.worker == peer_id and not (chunk.reported if reported else chunk.done):
-                return chunk
-        return None
-
     def _not_yours(self, task: Task | None, task_id: str, peer_id: str) -> str:
         """Why a worker's message about a task it does not hold is ignored."""
-        if (task_id, peer_id) in self.history:
+        if self.dispatcher.taken_from(task_id, peer_id):
             return rp.LATE  # it had the task; it left, went silent, or the task was cancelled
         if task is not None and task.status in FINISHED:
             return rp.DUPLICATE if task.claimed_by == peer_id else rp.LATE
@@ -473,13 +324,13 @@ class RoomAgent:
     def _on_progress(self, payload: Any, peer_id: str, metadata: Any) -> None:
         msg = rp.parse_progress(payload)
         origin = events.Origin.peer_message(self.room_id, peer_id)
-        self._heard_from(peer_id)
-        plan = self.plans.get(msg.task_id)
+        self.dispatcher.heard_from(peer_id)
+        plan = self.dispatcher.plans.get(msg.task_id)
         # The published app's worker reports progress up to 1.0 and never sends a result: 1.0
         # is "done" (a result or image that comes later still attaches; see _on_result).
         done = msg.progress >= 1.0
         if plan is not None:
-            chunk = self._find_chunk(plan, msg.chunk_id, peer_id)
+            chunk = plan.chunk_of(peer_id, msg.chunk_id)
             if chunk is None:
                 raise rp.ProtocolError(self._not_yours(self._task_or_none(msg.task_id), msg.task_id, peer_id))
             if chunk.done:
@@ -487,7 +338,7 @@ class RoomAgent:
             chunk.progress = msg.progress
             if done:
                 fields = self._result_fields(plan.task_id, chunk.plan.id, peer_id, chunk.image)
-                self._chunk_done(plan, chunk, fields, origin)
+                self.dispatcher.chunk_done(plan, chunk, fields, origin)
                 return
             update = TaskUpdate("progress", plan.claimer, plan.progress(), None, None)
             self._queue_call(
@@ -512,10 +363,10 @@ class RoomAgent:
                 ),
             )
             if done:
-                image = self.staged.pop(msg.task_id, None)
+                image = self.staged.pop(msg.task_id)
                 fields = self._result_fields(msg.task_id, msg.chunk_id, peer_id, image)
                 self.queue.worker_complete(self.room_id, msg.task_id, peer_id, fields, origin=origin)
-                _put_bounded(self.finished, msg.task_id, None, MAX_FINISHED)
+                self.finished.add(msg.task_id)
         self._flush_soon()
 
     def _image_from_data(self, data: Any) -> StoredImage | None:
@@ -541,14 +392,13 @@ class RoomAgent:
         """Fail a processing task its sender holds (checked by the caller), through the queue."""
         claimer = task.claimed_by
         if plan is not None:
-            self.plans.pop(plan.task_id, None)
-            self._release(plan)
+            self.dispatcher.drop(plan)
             claimer = plan.claimer
         self.queue.update(
             self.room_id, task.id, TaskUpdate("fail", claimer, None, None, error), origin=origin
         )
         self._flush_soon()
-        self._kick()
+        self.dispatcher.kick()
 
     def _result_fields(
         self,
@@ -570,17 +420,17 @@ class RoomAgent:
     def _on_result(self, payload: Any, peer_id: str, metadata: Any) -> None:
         msg = rp.parse_result(payload)
         origin = events.Origin.peer_message(self.room_id, peer_id)
-        self._heard_from(peer_id)
+        self.dispatcher.heard_from(peer_id)
         task = self._task_or_none(msg.task_id)
         if task is None:
             raise rp.ProtocolError(rp.UNKNOWN_TASK)
-        plan = self.plans.get(msg.task_id)
-        if plan is None and msg.task_id in self.finished:
-            self._late_result(task, self.finished[msg.task_id], msg, peer_id, origin)
+        plan = self.dispatcher.plans.get(msg.task_id)
+        if plan is None and (msg.task_id in self.dispatcher.finished or msg.task_id in self.finished):
+            self._late_result(task, self.dispatcher.finished.get(msg.task_id), msg, peer_id, origin)
             return
         chunk: ChunkState | None = None
         if plan is not None:
-            chunk = self._find_chunk(plan, msg.chunk_id, peer_id, reported=True)
+            chunk = plan.chunk_of(peer_id, msg.chunk_id, reported=True)
             if chunk is None or chunk.reported:
                 raise rp.ProtocolError(
                     rp.DUPLICATE if chunk is not None else self._not_yours(task, msg.task_id, peer_id)
@@ -600,7 +450,7 @@ class RoomAgent:
                 self._fail(task, plan, exc.detail, origin)
             raise
         if plan is None:
-            image = image or self.staged.pop(msg.task_id, None)
+            image = image or self.staged.pop(msg.task_id)
             fields = self._result_fields(msg.task_id, msg.chunk_id, peer_id, image, msg)
             self._queue_call(
                 rp.RESULT,
@@ -613,19 +463,20 @@ class RoomAgent:
             chunk.image = image or chunk.image
             chunk.reported = True
             fields = self._result_fields(plan.task_id, msg.chunk_id, peer_id, chunk.image, msg)
-            self._chunk_done(plan, chunk, fields, origin)
+            self.dispatcher.chunk_done(plan, chunk, fields, origin)
 
     def _late_result(
         self, task: Task, plan: TaskPlan | None, msg: rp.Result, peer_id: str, origin: events.Origin
     ) -> None:
         """A ``result`` after progress 1.0 finished the sender's work: its data and image join the
         task's result (``plan`` None: a task the helper did not dispatch)."""
+        chunk: ChunkState | None = None
         if plan is None:
             if task.status != COMPLETE or task.claimed_by != peer_id:
                 raise rp.ProtocolError(self._not_yours(task, task.id, peer_id))
             chunk_id: str | None = msg.chunk_id
         else:
-            chunk = self._find_chunk(plan, msg.chunk_id, peer_id, reported=True)
+            chunk = plan.chunk_of(peer_id, msg.chunk_id, reported=True)
             if chunk is None:
                 raise rp.ProtocolError(self._not_yours(task, task.id, peer_id))
             if chunk.reported:
@@ -635,7 +486,7 @@ class RoomAgent:
             raise rp.ProtocolError(rp.LATE)  # its progress said done; the task stays complete
         image = self._image_from_data(msg.data)
         if plan is None:
-            self.finished.pop(task.id, None)  # one result per task: a second is a duplicate
+            self.finished.discard(task.id)  # one result per task: a second is a duplicate
             fields = self._result_fields(task.id, chunk_id, peer_id, image, msg)
             self._queue_call(
                 rp.RESULT,
@@ -643,53 +494,22 @@ class RoomAgent:
                 lambda: self.queue.attach_result(self.room_id, task.id, peer_id, fields, origin=origin),
             )
         else:
+            assert chunk is not None
             chunk.reported = True
             chunk.image = image or chunk.image
             chunk.result = self._result_fields(task.id, chunk_id, peer_id, chunk.image, msg)
-            self._attach_plan_result(plan, origin)
+            self.dispatcher.attach_result(plan, origin)
         self._flush_soon()
-
-    def _attach_plan_result(self, plan: TaskPlan, origin: events.Origin) -> None:
-        """A finished chunk gained its data or image: the complete task's result follows."""
-        if plan.task_id not in self.finished:
-            return  # other chunks still run: the result is built when the last one is done
-        result = plan.result(self.room_id)
-        if all(c.reported for c in plan.chunks.values()):
-            self.finished.pop(plan.task_id, None)
-        if result is not None:
-            self.queue.attach_result(self.room_id, plan.task_id, plan.claimer, result, origin=origin)
-
-    def _chunk_done(
-        self, plan: TaskPlan, chunk: ChunkState, result: dict[str, Any], origin: events.Origin
-    ) -> None:
-        """``chunk``'s worker is done with it (its result, or progress 1.0): the worker is free,
-        and the task completes with its last chunk."""
-        chunk.done = True
-        chunk.result = result
-        if chunk.worker is not None:
-            self._free(chunk.worker)
-        if not all(c.done for c in plan.chunks.values()):
-            update = TaskUpdate("progress", plan.claimer, plan.progress(), None, None)
-            self.queue.update(self.room_id, plan.task_id, update, origin=origin)
-        else:
-            self.plans.pop(plan.task_id, None)
-            if not all(c.reported for c in plan.chunks.values()):
-                _put_bounded(self.finished, plan.task_id, plan, MAX_FINISHED)
-            update = TaskUpdate("complete", plan.claimer, None, plan.result(self.room_id), None)
-            self.queue.update(self.room_id, plan.task_id, update, origin=origin)
-            self.counts["completed"] += 1
-        self._flush_soon()
-        self._kick()
 
     def _on_chunk(self, payload: Any, peer_id: str, metadata: Any) -> None:
         data, meta = rp.parse_chunk(payload, metadata)
         origin = events.Origin.peer_message(self.room_id, peer_id)
-        self._heard_from(peer_id)
+        self.dispatcher.heard_from(peer_id)
         task = self._task_or_none(meta.task_id)
         if task is None:
             raise rp.ProtocolError(rp.UNKNOWN_TASK)
-        plan = self.plans.get(meta.task_id) or self.finished.get(meta.task_id)
-        chunk = self._find_chunk(plan, meta.chunk_id, peer_id, reported=True) if plan is not None else None
+        plan = self.dispatcher.plans.get(meta.task_id) or self.dispatcher.finished.get(meta.task_id)
+        chunk = plan.chunk_of(peer_id, meta.chunk_id, reported=True) if plan is not None else None
         if plan is not None and chunk is None:
             raise rp.ProtocolError(self._not_yours(task, meta.task_id, peer_id))
         attach = False
@@ -714,7 +534,7 @@ class RoomAgent:
             chunk.image = image
             if chunk.result is not None:  # its result (or progress 1.0) came first
                 chunk.result["image"] = image.to_json(self.room_id, task.id)
-                self._attach_plan_result(plan, origin)
+                self.dispatcher.attach_result(plan, origin)
                 self._flush_soon()
         elif attach:
             fields = {"image": image.to_json(self.room_id, task.id)}
@@ -725,7 +545,7 @@ class RoomAgent:
             )
             self._flush_soon()
         else:
-            _put_bounded(self.staged, task.id, image, MAX_STAGED)
+            self.staged[task.id] = image
 
     _handlers: dict[str, Callable[[RoomAgent, Any, str, Any], None]] = {
         rp.CAPABILITIES: _on_capabilities,
@@ -741,40 +561,17 @@ class RoomAgent:
     def on_event(self, event: events.Event) -> None:
         if self.closed:
             return
-        task_json = event.data.get("task") if isinstance(event.data, dict) else None
-        task_id = task_json.get("id") if isinstance(task_json, dict) else None
+        task_id = task_id_of(event)
         if event.type == events.TASK_CREATED and task_id is not None:
             if event.origin.kind != "peer":  # a peer's own task: its room heard of it from the peer
                 self._announce_task(task_id)
-            self._kick()
-        elif event.type == events.TASK_MOVED and event.room == self.room_id:
-            self._kick()  # a peer's `queue` named a task the app had posted without a room
-        elif event.type == events.TASK_UPDATED and task_id in self._unfilled:
-            self._kick()  # the app's POST filled in the options: it may go out now
-        elif event.type == events.TASK_REQUEUED and task_id is not None:
-            plan = self.plans.pop(task_id, None)
-            if plan is not None:
-                # Lease expired (nobody sent progress for lease_seconds) or a REST requeue: the
-                # holders lose it; silent ones rest (see _rest).
-                self._release(plan, silent=event.data.get("reason") == "lease_expired")
-                self.counts["reoffered"] += 1
-            self.staged.pop(task_id, None)
-            self._kick()
-        elif event.type in (events.TASK_COMPLETE, events.TASK_FAILED, events.TASK_CANCELLED) and task_id:
-            plan = self.plans.pop(task_id, None)
-            if plan is not None:  # finished from outside (REST, or a peer's queue snapshot)
-                self._release(plan)
-                self._kick()
-            if event.type != events.TASK_COMPLETE:
-                self.staged.pop(task_id, None)
+        elif event.type in (events.TASK_REQUEUED, events.TASK_FAILED, events.TASK_CANCELLED) and task_id:
+            self.staged.pop(task_id)
         elif event.type == events.QUEUE_RELOADED:
             # Memory went back to the last commit: what was handed out since may be undone.
-            for plan in list(self.plans.values()):
-                self._release(plan)
-            self.plans.clear()
             self.staged.clear()
             self.finished.clear()
-            self._kick()
+        self.dispatcher.on_event(event)
 
     # -- announcing ------------------------------------------------------------------------------
 
@@ -821,171 +618,28 @@ class RoomAgent:
                 await self._send(rp.QUEUE, rp.queue_message(tasks, self.self_id))
                 self.counts["announced"] += 1
 
-    # -- dispatch --------------------------------------------------------------------------------
-
     def set_dispatch(self, enabled: bool) -> None:
-        self.dispatch = enabled
-        self._kick()
-
-    def _kick(self) -> None:
-        """Look for work to hand out, soon (one pump per room; requests while it runs coalesce)."""
-        if not self.dispatch or self.closed:
-            return
-        self._pump_again = True
-        if self._pump_task is None or self._pump_task.done():
-            self._pump_task = self._spawn(self._pump(), "dispatch")
-
-    def _idle_gpu_peers(self) -> list[PeerState]:
-        active = self.active_peers()
-        now = asyncio.get_running_loop().time()
-        return [
-            s
-            for s in self.peers.values()
-            if s.has_gpu and s.assignment is None and s.resting_until <= now and s.id in active
-        ]
-
-    def _awaits_options(self, task: Task) -> bool:
-        """Whether ``task`` was announced without options and the app's POST of it may still come
-        (FILL_GRACE_SECONDS); a timer looks again when the grace ends."""
-        deadline = self._unfilled.get(task.id)
-        if deadline is None:
-            return False
-        now = asyncio.get_running_loop().time()
-        if task.options or now >= deadline:
-            del self._unfilled[task.id]
-            return False
-        if self._fill_timer is None:
-            self._fill_timer = asyncio.get_running_loop().call_later(deadline - now, self._fill_grace_over)
-        return True
-
-    def _fill_grace_over(self) -> None:
-        self._fill_timer = None
-        self._kick()
-
-    def _open_chunks(self) -> Iterator[tuple[TaskPlan, ChunkState]]:
-        for plan in self.plans.values():
-            for chunk in plan.chunks.values():
-                if chunk.worker is None and not chunk.done:
-                    yield plan, chunk
-
-    def _next_offer(self) -> tuple[PeerState, TaskPlan, ChunkState] | None:
-        idle = self._idle_gpu_peers()
-        if not idle:
-            return None
-        peer = min(idle, key=lambda s: (s.last_served, s.order))  # least recently served
-        offer = next(self._open_chunks(), None)  # re-offers first: they were handed out earlier
-        if offer is None:
-            if len(self.plans) >= MAX_PLANS:
-                return None
-            task = next(self.queue.pending_tasks(self.room_id), None)
-            if task is None or self._awaits_options(task):
-                return None  # the queue order holds: nothing overtakes a task waiting for its POST
-            chunks = rp.plan_chunks(task)
-            # One chunk: the queue shows the peer as the worker. Several: the helper holds the
-            # task and reports the chunks' combined progress.
-            claimer = peer.id if len(chunks) == 1 else self.self_id
-            self.queue.update(self.room_id, task.id, TaskUpdate("claim", claimer, None, None, None))
-            plan = self.plans[task.id] = TaskPlan(task.id, claimer, {c.id: ChunkState(c) for c in chunks})
-            offer = (plan, next(iter(plan.chunks.values())))
-        plan, chunk = offer
-        chunk.worker = peer.id
-        chunk.progress = 0.0
-        peer.assignment = (plan.task_id, chunk.plan.id)
-        self._served += 1
-        peer.last_served = self._served
-        return peer, plan, chunk
-
-    async def _pump(self) -> None:
-        while self._pump_again and self.dispatch and not self.closed:
-            self._pump_again = False
-            while self.dispatch and not self.closed:
-                offer = self._next_offer()
-                if offer is None:
-                    break
-                peer, plan, chunk = offer
-                try:
-                    await self.queue.flush()  # the claim is on disk before anyone works on it
-                except Unavailable:
-                    # Reloaded (on_event dropped the plans). Wait before claiming again, so a
-                    # failing disk is not hammered in a loop.
-                    await asyncio.sleep(STORE_RETRY_SECONDS)
-                    break
-                if self.plans.get(plan.task_id) is not plan or chunk.worker != peer.id:
-                    continue  # cancelled, or the peer left, while the claim was committing
-                task = self.queue.get_task(self.room_id, plan.task_id)
-                self.counts["dispatched"] += 1
-                log.info("room %s: task %s (%s) handed to %s", self.room_id, task.id, chunk.plan.id, peer.id)
-                sent = await self._send(rp.TASK, rp.task_message(task, chunk.plan, self.self_id), peer.id)
-                if not sent and self.plans.get(plan.task_id) is plan and chunk.worker == peer.id:
-                    self._reoffer(plan, chunk, "send_failed")
-
-    def _free(self, peer_id: str) -> None:
-        state = self.peers.get(peer_id)
-        if state is not None:
-            state.assignment = None
-
-    def _release(self, plan: TaskPlan, *, silent: bool = False) -> None:
-        """Free every peer working on ``plan`` (it was dropped); their later messages are late.
-        ``silent``: they lost it to the lease, and rest before they get more."""
-        for chunk in plan.chunks.values():
-            if chunk.worker is None:
-                continue
-            self._remember(plan.task_id, chunk.worker)
-            state = self.peers.get(chunk.worker)
-            if state is not None and state.assignment == (plan.task_id, chunk.plan.id):
-                state.assignment = None
-                if silent and not chunk.done:
-                    self._rest(state)
-
-    def _reoffer(self, plan: TaskPlan, chunk: ChunkState, reason: str) -> None:
-        """Take ``chunk`` from its worker and offer it to another peer."""
-        worker = chunk.worker
-        self._remember(plan.task_id, worker)
-        if worker is not None:
-            self._free(worker)
-        self.counts["reoffered"] += 1
-        log.info("room %s: %s of task %s re-offered (%s)", self.room_id, chunk.plan.id, plan.task_id, reason)
-        if len(plan.chunks) == 1:
-            # Back to pending at its old place, through the state machine; the pump claims it
-            # again for the next idle peer.
-            self.plans.pop(plan.task_id, None)
-            with_reason = TaskUpdate("requeue", plan.claimer, None, None, None)
-            try:
-                self.queue.update(self.room_id, plan.task_id, with_reason, reason=reason)
-            except (Conflict, NotFound) as exc:
-                log.info("room %s: re-offering task %s: %s", self.room_id, plan.task_id, exc)
-        else:
-            chunk.worker = None
-            chunk.progress = 0.0
-        self._flush_soon()
-        self._kick()
+        self.dispatcher.set_enabled(enabled)
 
     # -- views -----------------------------------------------------------------------------------
 
     def referenced_results(self) -> set[str]:
         """Files that are stored but not yet referenced by a task (kept by results gc)."""
-        names = {image.path for image in self.staged.values()}
-        finished = (plan for plan in self.finished.values() if plan is not None)
-        for plan in itertools.chain(self.plans.values(), finished):
-            names.update(c.image.path for c in plan.chunks.values() if c.image is not None)
-        return names
+        return {image.path for image in self.staged.values()} | self.dispatcher.referenced_results()
 
     def stats(self) -> dict[str, Any]:
         return {
             "gpuPeers": self.gpu_peers(),
-            "dispatch": self.dispatch,
+            "dispatch": self.dispatcher.enabled,
             "protocol": {
                 "received": dict(self.received),
                 "dropped": dict(self.dropped),
                 "droppedTotal": sum(self.dropped.values()),
-                **{k: self.counts[k] for k in ("dispatched", "reoffered", "completed", "announced")},
+                **{k: self.dispatcher.counts[k] for k in ("dispatched", "reoffered", "completed")},
+                "announced": self.counts["announced"],
                 "resultsStored": self.counts["resultsStored"],
                 "resultBytes": self.counts["resultBytes"],
                 "sendFailures": self.counts["sendFailures"],
-                "assignments": [
-                    {"peer": s.id, "taskId": s.assignment[0], "chunkId": s.assignment[1]}
-                    for s in self.peers.values()
-                    if s.assignment is not None
-                ],
+                "assignments": self.dispatcher.assignments(),
             },
         }
