@@ -24,6 +24,7 @@ from aiohttp import web
 
 from p2pdiff.appkeys import CONFIG, EVENTS
 from p2pdiff.errors import Unavailable
+from p2pdiff.ops.logs import CountedStreamResponse
 from p2pdiff.rest import security
 from p2pdiff.rest.api import CORS, error_response
 from p2pdiff.tasks import events, validate
@@ -101,7 +102,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     cursor = bus.last_id
     replay = None if last_id is None else bus.since(last_id, room)
 
-    resp = web.StreamResponse(
+    resp = CountedStreamResponse(  # the access log's bytes: a stream has no Content-Length
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache, no-transform",
