@@ -50,7 +50,7 @@ class MemoryStore:
         if self.load_suspends:
             await asyncio.sleep(0.01)  # a round trip
         # Copies: the queue changes its objects in place, the store's stay as committed.
-        rooms = [replace(room, tasks={}, views={}) for room in self.rooms.values()]
+        rooms = [replace(room, tasks={}) for room in self.rooms.values()]
         tasks = sorted((copy.copy(task) for task in self.tasks.values()), key=lambda task: task.seq)
         return Stored(rooms, tasks, dict(self.counters))
 
@@ -58,7 +58,7 @@ class MemoryStore:
         self._staged_tasks[(task.room_id, task.id)] = copy.copy(task)
 
     def save_room(self, room: Room) -> None:
-        self._staged_rooms[room.id] = replace(room, tasks={}, views={})
+        self._staged_rooms[room.id] = replace(room, tasks={})
 
     def save_counter(self, name: str, value: int) -> None:
         self._staged_counters[name] = value

@@ -1,13 +1,15 @@
-"""REST handlers (thin: validate, call one QueueManager/Helper method, answer) and middlewares."""
+"""REST handlers (thin: validate, call one QueueManager/Helper method, answer) and the JSON error shape."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import resource
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -20,6 +22,7 @@ from p2pdiff.rooms.helper import WIRES, Helper, p2p_available
 from p2pdiff.tasks import validate
 from p2pdiff.tasks.model import Room, Task
 from p2pdiff.tasks.queue import QueueManager
+from signaling.bounded import LruDict
 
 log = logging.getLogger(__name__)
 
@@ -75,34 +78,28 @@ async def read_json(request: web.Request, *, optional: bool = False) -> Any:
         raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-# -- middlewares ------------------------------------------------------------------------------------
+# -- the JSON error shape (the request middleware turns what a handler raises into it) ---------------
 
 
-async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Run a handler, turning domain errors and HTTP errors into the JSON error shape."""
-    try:
-        return await handler(request)
-    except AppError as exc:
-        response = error_response(exc.status, exc.code, exc.message)
-        if isinstance(exc, Unavailable) and exc.retry_after is not None:
-            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        message = exc.reason
-        if exc.status == 413:
-            message = f"request body must be at most {MAX_BODY_BYTES} bytes"
-        elif exc.status == 404:
-            message = f"no route for {request.method} {request.path}"
-        response = error_response(exc.status, code, message)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "internal server error")
+def app_error_response(exc: AppError) -> web.Response:
+    response = error_response(exc.status, exc.code, exc.message)
+    if isinstance(exc, Unavailable) and exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return response
+
+
+def http_error_response(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (status 400 and up) in our shape."""
+    code = _HTTP_CODES.get(exc.status, "http_error")
+    message = exc.reason
+    if exc.status == 413:
+        message = f"request body must be at most {MAX_BODY_BYTES} bytes"
+    elif exc.status == 404:
+        message = f"no route for {request.method} {request.path}"
+    response = error_response(exc.status, code, message)
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
 
 
 class Cors:
@@ -157,15 +154,32 @@ CORS = web.AppKey("cors", Cors)
 # -- handlers -----------------------------------------------------------------------------------
 
 
+# Bytes per page of /proc/self/statm's counts.
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.cache
+def _statm() -> int | None:
+    """/proc/self/statm, opened once (None: not Linux). Opening it per request cost /api/health
+    more than all the rest of its answer; a pread at offset 0 reads it afresh."""
+    try:
+        return os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:
+        return None
+
+
 def _memory() -> dict[str, int]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     rss = usage.ru_maxrss * 1024
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        pass  # not Linux: fall back to the peak
+    statm = _statm()
+    if statm is not None:
+        rss = int(os.pread(statm, 128, 0).split()[1]) * _PAGE_SIZE
     return {"rss": rss, "maxRss": usage.ru_maxrss * 1024}
+
+
+# Whether aiortc can be imported does not change while the server runs, and finding out searches
+# sys.path (some 80 µs): asked once.
+_p2p_available = functools.cache(p2p_available)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -180,7 +194,7 @@ async def health(request: web.Request) -> web.Response:
             "memory": _memory(),
             "version": VERSION,
             "p2p": {
-                "available": p2p_available(),
+                "available": _p2p_available(),
                 "mode": helper.mode,
                 "rooms": [room.to_json() for room in helper.rooms()],
             },
@@ -218,6 +232,60 @@ async def stats(request: web.Request) -> web.Response:
     )
 
 
+def render_listing(
+    queue: QueueManager, helper: Helper, room_id: str, statuses: frozenset[str] | None, limit: int | None
+) -> bytes:
+    """The body of ``GET /api/queue/{room_id}``."""
+    room = queue.get_room(room_id) or Room(id=room_id)
+    helper_room = helper.room(room_id)
+    return orjson.dumps(
+        {
+            "roomId": room_id,
+            "queue": queue.list_tasks(room_id, statuses, limit),
+            "stats": room.stats(),
+            "peers": helper_room.peers() if helper_room else [],
+        }
+    )
+
+
+# Listings kept, most recently stored last out; one past MAX_CACHED_LISTING_BYTES (thousands of
+# tasks: as rare as it is slow to send) is rendered each time instead.
+CACHED_LISTINGS = 64
+MAX_CACHED_LISTING_BYTES = 1 << 20
+ListingKey = tuple[str, frozenset[str] | None, int | None]  # room id, status filter, limit
+
+
+@dataclass(slots=True, frozen=True)
+class _Listing:
+    room: Room  # the object rendered: a room reloaded, or dropped and made again, is another one
+    version: int
+    second: int
+    body: bytes
+
+
+class ListingCache:
+    """Rendered listings (GET is the hot path), current while their room object stands at the same
+    version (see ``Room.version``) and within the same second: the peers in a listing (rtt,
+    lastSeen) change on their own, so they are up to 1 s old here (``/api/events`` has them live)."""
+
+    def __init__(self) -> None:
+        self._listings: LruDict[ListingKey, _Listing] = LruDict(CACHED_LISTINGS)
+
+    def get(self, key: ListingKey, room: Room, second: int, render: Callable[[], bytes]) -> bytes:
+        """The listing of ``room`` under ``key``, rendered only when the kept one is not current."""
+        kept = self._listings.get(key)
+        if kept is not None and kept.room is room and kept.version == room.version and kept.second == second:
+            return kept.body
+        listing = _Listing(room, room.version, second, render())
+        self._listings.pop(key)
+        if len(listing.body) <= MAX_CACHED_LISTING_BYTES:
+            self._listings.setdefault(key, lambda: listing)
+        return listing.body
+
+
+LISTINGS = web.AppKey("listings", ListingCache)
+
+
 async def get_queue(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
     statuses: frozenset[str] | None = None
@@ -225,25 +293,15 @@ async def get_queue(request: web.Request) -> web.Response:
     if request.query_string:  # parsing an empty query still costs a few µs on the hot path
         statuses = validate.status_filter(request.query.get("status"))
         limit = validate.limit(request.query.get("limit"))
-    queue, helper = request.app[QUEUE], request.app[HELPER]
-
-    def render() -> bytes:
-        room = queue.get_room(room_id) or Room(id=room_id)
-        helper_room = helper.room(room_id)
-        return orjson.dumps(
-            {
-                "roomId": room_id,
-                "queue": queue.list_tasks(room_id, statuses, limit),
-                "stats": room.stats(),
-                "peers": helper_room.peers() if helper_room else [],
-            }
-        )
-
-    # GET is the hot path: the body is reused until the room changes. Peers (rtt, lastSeen) change
-    # on their own, so the key also carries the current second: they are at most 1 s stale here
-    # (/api/events has them live).
-    key = (None if statuses is None else tuple(sorted(statuses)), limit, int(time.monotonic()))
-    return web.Response(body=queue.cached_view(room_id, key, render), content_type="application/json")
+    app = request.app
+    queue = app[QUEUE]
+    render = functools.partial(render_listing, queue, app[HELPER], room_id, statuses, limit)
+    room = queue.get_room(room_id)
+    if room is None:  # not kept: cheap to answer, and kept it would let clients fill the cache
+        body = render()
+    else:
+        body = app[LISTINGS].get((room_id, statuses, limit), room, int(time.monotonic()), render)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def _add_task(request: web.Request, room_id: str | None) -> web.Response:
@@ -360,13 +418,15 @@ async def leave_room(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[LISTINGS] = ListingCache()
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/stats", stats)
-    app.router.add_post("/api/queue", post_queue_default)
+    # The router tries the routes under /api/queue in this order: the listing (the hot path) first.
     app.router.add_get("/api/queue/{room_id}", get_queue)
     app.router.add_post("/api/queue/{room_id}", post_queue)
     app.router.add_get("/api/queue/{room_id}/{task_id}", get_task)
     app.router.add_patch("/api/queue/{room_id}/{task_id}", patch_task)
     app.router.add_delete("/api/queue/{room_id}/{task_id}", delete_task)
+    app.router.add_post("/api/queue", post_queue_default)
     app.router.add_post("/api/join/{room_id}", join_room)
     app.router.add_delete("/api/join/{room_id}", leave_room)

@@ -17,8 +17,8 @@ from typing import Any
 from p2pdiff.tasks.model import Room, Task
 
 # Room fields a rollback does not copy back: membership and counts are rebuilt from the tasks, and
-# cached views are dropped (version only ever goes up, so old cached answers are never served).
-_ROOM_DERIVED = frozenset({"tasks", "counts", "version", "views"})
+# the version moves on (it only ever goes up, so nothing rendered before the rollback is current).
+_ROOM_DERIVED = frozenset({"tasks", "counts", "version"})
 
 
 class Journal:
@@ -96,6 +96,5 @@ class Journal:
             room.tasks = dict(sorted(room.tasks.items(), key=lambda item: item[1].seq))
         for room in touched.values():
             room.version += 1
-            room.views.clear()
         self.clear()
         return sorted({room.id for room in touched.values()})

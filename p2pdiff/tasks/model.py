@@ -73,8 +73,10 @@ class Room:
     # Insertion order is queue order: tasks are created in seq order and never re-inserted.
     tasks: dict[str, Task] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
+    # Moves on every change of the room or its tasks (rollbacks too, see journal.py): a rendering
+    # of this room object made at one version is current while the version stands (rest/api.py
+    # caches listings by it).
     version: int = 0
-    views: dict[Any, bytes] = field(default_factory=dict)
 
     def position(self, task: Task) -> int | None:
         if task.status != PENDING:

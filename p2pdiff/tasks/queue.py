@@ -76,9 +76,6 @@ ACTION_EVENT = {
     "expire": events.TASK_REQUEUED,
 }
 
-# Response caches per room are keyed by query; a handful of distinct queries is normal.
-MAX_CACHED_VIEWS = 16
-
 
 def same_task(existing: Task, new: NewTask) -> bool:
     """Whether ``new`` describes ``existing``: the same prompt, and options that agree wherever both
@@ -258,7 +255,6 @@ class QueueManager:
     def _touch(self, room: Room, now: int) -> None:
         room.last_activity = now
         room.version += 1
-        room.views.clear()
         self.store.save_room(room)
 
     def _set_status(self, room: Room, task: Task, action: str, now: int) -> None:
@@ -321,18 +317,6 @@ class QueueManager:
             if limit is not None and len(out) >= limit:
                 break
         return out
-
-    def cached_view(self, room_id: str, key: Any, render: Callable[[], bytes]) -> bytes:
-        """Serialized responses are reused until the room changes (GET is the hot path)."""
-        room = self.rooms.get(room_id)
-        if room is None:
-            return render()
-        view = room.views.get(key)
-        if view is None:
-            if len(room.views) >= MAX_CACHED_VIEWS:
-                room.views.clear()
-            view = room.views[key] = render()
-        return view
 
     def stats(self) -> dict[str, Any]:
         by_status: Counter[str] = Counter()
@@ -556,8 +540,10 @@ class QueueManager:
         # A processing task with no known worker (a peer announced it as processing without
         # naming one) belongs to the first worker that reports on it. Not a state change.
         if task.status == PROCESSING and task.claimed_by is None:
-            self._changing(self.rooms[task.room_id], task)
+            room = self.rooms[task.room_id]
+            self._changing(room, task)
             task.claimed_by = worker
+            room.version += 1
 
     def worker_progress(
         self,
@@ -667,7 +653,6 @@ class QueueManager:
             if gone:
                 self.store.delete_tasks(room.id, [t.id for t in gone])
                 room.version += 1
-                room.views.clear()
                 removed += len(gone)
                 self._emit(events.TASKS_PRUNED, room.id, {"count": len(gone)})
             if not room.tasks and not room.helper_joined:
