@@ -31,7 +31,7 @@ import functools
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from p2pdiff.tasks.model import COMPLETE, FINISHED, PENDING, PROCESSING, Task
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore, StoredImage, task_image
 from p2pdiff.tasks.validate import TaskUpdate
+from signaling.background import BackgroundTasks
 from signaling.bounded import LruDict, LruSet, TokenBucket
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,11 @@ class RoomAgent:
         self.counts: Counter[str] = Counter()
         self.closed = False
         self._announce: dict[str, None] = {}  # task ids created over REST, not yet broadcast
-        self._announcer: asyncio.Task[None] | None = None
-        self._flush_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._announcer: asyncio.Future[None] | None = None
+        self._flush_task: asyncio.Future[None] | None = None
+        self._tasks = BackgroundTasks(log)
+        # The background commit is apart: close() lets it finish (peer-made changes reach the disk).
+        self._commits = BackgroundTasks(log)
         self.dispatcher = Dispatcher(
             room_id,
             queue,
@@ -126,22 +129,16 @@ class RoomAgent:
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{name} {self.room_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("room %s: %s failed", self.room_id, task.get_name(), exc_info=task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Future[None]:
+        return self._tasks.spawn(coro, "room %s: %s", self.room_id, name, name=f"{name} {self.room_id}")
 
     def _flush_soon(self) -> None:
         """Commit peer-made changes in the background: nobody waits for an answer, and changes
         from many messages share one commit."""
         if self._flush_task is None or self._flush_task.done():
-            self._flush_task = self._spawn(self._flush(), "flush")
+            self._flush_task = self._commits.spawn(
+                self._flush(), "room %s: flush", self.room_id, name=f"flush {self.room_id}"
+            )
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let messages already delivered add their writes to this commit
@@ -162,11 +159,8 @@ class RoomAgent:
     async def close(self) -> None:
         self.closed = True
         self.dispatcher.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            if task is not self._flush_task:
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.cancel()
+        await asyncio.gather(self._tasks.wait(), self._commits.wait())
 
     def _drop(self, action: str, reason: str, peer_id: str, detail: str = "") -> None:
         self.dropped[f"{action}.{reason}"] += 1

@@ -37,7 +37,7 @@ from signaling.bounded import LruDict, LruSet
 log = logging.getLogger(__name__)
 
 SendTo = Callable[[str, Any, str], Awaitable[bool]]
-Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Future[None]]
 
 # Caps on state kept per room; each says what happens when it is reached.
 MAX_PLANS = 1024  # tasks being dispatched at once; past it nothing new is handed out until one ends
@@ -158,7 +158,7 @@ class Dispatcher:
         self.closed = False
         self._joins = 0
         self._served = 0
-        self._pump_task: asyncio.Task[None] | None = None
+        self._pump_task: asyncio.Future[None] | None = None
         self._pump_again = False
 
     def close(self) -> None:
