@@ -1,4 +1,4 @@
-"""Validation of untrusted input (REST bodies; room_protocol.py builds on it for peer payloads).
+"""Validation of untrusted input (REST bodies; rooms/protocol.py builds on it for peer payloads).
 Pure functions, no I/O."""
 
 from __future__ import annotations
