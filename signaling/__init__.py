@@ -10,11 +10,11 @@
     await chat.send("hello")
 
 Layers (each module's docstring has the details): ``relays`` move signalling text;
-``strategy`` is Trystero's announce/offer/answer logic (``pacing`` its announce schedule,
+``signaller`` is Trystero's announce/offer/answer logic (``pacing`` its announce schedule,
 ``torrent_strategy`` the tracker flavour); ``peer`` is one RTCPeerConnection;
 ``wire`` holds the data-channel byte formats; ``session`` shares one connection per remote peer
-between the rooms of an app id and runs admission; ``legacy`` is what ``wire="0.22"`` rooms do
-differently (and ``strangers`` spots peers of the other wire); ``room`` is the public API.
+between the rooms of an app id and runs admission; ``negotiation022`` is what ``wire="0.22"`` rooms
+do differently (and ``foreign_wire`` spots peers of the other wire); ``room`` is the public API.
 """
 
 from __future__ import annotations

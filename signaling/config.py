@@ -10,7 +10,7 @@ here instead of a copy of the room code:
 - ``strategy`` selects the relay class (``RELAY_FACTORIES``: ``"mqtt"``, ``"nostr"``, ``"torrent"``)
   and its default relay list (:meth:`RoomConfig.effective_relay_urls`);
 - ``wire`` selects the data-channel wire module (``wire_module()``: ``"0.25"`` or ``"0.22"``;
-  what the session and strategy do differently for 0.22 is in :mod:`signaling.legacy`). Room and
+  what the session and strategy do differently for 0.22 is in :mod:`signaling.negotiation022`). Room and
   session code only use the names a wire module exports (``Decoder``, ``RoomEncoder``,
   ``ACTION_*``, ...) and its capability flags (no presence frames, no admission in 0.22).
 """
@@ -75,7 +75,7 @@ DEFAULT_RELAY_URLS: dict[str, tuple[str, ...]] = {
 DEFAULT_ICE_SERVERS: tuple[str, ...] = ("stun:stun.l.google.com:19302",)
 
 #: Wire version name -> module. What the session does differently per wire is read from the
-#: module's capability flags (signaling.legacy.traits), so a wire is one entry here.
+#: module's capability flags (signaling.negotiation022.traits), so a wire is one entry here.
 _WIRES: dict[str, ModuleType] = {"0.25": v025, "0.22": v022}
 
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from signaling.config import RoomConfig
     from signaling.relays import RelayState
     from signaling.session import AppContext, PeerLink
-    from signaling.strategy import RoomSignaller
+    from signaling.signaller import RoomSignaller
 
 log = logging.getLogger(__name__)
 

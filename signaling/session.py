@@ -8,7 +8,7 @@ Structure (spec §2.4, §6.3, §7):
     default session per event loop whose selfId is fixed for the process.
 
 :class:`AppContext` (per app id)
-    The app's rooms (by id and by room token), its :class:`~signaling.strategy.Negotiator`, and
+    The app's rooms (by id and by room token), its :class:`~signaling.signaller.Negotiator`, and
     its :class:`PeerLink` per remote peer: one RTCPeerConnection shared by every room of the app,
     rooms told apart by token. When a channel opens we send a presence frame for each of our rooms;
     a remote's presence frame (or any room frame, or a relay message in one of our rooms) binds that
@@ -23,7 +23,7 @@ Structure (spec §2.4, §6.3, §7):
     ``@_ping`` is answered with ``@_pong``; ``@_leave`` or presence(0) = the peer left the room; the
     connection closing = the peer left every room.
 
-Wire 0.22 (:mod:`signaling.legacy`): a 0.22 room gets an AppContext of its own, so its links are
+Wire 0.22 (:mod:`signaling.negotiation022`): a 0.22 room gets an AppContext of its own, so its links are
 per (room, peer); the context skips presence frames, activates a peer as soon as its channel
 opens (no ``@_hsready``), closes a link as soon as its peer left the room, and finishes every
 chunk run it starts. Everything else (keepalive, ping, leave, caps) is the code above.
@@ -43,17 +43,17 @@ from collections import Counter
 from types import ModuleType
 from typing import Any
 
-from signaling import crypto, legacy
+from signaling import crypto, negotiation022
 from signaling.background import BackgroundTasks, every
 from signaling.bounded import LruSet
 from signaling.config import RoomConfig, wire_module
 from signaling.errors import FramingError, HandshakeError, PayloadError
+from signaling.foreign_wire import channel_wire
 from signaling.framing import NO_METADATA
 from signaling.peer import ChannelNotOpen, MessageTooLarge, Peer
 from signaling.relay_hub import RelayHub
 from signaling.room import Binding, Room
-from signaling.strangers import channel_wire
-from signaling.strategy import RoomSignaller
+from signaling.signaller import RoomSignaller
 from signaling.torrent_strategy import signaller_class as torrent_signaller_class
 
 log = logging.getLogger(__name__)
@@ -211,16 +211,16 @@ class AppContext:
         self.app_id = config.app_id
         self.config = config  # the first room's: ICE settings and limits are per app (shared PCs)
         self.wire: ModuleType = wire_module(config.wire)
-        self.traits = legacy.traits(self.wire)
-        #: Key in Session.apps (legacy.context_key): the app id, or per room for 0.22.
-        self.key: legacy.ContextKey = config.app_id
+        self.traits = negotiation022.traits(self.wire)
+        #: Key in Session.apps (negotiation022.context_key): the app id, or per room for 0.22.
+        self.key: negotiation022.ContextKey = config.app_id
         self.rooms: dict[str, Room] = {}
         self.rooms_by_token: dict[str, Room] = {}
         self.links: dict[str, PeerLink] = {}
         self.counters: Counter[str] = Counter()
         #: Bytes held in unfinished messages by all links (Limits.max_total_buffered_bytes).
         self.buffered_total = 0
-        self.negotiator = legacy.negotiator_class(self.wire)(
+        self.negotiator = negotiation022.negotiator_class(self.wire)(
             self_id=session.self_id,
             links=self,
             limits=config.limits,
@@ -240,7 +240,9 @@ class AppContext:
         if config.wire != self.config.wire:
             raise ValueError(f"app {self.app_id!r} already uses wire {self.config.wire}, not {config.wire}")
         counters: Counter[str] = Counter()
-        signaller_cls = torrent_signaller_class(config) or legacy.signaller_class(self.wire) or RoomSignaller
+        signaller_cls = (
+            torrent_signaller_class(config) or negotiation022.signaller_class(self.wire) or RoomSignaller
+        )
         signaller = signaller_cls(
             app_id=self.app_id,
             room_id=room_id,
@@ -651,9 +653,9 @@ class Session:
             raise ValueError(f"id_prefix must be shorter than {SELF_ID_LENGTH} characters")
         self.self_id = self_id or id_prefix + crypto.gen_id(SELF_ID_LENGTH - len(id_prefix))
         self.hub = RelayHub()
-        #: By legacy.context_key: the app id (0.25: connections shared by the app's rooms), or
+        #: By negotiation022.context_key: the app id (0.25: connections shared by the app's rooms), or
         #: (app id, wire, room id) for a wire without shared connections (0.22).
-        self.apps: dict[legacy.ContextKey, AppContext] = {}
+        self.apps: dict[negotiation022.ContextKey, AppContext] = {}
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
@@ -666,7 +668,7 @@ class Session:
             raise RuntimeError("session is closed")
         if not isinstance(room_id, str) or not room_id:
             raise ValueError("room_id must be a non-empty string")
-        key = legacy.context_key(config, room_id, wire_module(config.wire))
+        key = negotiation022.context_key(config, room_id, wire_module(config.wire))
         app = self.apps.get(key)
         room = app.rooms.get(room_id) if app is not None else None
         if room is not None:

@@ -4,11 +4,11 @@ A WebTorrent tracker is not a topic relay: a peer *announces* a room's info_hash
 few SDP offers, and the tracker hands each offer to one random member of the swarm; answers come
 back through the tracker by offer id. :class:`~signaling.relays.torrent.TorrentRelay` speaks the
 tracker protocol (its docstring says how a strategy must drive it); this module is that strategy.
-It reuses everything above the relay: the app's :class:`~signaling.strategy.Negotiator` (one
+It reuses everything above the relay: the app's :class:`~signaling.signaller.Negotiator` (one
 negotiation per remote peer, dedupe of offers by (peer, offer id), caps, timers) and the session's
 links, admission and shared connections, so rooms behave exactly as over MQTT or nostr.
 
-:class:`TorrentRoomSignaller` (one per room; a :class:`~signaling.strategy.RoomSignaller`, so the
+:class:`TorrentRoomSignaller` (one per room; a :class:`~signaling.signaller.RoomSignaller`, so the
 negotiator and the session treat it like any room)
     * Announces the room on every tracker of the room with the room's offer pool
       (:class:`OfferPool`). The tracker relay owns the announce cadence (Trystero's warm-up, then
@@ -20,7 +20,7 @@ negotiator and the session treat it like any room)
       The answer goes back through the tracker that delivered the offer (the negotiator calls
       :meth:`TorrentRoomSignaller.signal` with it).
     * An answer to one of our pooled offers becomes a negotiation with the answering peer
-      (:meth:`~signaling.strategy.Negotiator.adopt_answer`).
+      (:meth:`~signaling.signaller.Negotiator.adopt_answer`).
 
 :class:`OfferPool` (one per room, shared by its trackers, as in Trystero)
     Up to ``size`` (3) outstanding offers: aiortc initiator Peers with their full, non-trickled
@@ -73,7 +73,7 @@ from signaling.relays.torrent import (
     TorrentPolicy,
     TorrentRelay,
 )
-from signaling.strategy import RoomSignaller, Signal
+from signaling.signaller import RoomSignaller, Signal
 from signaling.wire import v022
 
 log = logging.getLogger(__name__)

@@ -243,7 +243,7 @@ class P2PHelper(Helper):
             except ValueError as exc:  # e.g. a strategy that does not support this wire
                 raise BadRequest(f"cannot join with wire {wire}: {exc}", code="invalid_wire") from None
             self._room_configs[wire] = room_config
-        # One session for both wires: its 0.22 rooms get their own connections (signaling.legacy).
+        # One session for both wires: its 0.22 rooms get their own connections (signaling.negotiation022).
         handle = self._signaling.join_room(room_config, room_id, session=self._session)
         room = self._rooms[room_id] = P2PRoom(room_id, wire=wire, handle=handle)
         if self._queue is not None and self._results is not None:

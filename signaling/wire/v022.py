@@ -342,7 +342,7 @@ class WireProfile:
 
     Fields describe the JS peer's protocol; the docstrings say what that means for us. The
     0.25 values are given in brackets for contrast (they live in ``config.Timeouts`` and
-    ``strategy.py`` today).
+    ``signaller.py`` today).
     """
 
     version: str = WIRE_VERSION
@@ -384,7 +384,7 @@ class WireProfile:
     glare_winner: Literal["larger", "smaller"] = "larger"
     #: JS answers every offer with a new PC (no dedupe); the first channel to open wins and
     #: later ones are closed. Answer at most one offer per peer ourselves: the newest on its
-    #: relay (signaling.legacy: JS applies an answer to its newest offer). [dedupe by offerId]
+    #: relay (signaling.negotiation022: JS applies an answer to its newest offer). [dedupe by offerId]
     dedupes_offers: bool = False
     #: One offer per relay the peer was heard on, each answered on the relay it came from;
     #: JS matches an answer by (sender, relay) only, so a late answer can hit a newer offer.

@@ -306,7 +306,7 @@ async def test_stranger_on_the_tracker(
     our room; its data channel gives it away: a 0.25 peer's first message is a presence frame
     (caught before it ever joins a 0.22 room), a 0.22 peer never sends ``@_hsready`` (this one
     sends nothing at all). Not admitted, named once, disconnected, its next offers dropped."""
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    caplog.set_level(logging.WARNING, logger="signaling.foreign_wire")
     session = sessions()
     room_id = new_room_id(f"tmix{wire}")
     config = torrent.make_config(wire=wire, timeouts=Timeouts(handshake=3.0))

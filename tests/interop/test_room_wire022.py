@@ -7,7 +7,7 @@ loopback-only network namespace:
 
     scripts/netns.sh .venv/bin/pytest -q tests/interop/test_room_wire022.py
 
-Who offers on 0.22 (signaling.legacy): the larger id offers, the smaller asks for an offer, so
+Who offers on 0.22 (signaling.negotiation022): the larger id offers, the smaller asks for an offer, so
 "we-offer" sessions get a ``zz`` selfId prefix and "we-answer" ones ``00`` (the reverse of 0.25).
 """
 
@@ -332,7 +332,7 @@ def stranger_lines(caplog: pytest.LogCaptureFixture, peer_id: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "signaling.strangers" and STRANGER_LOG in r.getMessage() and peer_id in r.getMessage()
+        if r.name == "signaling.foreign_wire" and STRANGER_LOG in r.getMessage() and peer_id in r.getMessage()
     ]
 
 
@@ -340,7 +340,7 @@ async def test_022_peer_in_025_room(
     mqtt: Relays, sessions: Any, caplog: pytest.LogCaptureFixture, loop_errors: list[dict[str, Any]]
 ) -> None:
     """A 0.22 browser lands in our 0.25 room: not admitted, logged once, the room carries on."""
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    caplog.set_level(logging.WARNING, logger="signaling.foreign_wire")
     room_id = new_room_id("mix25")
     session = sessions()
     async with (
@@ -375,7 +375,7 @@ async def test_025_peer_in_022_room(
     The 0.25 peer reveals its wire only when it leads (its id is smaller than ours): it then
     sends string-shaped offers with an offerId. Our ``zz`` selfId makes sure it does.
     """
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    caplog.set_level(logging.WARNING, logger="signaling.foreign_wire")
     room_id = new_room_id("mix22")
     session = sessions("offer")
     async with (

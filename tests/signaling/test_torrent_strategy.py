@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from signaling import RoomConfig
-from signaling.strangers import ForeignWireWatch, channel_wire
+from signaling.foreign_wire import ForeignWireWatch, channel_wire
 from signaling.torrent_strategy import (
     OfferBatches,
     TorrentRoomSignaller,
@@ -96,7 +96,7 @@ def test_channel_wire_tells_the_other_wire_by_its_first_message() -> None:
 
 
 def test_report_logs_once_and_tells_the_owner(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    caplog.set_level(logging.WARNING, logger="signaling.foreign_wire")
     counters: Counter[str] = Counter()
     found: list[str] = []
     watch = ForeignWireWatch(wire="0.22", room_id="lobby", counters=counters, on_stranger=found.append)

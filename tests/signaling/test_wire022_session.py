@@ -1,4 +1,4 @@
-"""The 0.22 wire at the session/strategy seam (signaling.legacy, signaling.strangers).
+"""The 0.22 wire at the session/strategy seam (signaling.negotiation022, signaling.foreign_wire).
 
 Pure checks (traits, cadence, default relays, who offers, glare, stranger screening), then two
 Python sessions through a real mosquitto on 127.0.0.1: 0.22 rooms meeting, a 0.22 and a 0.25 room
@@ -20,13 +20,13 @@ from typing import Any
 import orjson
 import pytest
 
-from signaling import RoomConfig, Session, Timeouts, crypto, legacy
+from signaling import RoomConfig, Session, Timeouts, crypto, negotiation022
 from signaling import session as session_module
 from signaling.config import DEFAULT_RELAY_URLS, RELAY_FACTORIES, Limits
+from signaling.foreign_wire import ForeignWireWatch
 from signaling.pacing import AnnouncePacer
 from signaling.relays import Backoff, MqttRelay, Relay
-from signaling.strangers import ForeignWireWatch
-from signaling.strategy import Signal
+from signaling.signaller import Signal
 from signaling.wire import v022, v025
 from tests.services import Mosquitto
 from tests.support import SessionFactory, config_factory, eventually
@@ -38,15 +38,15 @@ APP = "p2p-webgpu-diffusion-v1"
 
 
 def test_traits() -> None:
-    assert legacy.traits(v025) == legacy.WireTraits("0.25", True, True, True, False)
-    assert legacy.traits(v022) == legacy.WireTraits("0.22", False, False, False, True)
+    assert negotiation022.traits(v025) == negotiation022.WireTraits("0.25", True, True, True, False)
+    assert negotiation022.traits(v022) == negotiation022.WireTraits("0.22", False, False, False, True)
 
 
 def test_context_keys() -> None:
     new = RoomConfig(app_id="a", relay_urls=["ws://127.0.0.1:1"])
     old = RoomConfig(app_id="a", relay_urls=["ws://127.0.0.1:1"], wire="0.22")
-    assert legacy.context_key(new, "r1", v025) == legacy.context_key(new, "r2", v025) == "a"
-    assert legacy.context_key(old, "r1", v022) == ("a", "0.22", "r1")
+    assert negotiation022.context_key(new, "r1", v025) == negotiation022.context_key(new, "r2", v025) == "a"
+    assert negotiation022.context_key(old, "r1", v022) == ("a", "0.22", "r1")
 
 
 def test_unknown_wire_is_refused() -> None:
@@ -100,15 +100,15 @@ def test_default_nostr_relays_per_wire_do_not_overlap() -> None:
 
 def test_cadence_follows_the_wire() -> None:
     default = Timeouts()
-    old = legacy.cadence_timeouts(default, v022)
+    old = negotiation022.cadence_timeouts(default, v022)
     assert (old.announce_warmup, old.announce_interval) == ((), 5.333)
-    assert legacy.announce_delays(old, 3) == [5.333, 5.333, 5.333]
-    assert legacy.cadence_timeouts(default, v025) is default
-    assert legacy.announce_delays(default, 5) == [0.233, 0.533, 1.333, 60.0, 60.0]
+    assert negotiation022.announce_delays(old, 3) == [5.333, 5.333, 5.333]
+    assert negotiation022.cadence_timeouts(default, v025) is default
+    assert negotiation022.announce_delays(default, 5) == [0.233, 0.533, 1.333, 60.0, 60.0]
     # a cadence the caller chose is kept
     custom = Timeouts(announce_interval=2.0)
-    assert legacy.cadence_timeouts(custom, v022).announce_interval == 2.0
-    assert legacy.cadence_timeouts(custom, v022).announce_warmup == ()
+    assert negotiation022.cadence_timeouts(custom, v022).announce_interval == 2.0
+    assert negotiation022.cadence_timeouts(custom, v022).announce_warmup == ()
 
 
 def pacer_schedule(timeouts: Timeouts, until: float) -> list[float]:
@@ -132,7 +132,7 @@ def pacer_schedule(timeouts: Timeouts, until: float) -> list[float]:
 
 
 def test_pacer_schedule_per_wire() -> None:
-    old = legacy.cadence_timeouts(Timeouts(), v022)
+    old = negotiation022.cadence_timeouts(Timeouts(), v022)
     assert pacer_schedule(old, 20) == [0.0, 5.333, 10.666, 15.999]
     assert pacer_schedule(Timeouts(), 130) == [0.0, 0.233, 0.766, 2.099, 62.099, 122.099]
 
@@ -274,9 +274,9 @@ class FakeRoom:
         self.sent.append((url, peer_id, payload))
 
 
-def negotiator(self_id: str) -> tuple[legacy.Negotiator022, FakeLinks, FakeRoom]:
+def negotiator(self_id: str) -> tuple[negotiation022.Negotiator022, FakeLinks, FakeRoom]:
     links = FakeLinks()
-    neg = legacy.Negotiator022(self_id=self_id, links=links, limits=Limits(), timeouts=Timeouts())
+    neg = negotiation022.Negotiator022(self_id=self_id, links=links, limits=Limits(), timeouts=Timeouts())
     return neg, links, FakeRoom()
 
 
@@ -365,11 +365,11 @@ async def test_newer_offer_replaces_an_answer_that_waits(monkeypatch: pytest.Mon
     offer arriving meanwhile still wins, and the held answer is never sent."""
     neg, links, room = negotiator("00" + "a" * 18)
     peer_id = "zz" + "b" * 18
-    monkeypatch.setattr(legacy, "NEWER_OFFER_WAIT", 3600.0)
+    monkeypatch.setattr(negotiation022, "NEWER_OFFER_WAIT", 3600.0)
     neg.handle_022(room, "u1", sealed_offer(room, peer_id, "v=0 first", neg.self_id), on_root=False)
     await eventually(lambda: links.peers[0].remote_offer is not None, "the first answer made")
     assert room.sent == []  # made, not sent: a newer offer may still come
-    monkeypatch.setattr(legacy, "NEWER_OFFER_WAIT", 0.0)
+    monkeypatch.setattr(negotiation022, "NEWER_OFFER_WAIT", 0.0)
     neg.handle_022(room, "u1", sealed_offer(room, peer_id, "v=0 second", neg.self_id), on_root=False)
     await eventually(lambda: bool(room.sent), "the answer to the newer offer")
     first, second = links.peers
@@ -440,7 +440,7 @@ def watch(wire: str, dropped: list[str] | None = None) -> tuple[ForeignWireWatch
 
 
 def test_screen_025_signals_in_a_022_room(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    caplog.set_level(logging.WARNING, logger="signaling.foreign_wire")
     found: list[str] = []
     w, counters = watch("0.22", found)
     offer = orjson.dumps({"peerId": "P25", "offerId": "o" * 12, "offer": "1,2$abc"}).decode()
@@ -464,7 +464,7 @@ def test_screen_025_signals_in_a_022_room(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_screen_022_signals_in_a_025_room(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    caplog.set_level(logging.WARNING, logger="signaling.foreign_wire")
     w, counters = watch("0.25")
     offer = v022.make_offer_payload("P22", "1,2$abc")
     assert w.screen(offer, None, suspicious=True) and "P22" in w
@@ -482,7 +482,7 @@ def test_screen_022_signals_in_a_025_room(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_screen_is_bounded_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    caplog.set_level(logging.WARNING, logger="signaling.foreign_wire")
     w, counters = watch("0.25")
     for i in range(10):
         w.screen(v022.make_offer_payload(f"P{i}", "s"), None, suspicious=True)
@@ -563,7 +563,7 @@ async def test_strangers_injected_on_the_relay(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Foreign-shaped signals from a made-up peer: logged once per room, the pair carries on."""
-    caplog.set_level(logging.WARNING, logger="signaling.strangers")
+    caplog.set_level(logging.WARNING, logger="signaling.foreign_wire")
     a, b = sessions(""), sessions("")
     room_a, room_b = a.join(config(wire=wire), "mix"), b.join(config(wire=wire), "mix")
     await eventually(lambda: b.self_id in room_a.peers and a.self_id in room_b.peers, "the pair")

@@ -47,11 +47,11 @@ from signaling.background import BackgroundTasks
 from signaling.bounded import LruDict, LruSet, TokenBucket
 from signaling.config import Limits, Timeouts
 from signaling.errors import DecryptError
+from signaling.foreign_wire import ForeignWireWatch
 from signaling.pacing import AnnouncePacer
 from signaling.peer import InvalidDescription, Peer, PeerError
 from signaling.relay_hub import RelayHub
 from signaling.relays import Relay, RelayState
-from signaling.strangers import ForeignWireWatch
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class RoomSignaller:
 
     #: 0.22 only: seconds a new connection's peer waits before it joins, unless its first
     #: message comes sooner; where strangers of the other wire can connect (trackers), their
-    #: first message gives them away before they join (signaling.strangers.channel_wire).
+    #: first message gives them away before they join (signaling.foreign_wire.channel_wire).
     channel_screen: float = 0.0
 
     def __init__(
@@ -157,7 +157,7 @@ class RoomSignaller:
         self.app_id = app_id
         self.room_id = room_id
         self.self_id = self_id
-        #: Peers heard here that speak another Trystero wire (signaling.strangers): logged once,
+        #: Peers heard here that speak another Trystero wire (signaling.foreign_wire): logged once,
         #: then ignored, and any negotiation with them is abandoned.
         self.strangers = ForeignWireWatch(
             wire=wire,

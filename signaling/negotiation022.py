@@ -36,7 +36,7 @@ Announce cadence (:func:`cadence_timeouts`)
     ``Timeouts.announce_*`` left at their (0.25) defaults follow the room's wire: 0.22 announces
     right after subscribing, then every 5.333 s, without warm-up.
 
-Peers speaking the other wire are screened by :class:`~signaling.strangers.ForeignWireWatch`
+Peers speaking the other wire are screened by :class:`~signaling.foreign_wire.ForeignWireWatch`
 in both signallers.
 """
 
@@ -55,7 +55,7 @@ from signaling import crypto
 from signaling.config import Timeouts
 from signaling.errors import DecryptError
 from signaling.peer import PeerError
-from signaling.strategy import Negotiation, Negotiator, RoomSignaller, Signal
+from signaling.signaller import Negotiation, Negotiator, RoomSignaller, Signal
 from signaling.wire import v022
 
 if TYPE_CHECKING:
