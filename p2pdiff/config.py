@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from signaling import strategies
+from signaling.wire import WIRE_VERSIONS
+
 ENV_PREFIX = "P2PDIFF_"
 # Environment variables with the prefix that are not config keys.
 ENV_RESERVED = {"P2PDIFF_CONFIG"}
@@ -120,8 +123,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "log_level"): ("debug", "info", "warning", "error"),
     ("server", "log_format"): ("json", "text"),
     ("store", "synchronous"): ("full", "normal"),
-    ("p2p", "strategy"): ("mqtt", "nostr", "torrent"),
-    ("p2p", "wire"): ("0.25", "0.22"),
+    ("p2p", "strategy"): strategies.names(),
+    ("p2p", "wire"): WIRE_VERSIONS,
 }
 
 

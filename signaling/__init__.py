@@ -10,8 +10,9 @@
     await chat.send("hello")
 
 Layers (each module's docstring has the details): ``relays`` move signalling text;
-``signaller`` is Trystero's announce/offer/answer logic (``pacing`` its announce schedule,
-``torrent_strategy`` the tracker flavour); ``peer`` is one RTCPeerConnection;
+``signaller`` is Trystero's announce/offer/answer logic (``pacing`` its announce schedule);
+``strategies`` holds one module per strategy (mqtt, nostr, torrent: relay client, default relays,
+signaller per wire), registered in one place; ``peer`` is one RTCPeerConnection;
 ``wire`` holds the data-channel byte formats; ``session`` shares one connection per remote peer
 between the rooms of an app id and runs admission; ``negotiation022`` is what ``wire="0.22"`` rooms
 do differently (and ``foreign_wire`` spots peers of the other wire); ``room`` is the public API.
@@ -24,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, for type checkers (``X as X``: re-exported)
     from signaling.config import DEFAULT_ICE_SERVERS as DEFAULT_ICE_SERVERS
-    from signaling.config import DEFAULT_RELAY_URLS as DEFAULT_RELAY_URLS
     from signaling.config import JoinConfig as JoinConfig
     from signaling.config import Limits as Limits
     from signaling.config import RoomConfig as RoomConfig
@@ -44,7 +44,6 @@ if TYPE_CHECKING:  # the names below, for type checkers (``X as X``: re-exported
 _PUBLIC = {
     "signaling.config": (
         "DEFAULT_ICE_SERVERS",
-        "DEFAULT_RELAY_URLS",
         "JoinConfig",
         "Limits",
         "RoomConfig",

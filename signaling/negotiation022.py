@@ -4,13 +4,13 @@ The byte layer lives in :mod:`signaling.wire.v022`; its capability flags and ``P
 the protocol around it differs from 0.25 (spec §9). Everything below reads those flags, so the
 session and room code stay one copy for both wires:
 
-Connections (:class:`WireTraits`, :func:`context_key`)
+Connections (:class:`~signaling.wire.interface.WireTraits`, :func:`context_key`)
     0.25 shares one RTCPeerConnection per (app id, remote peer) between rooms (room frames,
     presence frames, ``@_hsready`` admission per room). 0.22 has none of that: one connection per
     (room, remote peer), bare action chunks, a peer is active once its channel opens. The session
     gets this by giving every 0.22 room its *own* :class:`~signaling.session.AppContext` (its
     own negotiator and links, keyed by :func:`context_key`), i.e. the scope of connection
-    sharing shrinks to one room; the session branches on :class:`WireTraits` only where a
+    sharing shrinks to one room; the session branches on the wire's traits only where a
     concept is missing (no presence frames, no admission, no idle grace, finish every chunk run).
 
 Signalling (:class:`RoomSignaller022`, :class:`Negotiator022`)
@@ -47,16 +47,15 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from signaling import crypto
-from signaling.config import Timeouts
 from signaling.errors import DecryptError
+from signaling.limits import Timeouts
 from signaling.peer import PeerError
 from signaling.signaller import Negotiation, Negotiator, RoomSignaller, Signal
 from signaling.wire import v022
+from signaling.wire.interface import Wire
 
 if TYPE_CHECKING:
     from signaling.config import RoomConfig
@@ -67,13 +66,10 @@ __all__ = [
     "ContextKey",
     "Negotiator022",
     "RoomSignaller022",
-    "WireTraits",
     "announce_delays",
     "cadence_timeouts",
     "context_key",
     "negotiator_class",
-    "signaller_class",
-    "traits",
 ]
 
 #: Session key of an AppContext: the app id where connections are shared per app (0.25), or
@@ -101,51 +97,23 @@ NEWER_OFFER_WAIT = 0.25
 _DEFAULT_TIMEOUTS = Timeouts()
 
 
-@dataclass(frozen=True, slots=True)
-class WireTraits:
-    """What the session must do for a wire module (0.25 values for modules without the flags)."""
-
-    version: str
-    #: ``01``/``02`` room and presence frames around every chunk.
-    room_frames: bool
-    #: ``@_hsready`` (and the password challenge) before a peer is active.
-    admission: bool
-    #: One connection per (app id, peer) shared by rooms; else one per (room, peer).
-    shared_connections: bool
-    #: The receiver never purges a half-received chunk run and the nonce comes round again after
-    #: this many sends, so a run must be finished even if the sender's caller is cancelled.
-    complete_runs: bool
-
-
-def traits(wire: ModuleType) -> WireTraits:
-    """The session-relevant capabilities of a wire module (see :class:`WireTraits`)."""
-    return WireTraits(
-        version=getattr(wire, "WIRE_VERSION", "0.25"),
-        room_frames=getattr(wire, "ROOM_FRAMES", True),
-        admission=getattr(wire, "ADMISSION", True),
-        shared_connections=getattr(wire, "SHARED_CONNECTIONS", True),
-        # 0.22: a 1-byte nonce; an unfinished run would be glued to the send 256 sends later.
-        complete_runs=wire.LAYOUT.nonce_modulus <= 256,
-    )
-
-
-def context_key(config: RoomConfig, room_id: str, wire: ModuleType) -> ContextKey:
+def context_key(config: RoomConfig, room_id: str, wire: Wire) -> ContextKey:
     """Which AppContext of a session serves ``room_id`` (see :data:`ContextKey`)."""
-    if traits(wire).shared_connections:
+    if wire.shared_connections:
         return config.app_id
     return (config.app_id, config.wire, room_id)
 
 
-def cadence_timeouts(timeouts: Timeouts, wire: ModuleType) -> Timeouts:
+def cadence_timeouts(timeouts: Timeouts, wire: Wire) -> Timeouts:
     """``timeouts`` with the wire's announce cadence where the caller left the 0.25 defaults."""
-    profile = getattr(wire, "PROFILE", None)
-    if profile is None:
+    cadence = wire.cadence
+    if cadence is None:
         return timeouts
     changes: dict[str, Any] = {}
     if timeouts.announce_warmup == _DEFAULT_TIMEOUTS.announce_warmup:
-        changes["announce_warmup"] = tuple(profile.announce_warmup)
+        changes["announce_warmup"] = tuple(cadence.warmup)
     if timeouts.announce_interval == _DEFAULT_TIMEOUTS.announce_interval:
-        changes["announce_interval"] = profile.announce_interval
+        changes["announce_interval"] = cadence.interval
     return dataclasses.replace(timeouts, **changes) if changes else timeouts
 
 
@@ -162,7 +130,7 @@ class RoomSignaller022(RoomSignaller):
     """A room's relay side on the 0.22 wire: 0.22 parsing, 0.22 cadence, foreign-wire screening."""
 
     def __init__(self, **kwargs: Any) -> None:
-        kwargs["timeouts"] = cadence_timeouts(kwargs["timeouts"], v022)
+        kwargs["timeouts"] = cadence_timeouts(kwargs["timeouts"], v022.WIRE)
         kwargs["wire"] = v022.WIRE_VERSION
         super().__init__(**kwargs)
 
@@ -399,11 +367,6 @@ def _sdp(kind: str, sealed: str) -> dict[str, str]:
     return {"type": kind, "sdp": sealed}
 
 
-def signaller_class(wire: ModuleType) -> type[RoomSignaller] | None:
-    """The wire's own room signaller, or None where the strategy's (0.25) one applies."""
-    return RoomSignaller022 if wire is v022 else None
-
-
-def negotiator_class(wire: ModuleType) -> type[Negotiator]:
-    """The negotiator for a wire module."""
-    return Negotiator022 if wire is v022 else Negotiator
+def negotiator_class(wire: Wire) -> type[Negotiator]:
+    """The negotiator for a wire."""
+    return Negotiator022 if wire is v022.WIRE else Negotiator

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from signaling.background import BackgroundTasks
-from signaling.config import RELAY_FACTORIES, RelayFactory
 from signaling.relays import Relay, RelayState
+
+__all__ = ["RelayFactory", "RelayHub"]
 
 log = logging.getLogger(__name__)
 
+#: Makes the relay client of one URL (a strategy's relay class, or a signaller's own factory).
+RelayFactory = Callable[[str], Relay]
 TopicHandler = Callable[[str, str, str], None]  # (relay url, topic, text)
 StateHandler = Callable[[str, RelayState], None]  # (relay url, state)
 
@@ -35,21 +38,18 @@ class _Entry:
 class RelayHub:
     """Shared relays of one session, keyed by (strategy, URL)."""
 
-    def __init__(self, factories: dict[str, RelayFactory] | None = None) -> None:
-        self._factories = factories if factories is not None else RELAY_FACTORIES
+    def __init__(self) -> None:
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._by_relay: dict[Relay, _Entry] = {}
         self._tasks = BackgroundTasks(log)
 
-    def acquire(self, strategy: str, url: str, factory: RelayFactory | None = None) -> Relay:
-        """The relay for ``url`` (created and started in the background on first use).
-
-        ``factory`` overrides the strategy's registered one, for relays that need more than a URL
-        (the torrent signaller's tracker clients speak as the session's selfId)."""
+    def acquire(self, strategy: str, url: str, factory: RelayFactory) -> Relay:
+        """The relay for ``url`` (made by ``factory`` and started in the background on first use;
+        later callers with the same (strategy, URL) share it)."""
         key = (strategy, url)
         entry = self._entries.get(key)
         if entry is None:
-            relay = (factory or self._factories[strategy])(url)
+            relay = factory(url)
             entry = self._entries[key] = self._by_relay[relay] = _Entry(relay)
             relay.on_message = lambda topic, text, e=entry: self._dispatch(e, topic, text)
             relay.on_state = lambda state, e=entry: self._state(e, state)

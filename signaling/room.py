@@ -245,7 +245,7 @@ class Room:
         self.signaller = signaller
         self.token = signaller.token
         self.counters = counters
-        self.encoder = app.wire.RoomEncoder(self.token)
+        self.encoder = app.wire.new_encoder(self.token)
         self.bindings: dict[str, Binding] = {}  # by peer id, pending and active
         self._wire = app.wire
         self._actions: dict[str, Action] = {}
@@ -275,9 +275,9 @@ class Room:
         action = self._actions.get(name)
         if action is not None:
             return action
-        if name.startswith(self._wire.INTERNAL_PREFIX):
-            raise ValueError(f"action names starting with {self._wire.INTERNAL_PREFIX!r} are reserved")
-        self._wire.LAYOUT.name_field(name)  # ValueError if empty or too long
+        if name.startswith(self._wire.internal_prefix):
+            raise ValueError(f"action names starting with {self._wire.internal_prefix!r} are reserved")
+        self._wire.layout.name_field(name)  # ValueError if empty or too long
         action = self._actions[name] = Action(self, name, self._unclaimed.pop(name))
         return action
 
@@ -315,7 +315,7 @@ class Room:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         binding.pong_waiters.append(waiter)
         start = time.perf_counter()
-        for frame in self.encoder.encode(self._wire.ACTION_PING, ""):
+        for frame in self.encoder.encode(self._wire.action_ping, ""):
             binding.link.send_nowait(frame)
         try:
             async with asyncio.timeout(self.config.timeouts.ping):

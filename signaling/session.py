@@ -40,13 +40,12 @@ import logging
 import time
 import weakref
 from collections import Counter
-from types import ModuleType
 from typing import Any
 
-from signaling import crypto, negotiation022
+from signaling import crypto, negotiation022, strategies
 from signaling.background import BackgroundTasks, every
 from signaling.bounded import LruSet
-from signaling.config import RoomConfig, wire_module
+from signaling.config import RoomConfig
 from signaling.errors import FramingError, HandshakeError, PayloadError
 from signaling.foreign_wire import channel_wire
 from signaling.framing import NO_METADATA
@@ -54,7 +53,8 @@ from signaling.peer import ChannelNotOpen, MessageTooLarge, Peer
 from signaling.relay_hub import RelayHub
 from signaling.room import Binding, Room
 from signaling.signaller import RoomSignaller
-from signaling.torrent_strategy import signaller_class as torrent_signaller_class
+from signaling.wire import wire_for
+from signaling.wire.interface import Admission, Event, Presence, Progress, Received, Wire
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,11 @@ class PeerLink:
         limits = app.config.limits
         # Without room frames (0.22) the link serves one room: its decoder stamps that token on
         # every event, so dispatch by token below works for both wires.
-        room_scope = {} if app.traits.room_frames else {"token": token}
-        self.decoder = app.wire.Decoder(
+        self.decoder = app.wire.new_decoder(
+            token,
             max_action_bytes=limits.max_action_bytes,
             max_pending=limits.max_pending_actions,
             max_buffered_bytes=limits.max_buffered_bytes,
-            **room_scope,
         )
         self.bindings: dict[str, Binding] = {}  # by room token
         self.remote_tokens: LruSet[str] = LruSet(limits.max_remote_tokens)
@@ -190,12 +189,12 @@ class PeerLink:
             return
         size = len(data)
         for event in events:
-            if isinstance(event, app.wire.Progress):
+            if isinstance(event, Progress):
                 key = (event.token, event.action, event.nonce)
                 if key not in self._sizes and len(self._sizes) >= self._max_sizes:
                     self._sizes.clear()
                 self._sizes[key] = self._sizes.get(key, 0) + size
-            elif isinstance(event, app.wire.Received):
+            elif isinstance(event, Received):
                 size += self._sizes.pop((event.token, event.action, event.nonce), 0)
             app.on_event(self, event, size)
 
@@ -210,8 +209,8 @@ class AppContext:
         self.session = session
         self.app_id = config.app_id
         self.config = config  # the first room's: ICE settings and limits are per app (shared PCs)
-        self.wire: ModuleType = wire_module(config.wire)
-        self.traits = negotiation022.traits(self.wire)
+        self.wire: Wire = wire_for(config.wire)
+        self.traits = self.wire.traits
         #: Key in Session.apps (negotiation022.context_key): the app id, or per room for 0.22.
         self.key: negotiation022.ContextKey = config.app_id
         self.rooms: dict[str, Room] = {}
@@ -240,10 +239,7 @@ class AppContext:
         if config.wire != self.config.wire:
             raise ValueError(f"app {self.app_id!r} already uses wire {self.config.wire}, not {config.wire}")
         counters: Counter[str] = Counter()
-        signaller_cls = (
-            torrent_signaller_class(config) or negotiation022.signaller_class(self.wire) or RoomSignaller
-        )
-        signaller = signaller_cls(
+        signaller = strategies.get(config.strategy).signaller(config.wire)(
             app_id=self.app_id,
             room_id=room_id,
             self_id=self.session.self_id,
@@ -261,8 +257,9 @@ class AppContext:
         self.rooms[room_id] = room
         self.rooms_by_token[room.token] = room
         signaller.start()
-        if self.traits.room_frames:
-            presence = self.wire.encode_presence(room.token, True)
+        encode_presence = self.wire.encode_presence
+        if encode_presence is not None:
+            presence = encode_presence(room.token, True)
             for link in list(self.links.values()):
                 link.send_nowait(presence)
                 if room.token in link.remote_tokens:
@@ -275,7 +272,7 @@ class AppContext:
         if self.rooms.get(room.room_id) is not room:
             return
         self.negotiator.drop_room(room.signaller)
-        leave = room.encoder.encode(self.wire.ACTION_LEAVE, "")
+        leave = room.encoder.encode(self.wire.action_leave, "")
         for binding in list(room.bindings.values()):
             for frame in leave:
                 binding.link.send_nowait(frame)
@@ -284,7 +281,8 @@ class AppContext:
             self.unbind(binding, "we left", notify=False)
         del self.rooms[room.room_id]
         self.rooms_by_token.pop(room.token, None)
-        presence = self.wire.encode_presence(room.token, False) if self.traits.room_frames else None
+        encode_presence = self.wire.encode_presence
+        presence = encode_presence(room.token, False) if encode_presence is not None else None
         for link in list(self.links.values()):
             if presence is not None:
                 link.send_nowait(presence)
@@ -344,9 +342,10 @@ class AppContext:
             return
         link = self.links[peer_id] = PeerLink(self, peer_id, peer, room.token)
         log.info("connected to peer %s (app %s, via room %s)", peer_id, self.app_id, room.room_id)
-        if self.traits.room_frames:
+        encode_presence = self.wire.encode_presence
+        if encode_presence is not None:
             for token in self.rooms_by_token:
-                link.send_nowait(self.wire.encode_presence(token, True))
+                link.send_nowait(encode_presence(token, True))
         target = self.rooms_by_token.get(room.token)
         if target is not None and not target.left:
             self.bind(link, target)
@@ -435,9 +434,9 @@ class AppContext:
 
     # ------------------------------------------------------------------ frames from a link
 
-    def on_event(self, link: PeerLink, event: Any, size: int) -> None:
+    def on_event(self, link: PeerLink, event: Event, size: int) -> None:
         wire = self.wire
-        if isinstance(event, wire.Presence):
+        if isinstance(event, Presence):
             self._on_presence(link, event.token, event.present)
             return
         room = self.rooms_by_token.get(event.token)
@@ -446,13 +445,13 @@ class AppContext:
             # presence + @_hsready again when we join that room).
             self.counters["dropped.unknown_room"] += 1
             return
-        if isinstance(event, wire.Progress):
+        if isinstance(event, Progress):
             return
         room.counters["bytes_in"] += size
         action = event.action
         binding = link.bindings.get(event.token)
         if binding is None:
-            if action == wire.ACTION_LEAVE:
+            if action == wire.action_leave:
                 return  # leaving a room we never saw it in
             if link.finished:
                 room.counters["dropped.after_leave"] += 1
@@ -460,15 +459,16 @@ class AppContext:
             # A room frame means the peer put us in that room on its side (Trystero binds a room
             # before it sends anything for it), so treat it like a presence frame.
             binding = self.bind(link, room)
-        if not binding.active and not self.traits.admission:
+        admission = wire.admission
+        if not binding.active and admission is None:
             # 0.22: a well-formed 0.22 frame ends the stranger screen early (see bind()).
             binding.remote_ready = True
             self._maybe_activate(binding)
-        if not binding.active and action not in wire.PENDING_ACTIONS:
+        if not binding.active and (admission is None or action not in admission.pending_actions):
             room.counters["dropped.pending_peer"] += 1
             return
         room.counters["actions_in"] += 1
-        if action.startswith(wire.INTERNAL_PREFIX):
+        if action.startswith(wire.internal_prefix):
             self._on_internal(binding, action, event.payload, event.metadata)
             return
         metadata = None if event.metadata is NO_METADATA else event.metadata
@@ -488,25 +488,26 @@ class AppContext:
 
     def _on_internal(self, binding: Binding, action: str, payload: Any, metadata: Any) -> None:
         wire = self.wire
+        admission = wire.admission
         room = binding.room
-        if action == wire.ACTION_PING:
-            self._send_control(binding, wire.ACTION_PONG, "")
-        elif action == wire.ACTION_PONG:
+        if action == wire.action_ping:
+            self._send_control(binding, wire.action_pong, "")
+        elif action == wire.action_pong:
             while binding.pong_waiters:
                 waiter = binding.pong_waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(None)
                     break
-        elif action == wire.ACTION_LEAVE:
+        elif action == wire.action_leave:
             self.unbind(binding, "left the room")
-        elif not self.traits.admission:
+        elif admission is None:
             # 0.22 has no handshake actions; @_signal/@_stream/@_track are unsupported below.
             room.counters["dropped.unsupported_internal"] += 1
-        elif action == wire.ACTION_HSREADY:
+        elif action == admission.ready_action:
             binding.remote_ready = True
             self._maybe_activate(binding)
-        elif action == wire.ACTION_HSDATA:
-            self._on_hsdata(binding, payload)
+        elif action == admission.data_action:
+            self._on_hsdata(binding, admission, payload)
         else:
             # @_signal (media renegotiation), @_stream, @_track, @_response: nothing to do for a
             # data-only peer without request actions.
@@ -526,7 +527,8 @@ class AppContext:
             link.idle_timer.cancel()
             link.idle_timer = None
         loop = asyncio.get_running_loop()
-        if not self.traits.admission:
+        admission = self.wire.admission
+        if admission is None:
             # 0.22: active as soon as the channel is open; nothing to send (spec §9.6). Where
             # strangers can connect (torrent), only once the peer's first message shows 0.22
             # framing or it stayed silent for the screen time (a 0.25 peer speaks at once).
@@ -538,13 +540,12 @@ class AppContext:
             self._maybe_activate(binding)
             return binding
         binding.timer = loop.call_later(room.config.timeouts.handshake, self._handshake_expired, binding)
-        wire = self.wire
         if not room.config.password:
             binding.local_passed = True
-            self._send_control(binding, wire.ACTION_HSREADY, "")
-        elif wire.is_handshake_initiator(self.session.self_id, link.peer_id):
-            binding.challenge = crypto.gen_id(wire.CHALLENGE_LENGTH)
-            self._send_control(binding, wire.ACTION_HSDATA, wire.pw_challenge(binding.challenge))
+            self._send_control(binding, admission.ready_action, "")
+        elif admission.is_initiator(self.session.self_id, link.peer_id):
+            binding.challenge = crypto.gen_id(admission.challenge_length)
+            self._send_control(binding, admission.data_action, admission.challenge(binding.challenge))
         log.debug("peer %s pending in room %s", link.peer_id, room.room_id)
         return binding
 
@@ -578,20 +579,20 @@ class AppContext:
             if not binding.link.send_nowait(frame):
                 return
 
-    def _on_hsdata(self, binding: Binding, payload: Any) -> None:
-        room, wire = binding.room, self.wire
+    def _on_hsdata(self, binding: Binding, admission: Admission, payload: Any) -> None:
+        room = binding.room
         password = room.config.password
         if binding.local_passed or not password:
             return  # nothing (more) expected; JS ignores it the same way
         try:
             if binding.challenge is not None:
-                wire.check_pw_response(payload, binding.challenge, password, self.app_id, room.room_id)
+                admission.check_response(payload, binding.challenge, password, self.app_id, room.room_id)
             else:
-                challenge = wire.parse_pw_challenge(payload)
+                challenge = admission.parse_challenge(payload)
                 self._send_control(
                     binding,
-                    wire.ACTION_HSDATA,
-                    wire.pw_response(challenge, password, self.app_id, room.room_id),
+                    admission.data_action,
+                    admission.response(challenge, password, self.app_id, room.room_id),
                 )
         except HandshakeError as exc:
             room.counters["dropped.handshake_failed"] += 1
@@ -601,7 +602,7 @@ class AppContext:
             self.unbind(binding, f"handshake failed: {exc}")
             return
         binding.local_passed = True
-        self._send_control(binding, wire.ACTION_HSREADY, "")
+        self._send_control(binding, admission.ready_action, "")
         self._maybe_activate(binding)
 
     def _maybe_activate(self, binding: Binding) -> None:
@@ -668,7 +669,7 @@ class Session:
             raise RuntimeError("session is closed")
         if not isinstance(room_id, str) or not room_id:
             raise ValueError("room_id must be a non-empty string")
-        key = negotiation022.context_key(config, room_id, wire_module(config.wire))
+        key = negotiation022.context_key(config, room_id, wire_for(config.wire))
         app = self.apps.get(key)
         room = app.rooms.get(room_id) if app is not None else None
         if room is not None:

@@ -45,12 +45,12 @@ import orjson
 from signaling import crypto
 from signaling.background import BackgroundTasks
 from signaling.bounded import LruDict, LruSet, TokenBucket
-from signaling.config import Limits, Timeouts
 from signaling.errors import DecryptError
 from signaling.foreign_wire import ForeignWireWatch
+from signaling.limits import Limits, Timeouts
 from signaling.pacing import AnnouncePacer
 from signaling.peer import InvalidDescription, Peer, PeerError
-from signaling.relay_hub import RelayHub
+from signaling.relay_hub import RelayFactory, RelayHub
 from signaling.relays import Relay, RelayState
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class RoomSignaller:
         self_id: str,
         password: str,
         strategy: str,
+        relay_factory: RelayFactory,
         relay_urls: Sequence[str],
         hub: RelayHub,
         negotiator: Negotiator,
@@ -172,6 +173,7 @@ class RoomSignaller:
         self.self_topic = crypto.self_topic(app_id, room_id, self_id)
         self.counters = counters
         self._strategy = strategy
+        self._relay_factory = relay_factory
         self._urls = tuple(relay_urls)
         self._hub = hub
         self._negotiator = negotiator
@@ -197,7 +199,7 @@ class RoomSignaller:
     def start(self) -> None:
         """Subscribe and start announcing on every relay (returns at once)."""
         for url in self._urls:
-            relay = self._hub.acquire(self._strategy, url)
+            relay = self._hub.acquire(self._strategy, url, self._relay_factory)
             self._relays[url] = relay
             self._wakeups[url] = asyncio.Event()
             # Trystero subscribes to its self topic first, then the root topic (spec §3).

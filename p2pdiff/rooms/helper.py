@@ -31,6 +31,7 @@ from p2pdiff.tasks import events
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore
 from signaling.background import every
+from signaling.wire import WIRE_VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ WATCH_INTERVAL = 1.0
 
 
 #: Trystero wires a room can be joined with ("0.22": the published browser app; see README).
-WIRES = ("0.25", "0.22")
-DEFAULT_WIRE = "0.25"
+WIRES = WIRE_VERSIONS
+DEFAULT_WIRE = WIRES[0]
 
 
 def check_wire(room: HelperRoom, wire: str | None) -> None:
@@ -202,7 +203,7 @@ class P2PHelper(Helper):
     mode = "p2p"
 
     def __init__(self, config: P2PConfig) -> None:
-        import signaling  # here, so an api-only server never imports aiortc
+        import signaling
 
         self._signaling = signaling
         self._room_settings: dict[str, Any] = {

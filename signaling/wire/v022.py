@@ -1,6 +1,6 @@
 """Trystero 0.22.0 wire (spec §9): data-channel framing plus what signalling does differently.
-Pure and network-free, shaped like :mod:`signaling.wire.v025` so ``config.wire_module("0.22")``
-can stand in for it wherever the concept exists.
+Pure and network-free, shaped like :mod:`signaling.wire.v025`; :data:`WIRE` is what the session
+and the room use of it (``signaling.wire.wire_for("0.22")``).
 
 0.22 has no room frames, no presence frames, no shared connections and no admission: every
 data-channel message is one bare action chunk with a 15-byte header (12-byte name, 1-byte nonce,
@@ -41,7 +41,9 @@ Session capabilities (what v025 does through admission and presence)
     password helpers, ``CHALLENGE_LENGTH``; ``HANDSHAKE_TIMEOUT_S`` is ``None``.
 
 Signalling (spec §9.2-9.6)
-    ``PROFILE: WireProfile``               timing, who offers, glare, per-transport facts
+    ``PROFILE: WireProfile``               timing, who offers, glare (what each strategy does
+                                           differently on 0.22 is in its module under
+                                           :mod:`signaling.strategies`)
     ``make_announce_payload(self_id)``, ``make_offer_payload(self_id, sealed_sdp)``,
     ``make_answer_payload(self_id, sealed_sdp)`` -> JSON text for MQTT bodies / nostr content
     ``parse_relay_payload(text, self_id, ...) -> RelaySignal | str``  (str = drop reason)
@@ -49,15 +51,15 @@ Signalling (spec §9.2-9.6)
     ``is_offerer(self_id, peer_id)``, ``wins_glare(self_id, peer_id)``
     ``strip_trickle_option(sdp)``          the SDP edit JS makes before sending
     Tracker frames are the same in both versions and live in :mod:`signaling.relays.torrent`
-    (``announce_message``/``answer_message``, ``policy=TORRENT_022``); ``PROFILE.torrent`` says
-    what the strategy must do around them.
+    (``announce_message``/``answer_message``, ``policy=TORRENT_022``);
+    :mod:`signaling.strategies.torrent` says what the strategy must do around them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from signaling.framing import (
@@ -67,7 +69,8 @@ from signaling.framing import (
     progress_byte,
     to_json,
 )
-from signaling.wire.v025 import ChunkDecoder, Presence, Progress, Received
+from signaling.wire.interface import Cadence, Presence, Progress, Received, Wire
+from signaling.wire.v025 import ChunkDecoder
 
 __all__ = [
     "ACTION_LEAVE",
@@ -90,17 +93,15 @@ __all__ = [
     "QUEUE_UNHANDLED",
     "ROOM_FRAMES",
     "SHARED_CONNECTIONS",
+    "WIRE",
     "WIRE_VERSION",
     "Decoder",
     "Event",
-    "MqttProfile",
-    "NostrProfile",
     "Presence",
     "Progress",
     "Received",
     "RelaySignal",
     "RoomEncoder",
-    "TorrentProfile",
     "WireProfile",
     "detect_wire_version",
     "encode_action",
@@ -109,6 +110,7 @@ __all__ = [
     "make_announce_payload",
     "make_answer_payload",
     "make_offer_payload",
+    "new_decoder",
     "parse_relay_payload",
     "progress_byte",
     "strip_trickle_option",
@@ -267,76 +269,6 @@ class Decoder(ChunkDecoder):
 
 
 @dataclass(frozen=True, slots=True)
-class MqttProfile:
-    """``trystero/mqtt`` 0.22 (§9.3). Payloads are the relay payloads below, QoS 0, no retain."""
-
-    #: Default brokers in JS order; ``redundancy`` 4 > 3, so JS uses all of them.
-    default_urls: tuple[str, ...] = (
-        "wss://test.mosquitto.org:8081/mqtt",
-        "wss://broker.emqx.io:8084/mqtt",
-        "wss://broker.hivemq.com:8884/mqtt",
-    )
-    redundancy: int = 4
-    #: JS subscribes root first (0.25: self first). Order does not matter to a receiver.
-    subscribe_order: tuple[str, ...] = ("root", "self")
-    #: mqtt.js re-subscribes after a reconnect (0.25 does it itself, with resubscribe off).
-    resubscribe_on_reconnect: bool = True
-    keepalive: float = 60.0
-    reconnect_period: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class NostrProfile:
-    """``trystero/nostr`` 0.22 (§9.4). Events are built exactly as for 0.25 (§5)."""
-
-    #: The 18-entry default list is shuffled per appId and cut to ``redundancy``; use
-    #: ``signaling.relays.nostr.default_relays(app_id, wire="0.22")``. It does not overlap the
-    #: 0.25 pick for some apps, so a helper serving both joins the union.
-    redundancy: int = 5
-    shuffled_by_app_id: bool = True
-    #: One REQ per topic (root, then self) with a single kind; a batched REQ on our side is fine.
-    req_per_topic: bool = True
-    #: 0.22 bug: after a socket reconnect JS does not re-send its REQs. It still announces there
-    #: but no longer hears that relay, so signal on every relay where the peer was heard.
-    resubscribe_on_reconnect: bool = False
-    #: Socket retry: 3.333 s doubling without a cap (0.25 gives up at 60 s).
-    reconnect_initial: float = 3.333
-    reconnect_cap: float | None = None
-    #: ``OK false`` and ``NOTICE`` only log; JS never closes a relay for them (0.25 does).
-    closes_relay_on_reject: bool = False
-    #: JS checks neither signatures nor the ``x`` tag; events route by subscription id. Our
-    #: ``created_at`` must not be older than the browser's ``since`` (its clock at subscribe).
-    verifies_events: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class TorrentProfile:
-    """``trystero/torrent`` 0.22 (§9.5). The tracker client side of this (frames, cadence,
-    dedupe) is ``signaling.relays.torrent.TORRENT_022``; default trackers are
-    ``default_trackers(wire="0.22")`` there. The rest is for the strategy."""
-
-    redundancy: int = 3
-    #: Offers per announce (0.25: 3) and ``numwant``; all fresh each announce, never re-sent:
-    #: the strategy must hand the relay 10 new sealed offers (and PCs) per announce.
-    offers_per_announce: int = 10
-    fresh_offers_each_announce: bool = True
-    offer_id_length: int = 20
-    #: First announce at subscribe, then this period; a larger tracker ``interval`` raises it up
-    #: to ``max_announce_interval`` (never lowers it).
-    announce_interval: float = 33.333
-    max_announce_interval: float = 120.333
-    #: JS uses only answers to its latest announce's offer ids: an answer to an older offer of
-    #: a JS peer is lost, so answer a forwarded offer at once (within one announce period).
-    answers_latest_announce_only: bool = True
-    #: JS answers every forwarded offer, whatever the ids (no glare check on torrent); so both
-    #: sides may connect twice: keep the first channel to open, as JS does.
-    glare_check: bool = False
-    #: JS ignores any tracker message whose offer_id it has seen before, forever.
-    dedupe_offer_ids_forever: bool = True
-    trickle_candidates: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class WireProfile:
     """What the strategy and session must do for one wire version. Times are in seconds.
 
@@ -409,10 +341,6 @@ class WireProfile:
     #: JS has no connect timeout for an answering PC (only the offerer's pending-offer TTL). [23.333]
     connect_timeout: float | None = None
 
-    mqtt: MqttProfile = field(default_factory=MqttProfile)
-    nostr: NostrProfile = field(default_factory=NostrProfile)
-    torrent: TorrentProfile = field(default_factory=TorrentProfile)
-
 
 PROFILE: Final = WireProfile()
 
@@ -430,7 +358,7 @@ def wins_glare(self_id: str, peer_id: str) -> bool:
     """With offers pending both ways, whether *our* offer stands (ignore theirs; §9.2).
 
     0.22: the larger id wins, plain code-point order as JS ``>``. [0.25: the smaller id wins.]
-    Not for torrent, where JS answers every offer (``PROFILE.torrent.glare_check``).
+    Not for torrent, where JS answers every offer (``signaling.strategies.torrent.PROFILE_022.glare_check``).
     """
     return self_id > peer_id
 
@@ -581,3 +509,33 @@ def strip_trickle_option(sdp: str) -> str:
     accepts SDPs with it), but it makes our SDP look like a 0.22 peer's.
     """
     return _TRICKLE_LINE.sub("", sdp)
+
+
+# --- the wire as the session and room use it ------------------------------------------------------
+
+
+def new_decoder(token: str, *, max_action_bytes: int, max_pending: int, max_buffered_bytes: int) -> Decoder:
+    """The decoder of the one (room, peer) connection: it stamps ``token`` on every event, so room
+    code that dispatches by ``event.token`` works for both wires."""
+    return Decoder(
+        token=token,
+        max_action_bytes=max_action_bytes,
+        max_pending=max_pending,
+        max_buffered_bytes=max_buffered_bytes,
+    )
+
+
+WIRE: Final = Wire(
+    version=WIRE_VERSION,
+    layout=LAYOUT,
+    internal_prefix=INTERNAL_PREFIX,
+    action_ping=ACTION_PING,
+    action_pong=ACTION_PONG,
+    action_leave=ACTION_LEAVE,
+    new_encoder=RoomEncoder,
+    new_decoder=new_decoder,
+    encode_presence=None,  # no room frames (ROOM_FRAMES)
+    admission=None,  # active once the channel opens (ADMISSION)
+    shared_connections=SHARED_CONNECTIONS,
+    cadence=Cadence(PROFILE.announce_warmup, PROFILE.announce_interval),
+)

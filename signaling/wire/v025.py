@@ -58,6 +58,7 @@ from signaling.framing import (
     from_json,
     progress_byte,
 )
+from signaling.wire.interface import Admission, Event, Presence, Progress, Received, Wire
 
 __all__ = [
     "ACTION_HSDATA",
@@ -80,6 +81,8 @@ __all__ = [
     "PENDING_ACTIONS",
     "PRESENCE_FRAME",
     "ROOM_FRAME",
+    "WIRE",
+    "WIRE_VERSION",
     "Decoder",
     "Event",
     "Presence",
@@ -91,6 +94,7 @@ __all__ = [
     "encode_chunks",
     "encode_presence",
     "is_handshake_initiator",
+    "new_decoder",
     "parse_pw_challenge",
     "progress_byte",
     "pw_challenge",
@@ -108,6 +112,7 @@ HEADER_SIZE: Final = LAYOUT.header_size  # 36
 CHUNK_PAYLOAD_SIZE: Final = LAYOUT.payload_size  # 16348
 MAX_ACTION_NAME_BYTES: Final = LAYOUT.type_size  # 32
 
+WIRE_VERSION: Final = "0.25"
 INTERNAL_PREFIX: Final = "@_"
 ACTION_HSREADY: Final = "@_hsready"
 ACTION_HSDATA: Final = "@_hsdata"
@@ -189,41 +194,6 @@ class RoomEncoder:
 # --- receiving ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Presence:
-    """The remote says it is (``present=True``) or is no longer in the room with this token."""
-
-    token: str
-    present: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """A non-final chunk of an action arrived; ``progress`` is in (0, 1)."""
-
-    token: str
-    action: str
-    nonce: int
-    progress: float
-    metadata: Any = NO_METADATA
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    """A complete action: ``payload`` is ``str``, ``bytes`` or a parsed JSON value."""
-
-    token: str
-    action: str
-    nonce: int
-    payload: Any
-    metadata: Any = NO_METADATA
-
-    @property
-    def has_metadata(self) -> bool:
-        return self.metadata is not NO_METADATA
-
-
-Event = Presence | Progress | Received
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,3 +353,38 @@ def check_pw_response(payload: Any, challenge: str, password: str, app_id: str, 
         raise HandshakeError("password response has no string 'h'")
     if not verify_password_response(answer, challenge, password, app_id, room_id):
         raise HandshakeError("incorrect password")
+
+
+# --- the wire as the session and room use it ------------------------------------------------------
+
+
+def new_decoder(token: str, *, max_action_bytes: int, max_pending: int, max_buffered_bytes: int) -> Decoder:
+    """The decoder of one connection; ``token`` is unused: room frames name the room of each chunk."""
+    return Decoder(
+        max_action_bytes=max_action_bytes, max_pending=max_pending, max_buffered_bytes=max_buffered_bytes
+    )
+
+
+WIRE: Final = Wire(
+    version=WIRE_VERSION,
+    layout=LAYOUT,
+    internal_prefix=INTERNAL_PREFIX,
+    action_ping=ACTION_PING,
+    action_pong=ACTION_PONG,
+    action_leave=ACTION_LEAVE,
+    new_encoder=RoomEncoder,
+    new_decoder=new_decoder,
+    encode_presence=encode_presence,
+    admission=Admission(
+        ready_action=ACTION_HSREADY,
+        data_action=ACTION_HSDATA,
+        pending_actions=PENDING_ACTIONS,
+        challenge_length=CHALLENGE_LENGTH,
+        is_initiator=is_handshake_initiator,
+        challenge=pw_challenge,
+        parse_challenge=parse_pw_challenge,
+        response=pw_response,
+        check_response=check_pw_response,
+    ),
+    shared_connections=True,
+)

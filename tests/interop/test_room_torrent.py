@@ -24,7 +24,7 @@ from aiohttp import web
 import signaling
 from signaling import crypto
 from signaling.relays.torrent import TorrentRelay
-from signaling.torrent_strategy import TorrentRoomSignaller
+from signaling.strategies.torrent import TorrentRoomSignaller
 from tests.interop.jspeer import JsPeer
 from tests.services import Tracker, running
 from tests.support import service_or_fail

@@ -22,7 +22,7 @@ import pytest
 from p2pdiff.app import create_app
 from signaling import Room, Session, Timeouts, crypto
 from signaling.relays.torrent import TORRENT_022, TORRENT_025, TorrentRelay
-from signaling.torrent_strategy import OfferBatches, TorrentRoomSignaller022
+from signaling.strategies.torrent import OfferBatches, TorrentRoomSignaller022
 from tests.interop.jspeer import JsPeer
 from tests.interop.test_helper_app import helper_config, poll
 from tests.services import Tracker

@@ -8,12 +8,11 @@ from collections import Counter
 
 import pytest
 
-from signaling import RoomConfig, Timeouts
-from signaling.config import RELAY_FACTORIES
+from signaling import RoomConfig, Timeouts, strategies
 from signaling.pacing import AnnouncePacer
 from signaling.peer import PeerError
 from signaling.relays.nostr import DEFAULT_RELAY_URLS as NOSTR_URLS
-from signaling.torrent_strategy import OfferPool
+from signaling.strategies.torrent import OfferPool, TorrentRoomSignaller, TorrentRoomSignaller022
 
 WARMUP = (0.233, 0.533, 1.333)
 
@@ -114,9 +113,14 @@ def test_pacer_rejects_nonsense() -> None:
 
 
 def test_strategies_are_registered() -> None:
-    assert {"mqtt", "nostr", "torrent"} <= set(RELAY_FACTORIES)
-    with pytest.raises(TypeError):  # trackers need the session's peer id: the signaller makes them
-        RELAY_FACTORIES["torrent"]("wss://tracker.example")
+    assert {"mqtt", "nostr", "torrent"} <= set(strategies.names())
+    # trackers need the session's peer id: the torrent signallers make them (no URL-only factory)
+    assert dict(strategies.get("torrent").signallers) == {
+        "0.25": TorrentRoomSignaller,
+        "0.22": TorrentRoomSignaller022,
+    }
+    with pytest.raises(ValueError, match="not available"):
+        strategies.get("ws-relay")
 
 
 def test_nostr_default_relays_follow_the_app_id() -> None:

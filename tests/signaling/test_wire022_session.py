@@ -20,14 +20,16 @@ from typing import Any
 import orjson
 import pytest
 
-from signaling import RoomConfig, Session, Timeouts, crypto, negotiation022
+from signaling import RoomConfig, Session, Timeouts, crypto, negotiation022, strategies
 from signaling import session as session_module
-from signaling.config import DEFAULT_RELAY_URLS, RELAY_FACTORIES, Limits
+from signaling.config import Limits
 from signaling.foreign_wire import ForeignWireWatch
 from signaling.pacing import AnnouncePacer
 from signaling.relays import Backoff, MqttRelay, Relay
 from signaling.signaller import Signal
+from signaling.strategies.mqtt import DEFAULT_BROKERS, PROFILE_022
 from signaling.wire import v022, v025
+from signaling.wire.interface import WireTraits
 from tests.services import Mosquitto
 from tests.support import SessionFactory, config_factory, eventually
 
@@ -38,15 +40,16 @@ APP = "p2p-webgpu-diffusion-v1"
 
 
 def test_traits() -> None:
-    assert negotiation022.traits(v025) == negotiation022.WireTraits("0.25", True, True, True, False)
-    assert negotiation022.traits(v022) == negotiation022.WireTraits("0.22", False, False, False, True)
+    assert v025.WIRE.traits == WireTraits("0.25", True, True, True, False)
+    assert v022.WIRE.traits == WireTraits("0.22", False, False, False, True)
 
 
 def test_context_keys() -> None:
     new = RoomConfig(app_id="a", relay_urls=["ws://127.0.0.1:1"])
     old = RoomConfig(app_id="a", relay_urls=["ws://127.0.0.1:1"], wire="0.22")
-    assert negotiation022.context_key(new, "r1", v025) == negotiation022.context_key(new, "r2", v025) == "a"
-    assert negotiation022.context_key(old, "r1", v022) == ("a", "0.22", "r1")
+    key = negotiation022.context_key
+    assert key(new, "r1", v025.WIRE) == key(new, "r2", v025.WIRE) == "a"
+    assert key(old, "r1", v022.WIRE) == ("a", "0.22", "r1")
 
 
 def test_unknown_wire_is_refused() -> None:
@@ -58,11 +61,11 @@ def test_unknown_wire_is_refused() -> None:
 
 
 def test_default_mqtt_brokers_per_wire() -> None:
-    assert RoomConfig(app_id=APP).effective_relay_urls == DEFAULT_RELAY_URLS["mqtt"]
+    assert RoomConfig(app_id=APP).effective_relay_urls == DEFAULT_BROKERS["0.25"]
     old = RoomConfig(app_id=APP, wire="0.22").effective_relay_urls
     assert (
         old
-        == v022.PROFILE.mqtt.default_urls
+        == PROFILE_022.default_urls
         == (
             "wss://test.mosquitto.org:8081/mqtt",
             "wss://broker.emqx.io:8084/mqtt",
@@ -100,15 +103,15 @@ def test_default_nostr_relays_per_wire_do_not_overlap() -> None:
 
 def test_cadence_follows_the_wire() -> None:
     default = Timeouts()
-    old = negotiation022.cadence_timeouts(default, v022)
+    old = negotiation022.cadence_timeouts(default, v022.WIRE)
     assert (old.announce_warmup, old.announce_interval) == ((), 5.333)
     assert negotiation022.announce_delays(old, 3) == [5.333, 5.333, 5.333]
-    assert negotiation022.cadence_timeouts(default, v025) is default
+    assert negotiation022.cadence_timeouts(default, v025.WIRE) is default
     assert negotiation022.announce_delays(default, 5) == [0.233, 0.533, 1.333, 60.0, 60.0]
     # a cadence the caller chose is kept
     custom = Timeouts(announce_interval=2.0)
-    assert negotiation022.cadence_timeouts(custom, v022).announce_interval == 2.0
-    assert negotiation022.cadence_timeouts(custom, v022).announce_warmup == ()
+    assert negotiation022.cadence_timeouts(custom, v022.WIRE).announce_interval == 2.0
+    assert negotiation022.cadence_timeouts(custom, v022.WIRE).announce_warmup == ()
 
 
 def pacer_schedule(timeouts: Timeouts, until: float) -> list[float]:
@@ -132,7 +135,7 @@ def pacer_schedule(timeouts: Timeouts, until: float) -> list[float]:
 
 
 def test_pacer_schedule_per_wire() -> None:
-    old = negotiation022.cadence_timeouts(Timeouts(), v022)
+    old = negotiation022.cadence_timeouts(Timeouts(), v022.WIRE)
     assert pacer_schedule(old, 20) == [0.0, 5.333, 10.666, 15.999]
     assert pacer_schedule(Timeouts(), 130) == [0.0, 0.233, 0.766, 2.099, 62.099, 122.099]
 
@@ -174,10 +177,18 @@ class MemoryRelay(Relay):
 
 
 @pytest.fixture
-def memory_relays(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MemoryRelay]]:
-    monkeypatch.setitem(RELAY_FACTORIES, "memory", MemoryRelay)
+def memory_relays() -> Iterator[list[MemoryRelay]]:
+    memory = strategies.Strategy(
+        name="memory",
+        signallers=strategies.topic_signallers(MemoryRelay),
+        default_relays=lambda _app_id, _wire: (),
+    )
+    strategies.register(memory)
     MemoryRelay.made = []
-    yield MemoryRelay.made
+    try:
+        yield MemoryRelay.made
+    finally:
+        strategies.unregister(memory.name)
 
 
 async def test_signaller_announces_on_its_wires_schedule(memory_relays: list[MemoryRelay]) -> None:

@@ -21,6 +21,9 @@ import pytest
 from signaling import crypto
 from signaling.errors import FramingError, PayloadError
 from signaling.framing import NO_METADATA
+from signaling.strategies.mqtt import PROFILE_022 as MQTT_022
+from signaling.strategies.nostr import PROFILE_022 as NOSTR_022
+from signaling.strategies.torrent import PROFILE_022 as TORRENT_PROFILE_022
 from signaling.wire import v022, v025
 from signaling.wire.v022 import (
     PROFILE,
@@ -85,7 +88,7 @@ def test_spec_nostr_relays_for_0_22() -> None:
         "wss://relay.nostromo.social",
         "wss://nos.lol",
     ]
-    assert PROFILE.nostr.redundancy == 5
+    assert NOSTR_022.redundancy == 5
 
 
 # --- §9.11: frames -----------------------------------------------------------------------------
@@ -571,7 +574,7 @@ def test_profile_cadence_and_roles() -> None:
     assert (PROFILE.offer_shape, PROFILE.offer_ids, PROFILE.trickle_candidates) == ("object", False, False)
     assert (PROFILE.leave_grace, PROFILE.disconnect_grace, PROFILE.ice_gather_timeout) == (0.099, 0.0, 5.0)
     assert not PROFILE.admission and PROFILE.handshake_timeout is None and not PROFILE.shared_connections
-    assert PROFILE.torrent.offers_per_announce == 10 and PROFILE.torrent.announce_interval == 33.333
+    assert TORRENT_PROFILE_022.offers_per_announce == 10 and TORRENT_PROFILE_022.announce_interval == 33.333
 
 
 def test_is_offerer_and_glare() -> None:
@@ -593,7 +596,7 @@ def test_profile_default_urls_match_js_source() -> None:
     from signaling.relays.nostr import DEFAULT_RELAY_URLS_022
     from signaling.relays.torrent import DEFAULT_TRACKER_URLS_022
 
-    assert list(PROFILE.mqtt.default_urls) == _js_default_urls("mqtt.js")
+    assert list(MQTT_022.default_urls) == _js_default_urls("mqtt.js")
     assert list(DEFAULT_TRACKER_URLS_022) == _js_default_urls("torrent.js")
     assert list(DEFAULT_RELAY_URLS_022) == _js_default_urls("nostr.js")
     assert "const defaultRedundancy = 4" in (JS_SRC / "mqtt.js").read_text()
@@ -680,7 +683,7 @@ def test_node_torrent_payloads_via_torrent_relay() -> None:
 def test_torrent_profile_agrees_with_torrent_relay_policy() -> None:
     from signaling.relays.torrent import TORRENT_022
 
-    t = PROFILE.torrent
+    t = TORRENT_PROFILE_022
     assert (
         (TORRENT_022.numwant, TORRENT_022.max_offers)
         == (t.offers_per_announce, t.offers_per_announce)

@@ -10,13 +10,13 @@ from collections import Counter
 
 import pytest
 
-from signaling import RoomConfig
+from signaling import strategies
 from signaling.foreign_wire import ForeignWireWatch, channel_wire
-from signaling.torrent_strategy import (
+from signaling.negotiation022 import RoomSignaller022
+from signaling.strategies.torrent import (
     OfferBatches,
     TorrentRoomSignaller,
     TorrentRoomSignaller022,
-    signaller_class,
 )
 from signaling.wire import v022, v025
 from tests.signaling.test_pacing import FakePeer
@@ -70,9 +70,11 @@ async def test_failed_and_abandoned_offers_leave_nothing_behind() -> None:
 
 
 def test_signaller_follows_strategy_and_wire() -> None:
-    assert signaller_class(RoomConfig(app_id="a", strategy="torrent")) is TorrentRoomSignaller
-    assert signaller_class(RoomConfig(app_id="a", strategy="torrent", wire="0.22")) is TorrentRoomSignaller022
-    assert signaller_class(RoomConfig(app_id="a", strategy="mqtt", wire="0.22")) is None
+    torrent = strategies.get("torrent")
+    assert torrent.signaller("0.25") is TorrentRoomSignaller
+    assert torrent.signaller("0.22") is TorrentRoomSignaller022
+    # a topic strategy's 0.22 room runs the 0.22 flow's signaller, not a tracker one
+    assert strategies.get("mqtt").signaller("0.22").func is RoomSignaller022
     assert TorrentRoomSignaller022.HUB_KEY != TorrentRoomSignaller.HUB_KEY
     assert TorrentRoomSignaller022.POLICY.max_offers == TorrentRoomSignaller022.POLICY.numwant == 10
     assert TorrentRoomSignaller022.channel_screen > 0 == TorrentRoomSignaller.channel_screen

@@ -1,4 +1,4 @@
-"""Trystero's torrent strategy (spec §4) on the shared strategy core.
+"""Trystero's torrent strategy (spec §4) on the shared signalling core.
 
 A WebTorrent tracker is not a topic relay: a peer *announces* a room's info_hash together with a
 few SDP offers, and the tracker hands each offer to one random member of the swarm; answers come
@@ -60,10 +60,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from signaling import crypto
-from signaling.config import RoomConfig
 from signaling.peer import Peer, PeerError
 from signaling.relays.torrent import (
     ID_LENGTH,
@@ -72,21 +71,25 @@ from signaling.relays.torrent import (
     TorrentOffer,
     TorrentPolicy,
     TorrentRelay,
+    default_trackers,
 )
 from signaling.signaller import RoomSignaller, Signal
-from signaling.wire import v022
+from signaling.strategies.base import Strategy
+from signaling.wire import v022, v025
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "OFFER_POOL_SIZE",
     "OFFER_RETENTION_S",
+    "PROFILE_022",
+    "STRATEGY",
     "OfferBatches",
     "OfferPool",
     "SharedTracker",
+    "TorrentProfile",
     "TorrentRoomSignaller",
     "TorrentRoomSignaller022",
-    "signaller_class",
 ]
 
 TORRENT = "torrent"
@@ -100,11 +103,34 @@ CHANNEL_SCREEN_S = 0.5
 POOL_PEER_NAME = "offer-pool"
 
 
-def signaller_class(config: RoomConfig) -> type[RoomSignaller] | None:
-    """The torrent signaller for the room's wire, or None for topic strategies."""
-    if config.strategy != TORRENT:
-        return None
-    return TorrentRoomSignaller022 if config.wire == v022.WIRE_VERSION else TorrentRoomSignaller
+@dataclass(frozen=True, slots=True)
+class TorrentProfile:
+    """``trystero/torrent`` 0.22 (§9.5). The tracker client side of this (frames, cadence,
+    dedupe) is ``signaling.relays.torrent.TORRENT_022``; default trackers are
+    ``default_trackers(wire="0.22")`` there. The rest is for the strategy."""
+
+    redundancy: int = 3
+    #: Offers per announce (0.25: 3) and ``numwant``; all fresh each announce, never re-sent:
+    #: the strategy must hand the relay 10 new sealed offers (and PCs) per announce.
+    offers_per_announce: int = 10
+    fresh_offers_each_announce: bool = True
+    offer_id_length: int = 20
+    #: First announce at subscribe, then this period; a larger tracker ``interval`` raises it up
+    #: to ``max_announce_interval`` (never lowers it).
+    announce_interval: float = 33.333
+    max_announce_interval: float = 120.333
+    #: JS uses only answers to its latest announce's offer ids: an answer to an older offer of
+    #: a JS peer is lost, so answer a forwarded offer at once (within one announce period).
+    answers_latest_announce_only: bool = True
+    #: JS answers every forwarded offer, whatever the ids (no glare check on torrent); so both
+    #: sides may connect twice: keep the first channel to open, as JS does.
+    glare_check: bool = False
+    #: JS ignores any tracker message whose offer_id it has seen before, forever.
+    dedupe_offer_ids_forever: bool = True
+    trickle_candidates: bool = False
+
+
+PROFILE_022: Final = TorrentProfile()
 
 
 def _is_trystero_id(value: str) -> bool:
@@ -248,7 +274,7 @@ class OfferBatches(_OfferMaker):
         *,
         make_peer: Callable[[], Peer],
         seal: Callable[[str], str],
-        size: int = v022.PROFILE.torrent.offers_per_announce,
+        size: int = PROFILE_022.offers_per_announce,
         name: str = "",
     ) -> None:
         super().__init__(make_peer=make_peer, seal=seal, size=size, name=name)
@@ -326,7 +352,11 @@ class TorrentRoomSignaller(RoomSignaller):
     HUB_KEY = TORRENT
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        # Tracker clients speak as the session's selfId and announce offers, not topics, so this
+        # signaller makes its own (RelayHub's type is the topic Relay; a tracker only uses its
+        # lifecycle and on_state).
+        tracker = functools.partial(SharedTracker, peer_id=kwargs["self_id"], policy=self.POLICY)
+        super().__init__(relay_factory=tracker, **kwargs)  # type: ignore[arg-type]
         self.info_hash = crypto.torrent_info_hash(self.root_topic)
         self.pool = self._make_pool()
         self._trackers: dict[str, SharedTracker] = {}
@@ -340,10 +370,8 @@ class TorrentRoomSignaller(RoomSignaller):
 
     def start(self) -> None:
         """Announce the room with its offers on every tracker (returns at once)."""
-        factory = functools.partial(SharedTracker, peer_id=self.self_id, policy=self.POLICY)
         for url in self._urls:
-            # RelayHub's type is the topic Relay; a tracker only uses its lifecycle and on_state.
-            relay = self._hub.acquire(self.HUB_KEY, url, factory=factory)  # type: ignore[arg-type]
+            relay = self._hub.acquire(self.HUB_KEY, url, self._relay_factory)
             tracker: SharedTracker = relay  # type: ignore[assignment]
             tracker.signallers[self.info_hash] = self
             tracker.set_announce(self.info_hash, functools.partial(self._offers_for_announce, url))
@@ -474,3 +502,10 @@ class TorrentRoomSignaller022(TorrentRoomSignaller):
         # JS 0.22 answers every forwarded offer (spec §9.5), so an unanswered one may never be
         # matched by an answer to ours; the negotiator answers one offer per peer at a time.
         return False
+
+
+STRATEGY: Final = Strategy(
+    name=TORRENT,
+    signallers={v025.WIRE_VERSION: TorrentRoomSignaller, v022.WIRE_VERSION: TorrentRoomSignaller022},
+    default_relays=lambda _app_id, wire: tuple(default_trackers(wire=wire)),
+)
