@@ -35,8 +35,8 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from signaling.background import BackgroundTasks, every
 from signaling.bounded import LruDict
@@ -45,12 +45,12 @@ from signaling.framing import NO_METADATA
 if TYPE_CHECKING:
     from signaling.config import RoomConfig
     from signaling.relays import RelayState
-    from signaling.session import AppContext, PeerLink
     from signaling.signaller import RoomSignaller
+    from signaling.wire.interface import Wire
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Action", "Binding", "PeerInfo", "PeerNotFound", "Room"]
+__all__ = ["Action", "PeerInfo", "PeerNotFound", "Room", "RoomHost", "RoomLink", "RoomPeer"]
 
 PeerCallback = Callable[[str], Any]
 ReceiveCallback = Callable[[Any, str, Any], Any]
@@ -82,20 +82,51 @@ class PeerInfo:
     rtt_ms: float | None
 
 
-@dataclass(eq=False)
-class Binding:
-    """One remote peer in one room, over the app's shared connection (managed by the session)."""
+class RoomLink(Protocol):
+    """What a room needs of the connection to one of its peers (the session's ``PeerLink``)."""
 
-    room: Room
-    link: PeerLink
-    active: bool = False
-    local_passed: bool = False
-    remote_ready: bool = False
-    challenge: str | None = None  # set when we are the password-check initiator
-    joined_at: float = 0.0
-    rtt_ms: float | None = None
-    timer: asyncio.TimerHandle | None = None
-    pong_waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    @property
+    def last_seen(self) -> float: ...
+
+    def send_nowait(self, frame: bytes) -> bool: ...
+
+    async def send_frames(self, frames: list[bytes]) -> bool: ...
+
+
+class RoomPeer(Protocol):
+    """What a room needs of one of its peers, pending or active (the session's ``Binding``, which
+    runs admission and owns the rest)."""
+
+    #: The last ping's round trip, written by :meth:`Room.ping`.
+    rtt_ms: float | None
+
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def joined_at(self) -> float: ...
+
+    @property
+    def link(self) -> RoomLink: ...
+
+    @property
+    def pong_waiters(self) -> deque[asyncio.Future[None]]: ...
+
+
+class RoomHost(Protocol):
+    """What a room needs of the app context that owns it (the session's ``AppContext``), so this
+    module depends on no session type: the session imports the room, never the reverse."""
+
+    @property
+    def wire(self) -> Wire: ...
+
+    def stats(self) -> dict[str, Any]:
+        """App-wide counters (connections are shared by the app's rooms) for :attr:`Room.stats`."""
+        ...
+
+    async def leave_room(self, room: Room) -> None:
+        """Trystero's leave for ``room``: ``@_leave`` to its peers, then tear down."""
+        ...
 
 
 def _call(callback: Callable[..., Any], *args: Any, tasks: BackgroundTasks) -> None:
@@ -231,7 +262,7 @@ class Room:
 
     def __init__(
         self,
-        app: AppContext,
+        app: RoomHost,
         config: RoomConfig,
         room_id: str,
         signaller: RoomSignaller,
@@ -241,12 +272,13 @@ class Room:
         self.config = config
         self.app_id = config.app_id
         self.room_id = room_id
-        self.self_id: str = app.session.self_id
+        self.self_id: str = signaller.self_id
         self.signaller = signaller
         self.token = signaller.token
         self.counters = counters
         self.encoder = app.wire.new_encoder(self.token)
-        self.bindings: dict[str, Binding] = {}  # by peer id, pending and active
+        #: By peer id, pending and active; kept by the session.
+        self.bindings: dict[str, RoomPeer] = {}
         self._wire = app.wire
         self._actions: dict[str, Action] = {}
         # Messages for action names nobody made yet; LRU by name, each queue bounded.
@@ -338,22 +370,13 @@ class Room:
         c = self.counters
         dropped = {k.removeprefix("dropped."): v for k, v in c.items() if k.startswith("dropped.")}
         totals = {k: v for k, v in c.items() if not k.startswith("dropped.")}
-        app = self._app
-        app_dropped = {
-            k.removeprefix("dropped."): v for k, v in app.counters.items() if k.startswith("dropped.")
-        }
         return {
             "peers": sum(1 for b in self.bindings.values() if b.active),
             "pending_peers": sum(1 for b in self.bindings.values() if not b.active),
             **{name: c[name] for name in _STANDARD_COUNTERS},
             **totals,
             "dropped": dropped,
-            "app": {
-                "connections": len(app.links),
-                "negotiations": len(app.negotiator.pending),
-                "dropped_peers": app.counters["dropped_peers"],
-                "dropped": app_dropped,
-            },
+            "app": self._app.stats(),
         }
 
     async def leave(self) -> None:
@@ -415,7 +438,7 @@ class Room:
         self.counters["bytes_out"] += sum(map(len, frames)) * delivered
         self.counters["actions_out"] += delivered
 
-    def _targets(self, target: str | Iterable[str] | None) -> list[PeerLink]:
+    def _targets(self, target: str | Iterable[str] | None) -> list[RoomLink]:
         if target is None:
             return [b.link for b in self.bindings.values() if b.active]
         ids = [target] if isinstance(target, str) else list(target)

@@ -39,8 +39,9 @@ import asyncio
 import logging
 import time
 import weakref
-from collections import Counter
-from typing import Any
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from signaling import crypto, negotiation022, strategies
 from signaling.background import BackgroundTasks, every
@@ -51,7 +52,7 @@ from signaling.foreign_wire import channel_wire
 from signaling.framing import NO_METADATA
 from signaling.peer import ChannelNotOpen, MessageTooLarge, Peer
 from signaling.relay_hub import RelayHub
-from signaling.room import Binding, Room
+from signaling.room import Room
 from signaling.signaller import RoomSignaller
 from signaling.wire import wire_for
 from signaling.wire.interface import Admission, Event, Presence, Progress, Received, Wire
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "PROCESS_SELF_ID",
     "AppContext",
+    "Binding",
     "PeerLink",
     "Session",
     "close_default_session",
@@ -75,6 +77,23 @@ PROCESS_SELF_ID = crypto.gen_id(SELF_ID_LENGTH)
 
 # Seconds a 0.22 connection stays open after its peer left (the leaver closes after 0.099 s).
 PEER_LEAVE_GRACE = 0.3
+
+
+@dataclass(eq=False)
+class Binding:
+    """One remote peer in one room, over the app's shared connection: admission state and what the
+    room reads of it (:class:`~signaling.room.RoomPeer`)."""
+
+    room: Room
+    link: PeerLink
+    active: bool = False
+    local_passed: bool = False
+    remote_ready: bool = False
+    challenge: str | None = None  # set when we are the password-check initiator
+    joined_at: float = 0.0
+    rtt_ms: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    pong_waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
 class PeerLink:
@@ -233,6 +252,17 @@ class AppContext:
             name=f"keepalive {self.app_id}",
         )
 
+    def stats(self) -> dict[str, Any]:
+        """App-wide counters (connections are shared by the app's rooms), for ``Room.stats``."""
+        counters = self.counters
+        dropped = {k.removeprefix("dropped."): v for k, v in counters.items() if k.startswith("dropped.")}
+        return {
+            "connections": len(self.links),
+            "negotiations": len(self.negotiator.pending),
+            "dropped_peers": counters["dropped_peers"],
+            "dropped": dropped,
+        }
+
     # ------------------------------------------------------------------ rooms
 
     def add_room(self, config: RoomConfig, room_id: str) -> Room:
@@ -278,7 +308,8 @@ class AppContext:
                 binding.link.send_nowait(frame)
         await asyncio.sleep(room.config.timeouts.leave_grace)
         for binding in list(room.bindings.values()):
-            self.unbind(binding, "we left", notify=False)
+            # The room sees its peers as RoomPeer; the session put only Bindings there (bind()).
+            self.unbind(cast(Binding, binding), "we left", notify=False)
         del self.rooms[room.room_id]
         self.rooms_by_token.pop(room.token, None)
         encode_presence = self.wire.encode_presence
