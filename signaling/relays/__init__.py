@@ -2,7 +2,7 @@
 
 from .base import Backoff, MessageCallback, Relay, RelayState, StateCallback
 from .mqtt import BrokerAddress, MqttRelay, parse_broker_url
-from .nostr import NostrKeys, NostrRelay, default_relays, default_relays_022
+from .nostr import NostrKeys, NostrRelay
 
 __all__ = [
     "Backoff",
@@ -14,7 +14,5 @@ __all__ = [
     "Relay",
     "RelayState",
     "StateCallback",
-    "default_relays",
-    "default_relays_022",
     "parse_broker_url",
 ]

@@ -86,15 +86,6 @@ second); JS normally signs a separate event per relay, which a shared LRU does n
 strategy still needs its own semantic dedupe. A shared LRU also hides on which relays a peer
 was heard; a strategy that tracks per-relay reachability (JS answers on the relay the offer came
 from) should keep the default per-relay LRU.
-
-Default relays
---------------
-:func:`default_relays` reproduces Trystero's per-appId pick (spec §5; 0.22 list and the same
-shuffle via ``wire="0.22"`` / :func:`default_relays_022`, spec §9.4). The PRNG is
-``frac(sin(seed++) * 1e4)``: CPython's ``math.sin`` (glibc) differs from Node 20's V8 in the last
-bit for about 3 % of integer inputs, but for every seed 0..300000 (appIds up to ~2700 ASCII
-characters) both produce identical 28- and 18-entry shuffles (checked once against Node 20;
-``tests/signaling/test_relay_nostr.py`` re-checks a sample against the real JS when Node is there).
 """
 
 from __future__ import annotations
@@ -103,12 +94,11 @@ import asyncio
 import collections
 import functools
 import logging
-import math
 import random
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,21 +118,17 @@ from .base import (
 )
 
 __all__ = [
-    "DEFAULT_RELAY_URLS",
-    "DEFAULT_RELAY_URLS_022",
+    "MAX_SAFE_INTEGER",
     "MAX_TOPICS_PER_REQ",
     "NOSTR_BACKOFF",
     "InvalidEvent",
     "NostrKeys",
     "NostrRelay",
-    "default_relays",
-    "default_relays_022",
     "event_message",
     "event_topic",
     "make_event",
     "process_keys",
     "req_message",
-    "trystero_shuffle",
     "verify_signature",
 ]
 
@@ -178,7 +164,8 @@ _KNOWN_PREFIXES = _POLICY_REJECTIONS | {"duplicate", "rate-limited", "invalid", 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
-_MAX_SAFE_INTEGER = 2**53 - 1
+#: JS Number.MAX_SAFE_INTEGER: the bound of created_at, and the modulus of Trystero's strToNum.
+MAX_SAFE_INTEGER = 2**53 - 1
 
 
 # ---------------------------------------------------------------------- keys and events
@@ -266,7 +253,7 @@ def event_topic(event: object) -> str:
     pubkey, event_id, sig = event.get("pubkey"), event.get("id"), event.get("sig")
     if not (_is_int(kind) and 0 <= kind <= 65535 and _is_int(created_at)):
         raise InvalidEvent("malformed", "kind or created_at")
-    if not 0 <= created_at <= _MAX_SAFE_INTEGER:
+    if not 0 <= created_at <= MAX_SAFE_INTEGER:
         raise InvalidEvent("malformed", "created_at out of range")
     if not isinstance(content, str) or not isinstance(tags, list):
         raise InvalidEvent("malformed", "content or tags")
@@ -302,112 +289,6 @@ def verify_signature(event: dict[str, Any]) -> bool:
         return key.verify(bytes.fromhex(event["sig"]), bytes.fromhex(event["id"]))
     except (ValueError, TypeError, KeyError):
         return False
-
-
-# ---------------------------------------------------------------------- default relays
-
-#: ``@trystero-p2p/nostr`` 0.25.4 defaultRelayUrls (spec §5), in its order.
-DEFAULT_RELAY_URLS: tuple[str, ...] = tuple(
-    "wss://" + host
-    for host in (
-        "basspistol.org",
-        "bucket.coracle.social",
-        "chorus.pjv.me",
-        "koru.bitcointxoko.org",
-        "nos.lol",
-        "nostr-01.uid.ovh",
-        "nostr-01.yakihonne.com",
-        "nostr-relay.corb.net",
-        "nostr.data.haus",
-        "nostr.islandarea.net",
-        "nostr.sathoarder.com",
-        "nostr.tegila.com.br",
-        "nostr.vulpem.com",
-        "purplerelay.com",
-        "relay-can.zombi.cloudrodion.com",
-        "relay-rpi.edufeed.org",
-        "relay.agorist.space",
-        "relay.artio.inf.unibe.ch",
-        "relay.mostr.pub",
-        "relay.mostro.network",
-        "relay.sigit.io",
-        "relay02.lnfi.network",
-        "schnorr.me",
-        "social.amanah.eblessing.co",
-        "staging.yabu.me",
-        "strfry.shock.network",
-        "top.testrelay.top",
-        "yabu.me/v2",
-    )
-)
-
-#: ``trystero`` 0.22.0 ``nostr.js`` defaultRelayUrls (spec §9.4), in its order.
-DEFAULT_RELAY_URLS_022: tuple[str, ...] = tuple(
-    "wss://" + host
-    for host in (
-        "black.nostrcity.club",
-        "ftp.halifax.rwth-aachen.de/nostr",
-        "nos.lol",
-        "nostr.cool110.xyz",
-        "nostr.data.haus",
-        "nostr.sathoarder.com",
-        "nostr.vulpem.com",
-        "relay.agorist.space",
-        "relay.binaryrobot.com",
-        "relay.damus.io",
-        "relay.fountain.fm",
-        "relay.mostro.network",
-        "relay.nostraddress.com",
-        "relay.nostrdice.com",
-        "relay.nostromo.social",
-        "relay.oldenburg.cool",
-        "relay.verified-nostr.com",
-        "yabu.me/v2",
-    )
-)
-
-_DEFAULT_LISTS = {"0.25": DEFAULT_RELAY_URLS, "0.22": DEFAULT_RELAY_URLS_022}
-DEFAULT_REDUNDANCY = 5  # both versions
-
-
-def _js_str_to_num(text: str, limit: int = _MAX_SAFE_INTEGER) -> int:
-    """Trystero's ``strToNum``: the sum of UTF-16 code units, modulo ``limit``."""
-    units = text.encode("utf-16-le", "surrogatepass")
-    return sum(int.from_bytes(units[i : i + 2], "little") for i in range(0, len(units), 2)) % limit
-
-
-def trystero_shuffle(items: Iterable[str], seed: int) -> list[str]:
-    """Trystero's deterministic Fisher-Yates (``shuffle`` in core/utils), seeded per appId."""
-    a = list(items)
-    i = len(a)
-    while i:
-        x = math.sin(seed) * 1e4
-        seed += 1
-        j = math.floor((x - math.floor(x)) * i)
-        i -= 1
-        a[i], a[j] = a[j], a[i]
-    return a
-
-
-def default_relays(app_id: str, count: int = DEFAULT_REDUNDANCY, *, wire: str = "0.25") -> list[str]:
-    """The relays a Trystero browser of ``wire`` ("0.25" or "0.22") picks for ``app_id`` when
-    given no ``relayConfig.urls`` (``count`` = its redundancy, 5 by default).
-
-    0.25.4 and 0.22 choose disjoint sets for some apps (spec §9.4): a helper serving both
-    versions should join the union.
-    """
-    if count < 0:
-        raise ValueError("count must be >= 0")
-    try:
-        urls = _DEFAULT_LISTS[wire]
-    except KeyError:
-        raise ValueError(f"unknown wire {wire!r} (known: {', '.join(_DEFAULT_LISTS)})") from None
-    return trystero_shuffle(urls, _js_str_to_num(app_id))[:count]
-
-
-def default_relays_022(app_id: str, count: int = DEFAULT_REDUNDANCY) -> list[str]:
-    """:func:`default_relays` for Trystero 0.22 browsers."""
-    return default_relays(app_id, count, wire="0.22")
 
 
 # ---------------------------------------------------------------------- relay

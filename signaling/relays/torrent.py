@@ -162,7 +162,6 @@ from .base import (
 
 __all__ = [
     "ANNOUNCE_NOW_MIN_GAP_S",
-    "DEFAULT_TRACKER_URLS",
     "TORRENT_022",
     "TORRENT_025",
     "TORRENT_BACKOFF",
@@ -173,7 +172,6 @@ __all__ = [
     "TorrentRelay",
     "announce_message",
     "answer_message",
-    "default_trackers",
     "passive_announce_message",
     "stopped_message",
 ]
@@ -202,32 +200,6 @@ _EXPECTED_DROPS = frozenset({"duplicate", "own"})
 
 #: Trystero's makeSocket retry: random(0..p), p = 3333 ms doubling, capped (JS gives up there).
 TORRENT_BACKOFF = Backoff(initial=3.333, factor=2.0, cap=60.0, jitter=1.0)
-
-#: ``@trystero-p2p/torrent`` 0.25.4 defaultRelayUrls (spec §4), in its order.
-DEFAULT_TRACKER_URLS: tuple[str, ...] = tuple(
-    "wss://" + host
-    for host in (
-        "open.ftorrent.com",
-        "tracker.webtorrent.dev",
-        "tracker.openwebtorrent.com",
-        "tracker.btorrent.xyz",
-        "tracker.files.fm:7073/announce",
-    )
-)
-#: ``trystero`` 0.22.0 torrent defaultRelayUrls (spec §9.5).
-DEFAULT_TRACKER_URLS_022: tuple[str, ...] = DEFAULT_TRACKER_URLS[1:]
-DEFAULT_REDUNDANCY = 3  # both versions
-
-
-def default_trackers(count: int = DEFAULT_REDUNDANCY, *, wire: str = "0.25") -> list[str]:
-    """The trackers a Trystero browser uses without ``relayConfig.urls``: the first ``count``
-    (no per-app shuffle for torrent, unlike nostr)."""
-    if count < 0:
-        raise ValueError("count must be >= 0")
-    urls = {"0.25": DEFAULT_TRACKER_URLS, "0.22": DEFAULT_TRACKER_URLS_022}.get(wire)
-    if urls is None:
-        raise ValueError(f"unknown wire {wire!r} (known: 0.25, 0.22)")
-    return list(urls[:count])
 
 
 # ---------------------------------------------------------------------- policy (the 0.22 seam)

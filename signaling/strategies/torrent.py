@@ -71,7 +71,6 @@ from signaling.relays.torrent import (
     TorrentOffer,
     TorrentPolicy,
     TorrentRelay,
-    default_trackers,
 )
 from signaling.signaller import RoomSignaller, Signal
 from signaling.strategies.base import Strategy
@@ -80,6 +79,8 @@ from signaling.wire import v022, v025
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_TRACKER_URLS",
+    "DEFAULT_TRACKER_URLS_022",
     "OFFER_POOL_SIZE",
     "OFFER_RETENTION_S",
     "PROFILE_022",
@@ -90,6 +91,7 @@ __all__ = [
     "TorrentProfile",
     "TorrentRoomSignaller",
     "TorrentRoomSignaller022",
+    "default_trackers",
 ]
 
 TORRENT = "torrent"
@@ -107,7 +109,7 @@ POOL_PEER_NAME = "offer-pool"
 class TorrentProfile:
     """``trystero/torrent`` 0.22 (§9.5). The tracker client side of this (frames, cadence,
     dedupe) is ``signaling.relays.torrent.TORRENT_022``; default trackers are
-    ``default_trackers(wire="0.22")`` there. The rest is for the strategy."""
+    ``default_trackers(wire="0.22")`` below. The rest is for the strategy."""
 
     redundancy: int = 3
     #: Offers per announce (0.25: 3) and ``numwant``; all fresh each announce, never re-sent:
@@ -131,6 +133,33 @@ class TorrentProfile:
 
 
 PROFILE_022: Final = TorrentProfile()
+
+#: ``@trystero-p2p/torrent`` 0.25.4 defaultRelayUrls (spec §4), in its order.
+DEFAULT_TRACKER_URLS: tuple[str, ...] = tuple(
+    "wss://" + host
+    for host in (
+        "open.ftorrent.com",
+        "tracker.webtorrent.dev",
+        "tracker.openwebtorrent.com",
+        "tracker.btorrent.xyz",
+        "tracker.files.fm:7073/announce",
+    )
+)
+#: ``trystero`` 0.22.0 torrent defaultRelayUrls (spec §9.5).
+DEFAULT_TRACKER_URLS_022: tuple[str, ...] = DEFAULT_TRACKER_URLS[1:]
+DEFAULT_REDUNDANCY = 3  # both versions
+_DEFAULT_LISTS = {v025.WIRE_VERSION: DEFAULT_TRACKER_URLS, v022.WIRE_VERSION: DEFAULT_TRACKER_URLS_022}
+
+
+def default_trackers(count: int = DEFAULT_REDUNDANCY, *, wire: str = v025.WIRE_VERSION) -> list[str]:
+    """The trackers a Trystero browser uses without ``relayConfig.urls``: the first ``count``
+    (no per-app shuffle for torrent, unlike nostr)."""
+    if count < 0:
+        raise ValueError("count must be >= 0")
+    urls = _DEFAULT_LISTS.get(wire)
+    if urls is None:
+        raise ValueError(f"unknown wire {wire!r} (known: {', '.join(_DEFAULT_LISTS)})")
+    return list(urls[:count])
 
 
 def _is_trystero_id(value: str) -> bool:

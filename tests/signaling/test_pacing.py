@@ -11,7 +11,7 @@ import pytest
 from signaling import RoomConfig, Timeouts, strategies
 from signaling.pacing import AnnouncePacer
 from signaling.peer import PeerError
-from signaling.relays.nostr import DEFAULT_RELAY_URLS as NOSTR_URLS
+from signaling.strategies.nostr import DEFAULT_RELAY_URLS as NOSTR_URLS
 from signaling.strategies.torrent import OfferPool, TorrentRoomSignaller, TorrentRoomSignaller022
 
 WARMUP = (0.233, 0.533, 1.333)

@@ -32,14 +32,12 @@ from signaling.crypto import decrypt, derive_key, encrypt, gen_id, root_topic, t
 from signaling.relays import Backoff, RelayState
 from signaling.relays.torrent import (
     DEDUPE_CAPACITY,
-    DEFAULT_TRACKER_URLS,
     TORRENT_022,
     TORRENT_025,
     TorrentOffer,
     TorrentRelay,
     announce_message,
     answer_message,
-    default_trackers,
     passive_announce_message,
     stopped_message,
 )
@@ -307,16 +305,6 @@ def test_policies() -> None:
         dataclasses.replace(TORRENT_025, min_interval=0)
     with pytest.raises(ValueError):
         dataclasses.replace(TORRENT_025, dedupe_window=0)
-
-
-def test_default_trackers() -> None:
-    assert default_trackers() == [
-        "wss://open.ftorrent.com",
-        "wss://tracker.webtorrent.dev",
-        "wss://tracker.openwebtorrent.com",
-    ]  # §10: the same three for every appId
-    assert default_trackers(wire="0.22") == list(DEFAULT_TRACKER_URLS[1:4])
-    assert len(default_trackers(9)) == 5
 
 
 async def test_rejects_bad_arguments(make_relay: RelayFactory) -> None:

@@ -14,9 +14,11 @@ from signaling import strategies
 from signaling.foreign_wire import ForeignWireWatch, channel_wire
 from signaling.negotiation022 import RoomSignaller022
 from signaling.strategies.torrent import (
+    DEFAULT_TRACKER_URLS,
     OfferBatches,
     TorrentRoomSignaller,
     TorrentRoomSignaller022,
+    default_trackers,
 )
 from signaling.wire import v022, v025
 from tests.signaling.test_pacing import FakePeer
@@ -109,3 +111,13 @@ def test_report_logs_once_and_tells_the_owner(caplog: pytest.LogCaptureFixture) 
         "room lobby (Trystero wire 0.22): peer P25 seems to speak Trystero wire 0.25 (room frames on the "
         "data channel); it cannot join this room: both sides must use the same wire"
     ]
+
+
+def test_default_trackers() -> None:
+    assert default_trackers() == [
+        "wss://open.ftorrent.com",
+        "wss://tracker.webtorrent.dev",
+        "wss://tracker.openwebtorrent.com",
+    ]  # §10: the same three for every appId
+    assert default_trackers(wire="0.22") == list(DEFAULT_TRACKER_URLS[1:4])
+    assert len(default_trackers(9)) == 5

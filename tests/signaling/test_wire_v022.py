@@ -72,7 +72,7 @@ def test_spec_encryption() -> None:
 
 
 def test_spec_nostr_relays_for_0_22() -> None:
-    from signaling.relays.nostr import default_relays_022
+    from signaling.strategies.nostr import default_relays_022
 
     assert default_relays_022(APP) == [
         "wss://relay.binaryrobot.com",
@@ -593,8 +593,8 @@ def _js_default_urls(module: str) -> list[str]:
 
 
 def test_profile_default_urls_match_js_source() -> None:
-    from signaling.relays.nostr import DEFAULT_RELAY_URLS_022
-    from signaling.relays.torrent import DEFAULT_TRACKER_URLS_022
+    from signaling.strategies.nostr import DEFAULT_RELAY_URLS_022
+    from signaling.strategies.torrent import DEFAULT_TRACKER_URLS_022
 
     assert list(MQTT_022.default_urls) == _js_default_urls("mqtt.js")
     assert list(DEFAULT_TRACKER_URLS_022) == _js_default_urls("torrent.js")
