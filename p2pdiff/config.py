@@ -108,7 +108,7 @@ class P2PConfig:
     # Largest result image accepted from a peer (chunk bytes or a data: URL); over it the task fails.
     max_result_bytes: int = 16 * 1024 * 1024
     # The Trystero wire the helper speaks: "0.25" (Trystero 0.25.x) or "0.22" (the app's own).
-    wire: str = "0.25"
+    wire: str = WIRE_VERSIONS[0]
 
 
 @dataclass(slots=True)

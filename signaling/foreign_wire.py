@@ -32,6 +32,7 @@ from typing import Any
 
 from signaling.bounded import LruSet
 from signaling.framing import from_json
+from signaling.wire import v022, v025
 from signaling.wire.v022 import detect_wire_version
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,9 @@ def channel_wire(data: bytes | str, wire: str) -> tuple[str, str] | None:
     if not isinstance(data, bytes | bytearray | memoryview) or not data:
         return None
     data = bytes(data)
-    if wire == "0.22":
+    if wire == v022.WIRE_VERSION:
         if data[0] in _FRAME_TYPES_025:
-            return "0.25", "room frames on the data channel"
+            return v025.WIRE_VERSION, "room frames on the data channel"
         return None
     if data[0] in _FRAME_TYPES_025 or len(data) < _HEADER_BYTES_022:
         return None
@@ -80,7 +81,7 @@ def channel_wire(data: bytes | str, wire: str) -> tuple[str, str] | None:
     except UnicodeDecodeError:
         return None
     if name and name.isprintable():
-        return "0.22", "bare action chunks on the data channel"
+        return v022.WIRE_VERSION, "bare action chunks on the data channel"
     return None
 
 

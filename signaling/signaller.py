@@ -52,6 +52,7 @@ from signaling.pacing import AnnouncePacer
 from signaling.peer import InvalidDescription, Peer, PeerError
 from signaling.relay_hub import RelayFactory, RelayHub
 from signaling.relays import Relay, RelayState
+from signaling.wire import WIRE_VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class RoomSignaller:
         limits: Limits,
         timeouts: Timeouts,
         counters: Counter[str],
-        wire: str = "0.25",
+        wire: str = WIRE_VERSIONS[0],
     ) -> None:
         self.app_id = app_id
         self.room_id = room_id
