@@ -11,6 +11,9 @@ so a caller can contain one misbehaving peer with a single ``except``:
   message; the decoder stays usable, so log and carry on).
 - :class:`HandshakeError`: a ``@_hsdata`` password message has the wrong shape or hash.
 
+Errors of one connection derive from :class:`PeerError` (defined here, raised by
+:mod:`signaling.peer`, so the signalling code can catch them without importing WebRTC).
+
 Programming errors on the local side (e.g. an action name longer than the wire allows, a payload
 that is not JSON-serialisable) raise ordinary ``ValueError``/``TypeError``.
 """
@@ -36,3 +39,23 @@ class PayloadError(SignalingError):
 
 class HandshakeError(SignalingError):
     """The session-admission handshake (password check) failed."""
+
+
+class PeerError(Exception):
+    """Base class for errors raised by :class:`~signaling.peer.Peer`."""
+
+
+class InvalidDescription(PeerError, ValueError):
+    """A remote SDP was unusable; the :class:`~signaling.peer.Peer` has been closed."""
+
+
+class InvalidCandidate(PeerError, ValueError):
+    """A remote candidate could not be parsed."""
+
+
+class MessageTooLarge(PeerError, ValueError):
+    """The message exceeds :attr:`~signaling.peer.Peer.max_message_size`."""
+
+
+class ChannelNotOpen(PeerError, ConnectionError):
+    """The data channel is not open (not yet, or no longer)."""

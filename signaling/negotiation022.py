@@ -50,9 +50,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from signaling import crypto
-from signaling.errors import DecryptError
+from signaling.errors import DecryptError, PeerError
 from signaling.limits import Timeouts
-from signaling.peer import PeerError
 from signaling.signaller import Negotiation, Negotiator, RoomSignaller, Signal
 from signaling.wire import v022
 from signaling.wire.interface import Wire

@@ -68,6 +68,7 @@ from aiortc import (
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from signaling import sctp_ack
+from signaling.errors import ChannelNotOpen, InvalidCandidate, InvalidDescription, MessageTooLarge, PeerError
 
 logger = logging.getLogger(__name__)
 
@@ -113,26 +114,6 @@ MAX_EARLY_MESSAGES: Final = 256
 
 # aiortc assumes this when the remote SDP has no a=max-message-size (RFC 8841 §6).
 _REMOTE_DEFAULT_MAX_MESSAGE_SIZE: Final = 65536
-
-
-class PeerError(Exception):
-    """Base class for errors raised by :class:`Peer`."""
-
-
-class InvalidDescription(PeerError, ValueError):
-    """A remote SDP was unusable; the :class:`Peer` has been closed."""
-
-
-class InvalidCandidate(PeerError, ValueError):
-    """A remote candidate could not be parsed."""
-
-
-class MessageTooLarge(PeerError, ValueError):
-    """The message exceeds :attr:`Peer.max_message_size`."""
-
-
-class ChannelNotOpen(PeerError, ConnectionError):
-    """The data channel is not open (not yet, or no longer)."""
 
 
 # --------------------------------------------------------------------------- ICE host addresses

@@ -38,21 +38,23 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
 from signaling import crypto
 from signaling.background import BackgroundTasks
 from signaling.bounded import LruDict, LruSet, TokenBucket
-from signaling.errors import DecryptError
+from signaling.errors import DecryptError, InvalidDescription, PeerError
 from signaling.foreign_wire import ForeignWireWatch
 from signaling.limits import Limits, Timeouts
 from signaling.pacing import AnnouncePacer
-from signaling.peer import InvalidDescription, Peer, PeerError
 from signaling.relay_hub import RelayFactory, RelayHub
 from signaling.relays import Relay, RelayState
 from signaling.wire import WIRE_VERSIONS
+
+if TYPE_CHECKING:  # the Peer type only: this module never makes one, so it needs no WebRTC
+    from signaling.peer import Peer
 
 log = logging.getLogger(__name__)
 

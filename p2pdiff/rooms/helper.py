@@ -203,7 +203,7 @@ class P2PHelper(Helper):
     mode = "p2p"
 
     def __init__(self, config: P2PConfig) -> None:
-        import signaling
+        import signaling  # here, so an api-only server never imports aiortc
 
         self._signaling = signaling
         self._room_settings: dict[str, Any] = {

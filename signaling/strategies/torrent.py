@@ -60,10 +60,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from signaling import crypto
-from signaling.peer import Peer, PeerError
+from signaling.errors import PeerError
 from signaling.relays.torrent import (
     ID_LENGTH,
     TORRENT_022,
@@ -75,6 +75,9 @@ from signaling.relays.torrent import (
 from signaling.signaller import RoomSignaller, Signal
 from signaling.strategies.base import Strategy
 from signaling.wire import v022, v025
+
+if TYPE_CHECKING:  # Peers come from the negotiator: the strategy needs no WebRTC import
+    from signaling.peer import Peer
 
 log = logging.getLogger(__name__)
 
