@@ -1,6 +1,7 @@
 # make run    install everything into .venv and start the server (config.toml, PORT overrides the port)
 # make test   install the test dependencies too and run the whole suite in a loopback-only netns
 # make bench  run the benchmarks (prints ratios against a baseline measured in the same run)
+# make lint   ruff, then mypy --strict on signaling/ and p2pdiff/ (CI runs it after make test)
 # make soak   mixed REST + SSE + peer load for SOAK_MINUTES (default 30); prints RSS and fd slopes
 
 PYTHON ?= python3
@@ -48,6 +49,7 @@ soak: $(STAMP) system-deps $(NODE_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) tests/interop/node_modules .pytest_cache .ruff_cache
