@@ -16,6 +16,9 @@ signaller per wire), registered in one place; ``peer`` is one RTCPeerConnection;
 ``wire`` holds the data-channel byte formats; ``session`` shares one connection per remote peer
 between the rooms of an app id and runs admission; ``negotiation022`` is what ``wire="0.22"`` rooms
 do differently (and ``foreign_wire`` spots peers of the other wire); ``room`` is the public API.
+
+"spec §N" in this package's comments is section N of ``docs/trystero-wire.md``, the wire of both
+Trystero versions as the published npm packages speak it, with test vectors.
 """
 
 from __future__ import annotations

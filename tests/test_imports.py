@@ -140,3 +140,23 @@ def test_lazy_and_type_only_imports(tmp_path: Path) -> None:
     names = _imported(ast.parse(source), "p2pdiff.tasks.results", False, known)
     assert "p2pdiff.rooms.helper" in names  # a lazy import still counts
     assert "p2pdiff.x" not in names  # a type-only one does not
+
+
+# p2pdiff's layers, lowest first: a module may import its own layer and the layers before it (and the
+# package's top-level modules below app.py: config, errors, appkeys), never one after it.
+LAYERS = ("tasks", "rooms", "ops", "rest")
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "p2pdiff" and len(parts) > 2 and parts[1] in LAYERS else None
+
+
+def test_layers_import_downwards_only() -> None:
+    upward = sorted(
+        f"{module} -> {dep}"
+        for module, deps in import_graph().items()
+        for dep in deps
+        if (low := _layer(module)) and (high := _layer(dep)) and LAYERS.index(high) > LAYERS.index(low)
+    )
+    assert upward == []
