@@ -168,7 +168,10 @@ def _statm() -> int | None:
         return None
 
 
-def _memory() -> dict[str, int]:
+@functools.lru_cache(maxsize=1)
+def _memory(second: int) -> dict[str, int]:
+    """Memory use, read at most once a ``second`` (of the monotonic clock): its two system calls cost
+    a health check more than the rest of its answer, and an RSS a second old means the same there."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     rss = usage.ru_maxrss * 1024
     statm = _statm()
@@ -191,7 +194,7 @@ async def health(request: web.Request) -> web.Response:
             "status": "ok",
             "p2pEnabled": p2p_on,
             "uptime": round(time.time() - app[STARTED_AT], 3),
-            "memory": _memory(),
+            "memory": _memory(int(time.monotonic())),
             "version": VERSION,
             "p2p": {
                 "available": _p2p_available(),
