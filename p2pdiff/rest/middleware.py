@@ -15,9 +15,10 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from aiohttp.web_urldispatcher import AbstractResource
 
 from p2pdiff.errors import AppError
@@ -44,9 +45,7 @@ def _id_source() -> Callable[[], str]:
     return lambda: prefix + str(next(counter))
 
 
-def request_middleware(
-    http: HttpMetrics, guard: Guard, cors: Cors, shutdown: Shutdown
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def request_middleware(http: HttpMetrics, guard: Guard, cors: Cors, shutdown: Shutdown) -> Middleware:
     new_id = _id_source()
     clock = time.perf_counter
     # Per route: (template for the metrics label, the security headers of what browsers render there).
@@ -80,7 +79,9 @@ def request_middleware(
         try:
             # Errors are answered here, not in a wrapper of the handler: a coroutine less per request.
             try:
-                response = guard.refuse(request) if method in MUTATING_METHODS else None
+                response: web.StreamResponse | None = None
+                if method in MUTATING_METHODS:
+                    response = guard.refuse(request)
                 if response is None:
                     response = await handler(request)
             except AppError as exc:
