@@ -46,11 +46,11 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from signaling import crypto
-from signaling.errors import DecryptError, PeerError
+from signaling.bounded import LruDict
+from signaling.errors import DecryptError
 from signaling.limits import Timeouts
 from signaling.signaller import Negotiation, Negotiator, RoomSignaller, Signal
 from signaling.wire import v022
@@ -173,7 +173,7 @@ class Negotiator022(Negotiator):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._asked: OrderedDict[str, float] = OrderedDict()
+        self._asked: LruDict[str, float] = LruDict(_ASKED_CAPACITY)
         profile = v022.PROFILE
         self._answer_ttl = min(self._timeouts.connect, profile.pending_offer_ttl + ANSWER_GRACE)
         self._offer_ttl = min(self._timeouts.offer, OFFER_WAIT)
@@ -223,32 +223,15 @@ class Negotiator022(Negotiator):
             room.counters["dropped.reply_rate_limited"] += 1
             return
         self._asked[peer_id] = now
-        self._asked.move_to_end(peer_id)
-        while len(self._asked) > _ASKED_CAPACITY:
-            self._asked.popitem(last=False)
         # "Please offer me": JS 0.22 takes any {"peerId"} as an announcement and offers at once.
         room.signal(url, peer_id, {"peerId": self.self_id})
 
-    def _start_offer(self, room: RoomSignaller, url: str, peer_id: str) -> None:
-        if not self._admit_new(room):
-            return
-        peer = self._links.make_peer(True, peer_id)
-        neg = Negotiation(peer_id, "offerer", peer, room, "")  # 0.22 offers carry no id
-        neg.waiting_relays.add(url)
-        self._register(neg, self._offer_ttl)
-        self._spawn(neg, self._create_offer(neg))
+    def _new_offer_id(self) -> str:
+        return ""  # 0.22 offers carry no id
 
-    async def _create_offer(self, neg: Negotiation) -> None:
-        try:
-            sdp = await neg.peer.create_offer()
-        except PeerError as exc:
-            self._drop(neg, f"offer failed: {exc}")
-            return
+    def _outgoing_offer_sdp(self, sdp: str) -> str:
         # JS removes this line before sending; harmless either way, but keeps us looking like 0.22.
-        neg.offer_sealed = crypto.encrypt(neg.room.key, v022.strip_trickle_option(sdp))
-        for url in sorted(neg.waiting_relays):
-            self._send_offer(neg, url)
-        neg.waiting_relays.clear()
+        return v022.strip_trickle_option(sdp)
 
     def _send_offer(self, neg: Negotiation, url: str) -> None:
         if neg.offer_sealed is None:

@@ -52,6 +52,7 @@ from signaling.pacing import AnnouncePacer
 from signaling.relay_hub import RelayFactory, RelayHub
 from signaling.relays import Relay, RelayState
 from signaling.wire import WIRE_VERSIONS
+from signaling.wire.interface import relay_envelope
 
 if TYPE_CHECKING:  # the Peer type only: this module never makes one, so it needs no WebRTC
     from signaling.peer import Peer
@@ -82,21 +83,12 @@ class Signal:
 
 def parse_signal(text: str, self_id: str, limits: Limits) -> Signal | str:
     """The message as a :class:`Signal`, or the reason (a counter name) it is dropped."""
-    if len(text) > limits.max_signal_bytes:
-        return "relay_oversize"
-    try:
-        payload = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return "relay_not_json"
-    if not isinstance(payload, dict):
-        return "relay_not_object"
-    peer_id = payload.get("peerId")
-    if not isinstance(peer_id, str) or not peer_id:
-        return "relay_no_peer_id"
-    if peer_id == self_id:
-        return "relay_own"
-    if len(peer_id) > limits.max_peer_id_length:
-        return "relay_bad_peer_id"
+    envelope = relay_envelope(
+        text, self_id, max_bytes=limits.max_signal_bytes, max_peer_id_length=limits.max_peer_id_length
+    )
+    if isinstance(envelope, str):
+        return envelope
+    peer_id, payload = envelope
     # JS drops the whole message if any signal field is present but not a non-empty string.
     fields: dict[str, str] = {}
     for key in _SIGNAL_KEYS:
@@ -359,6 +351,8 @@ class Negotiator:
         self._reply_budget = TokenBucket(limits.reply_rate, max(1.0, 2 * limits.reply_rate))
         self._closing = BackgroundTasks(log)
         self._closed = False
+        #: How long an offer waits for its answer (a wire may wait less: ``Negotiator022``).
+        self._offer_ttl = timeouts.offer
 
     @property
     def pending(self) -> dict[str, Negotiation]:
@@ -433,9 +427,9 @@ class Negotiator:
         if not self._admit_new(room):
             return
         peer = self._links.make_peer(True, peer_id)
-        neg = Negotiation(peer_id, "offerer", peer, room, crypto.gen_id(OFFER_ID_LENGTH))
+        neg = Negotiation(peer_id, "offerer", peer, room, self._new_offer_id())
         neg.waiting_relays.add(url)
-        self._register(neg, self._timeouts.offer)
+        self._register(neg, self._offer_ttl)
         self._spawn(neg, self._create_offer(neg))
 
     async def _create_offer(self, neg: Negotiation) -> None:
@@ -444,10 +438,17 @@ class Negotiator:
         except PeerError as exc:
             self._drop(neg, f"offer failed: {exc}")
             return
-        neg.offer_sealed = crypto.encrypt(neg.room.key, sdp)
+        neg.offer_sealed = crypto.encrypt(neg.room.key, self._outgoing_offer_sdp(sdp))
         for url in sorted(neg.waiting_relays):
             self._send_offer(neg, url)
         neg.waiting_relays.clear()
+
+    def _new_offer_id(self) -> str:
+        return crypto.gen_id(OFFER_ID_LENGTH)
+
+    def _outgoing_offer_sdp(self, sdp: str) -> str:
+        """The offer SDP as this wire sends it (sealed afterwards)."""
+        return sdp
 
     def _send_offer(self, neg: Negotiation, url: str) -> None:
         if neg.offer_sealed is None:

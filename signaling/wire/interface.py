@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from signaling.framing import NO_METADATA, ChunkLayout
+from signaling.framing import NO_METADATA, ChunkLayout, from_json
 
 __all__ = [
     "Admission",
@@ -179,3 +179,30 @@ class Wire:
             # 0.22: a 1-byte nonce; an unfinished run would be glued to the send 256 sends later.
             complete_runs=self.layout.nonce_modulus <= 256,
         )
+
+
+def relay_envelope(
+    text: str | bytes, self_id: str, *, max_bytes: int, max_peer_id_length: int
+) -> tuple[str, dict[str, Any]] | str:
+    """What every relay message of either wire is: a JSON object naming its sender in ``peerId``.
+
+    Returns ``(peer_id, payload)``, or the reason (a counter name) the message is dropped:
+    ``relay_oversize``, ``relay_not_json``, ``relay_not_object``, ``relay_no_peer_id`` (missing, empty
+    or not a string), ``relay_bad_peer_id`` (too long) or ``relay_own`` (our own id).
+    """
+    if len(text) > max_bytes:
+        return "relay_oversize"
+    try:
+        payload = from_json(text)
+    except ValueError:
+        return "relay_not_json"
+    if not isinstance(payload, dict):
+        return "relay_not_object"
+    peer_id = payload.get("peerId")
+    if not isinstance(peer_id, str) or not peer_id:
+        return "relay_no_peer_id"
+    if len(peer_id) > max_peer_id_length:
+        return "relay_bad_peer_id"
+    if peer_id == self_id:
+        return "relay_own"
+    return peer_id, payload

@@ -69,7 +69,7 @@ from signaling.framing import (
     progress_byte,
     to_json,
 )
-from signaling.wire.interface import Cadence, Presence, Progress, Received, Wire
+from signaling.wire.interface import Cadence, Presence, Progress, Received, Wire, relay_envelope
 from signaling.wire.v025 import ChunkDecoder
 
 __all__ = [
@@ -445,21 +445,10 @@ def parse_relay_payload(
     - ``relay_bad_field``: any other ``offer``/``answer`` that is not ``{"type":"offer"|"answer",
       "sdp":<non-empty string>}`` (JS fails decryption or errors in the peer).
     """
-    if len(text) > max_bytes:
-        return "relay_oversize"
-    try:
-        payload = from_json(text)
-    except ValueError:
-        return "relay_not_json"
-    if not isinstance(payload, dict):
-        return "relay_not_object"
-    peer_id = payload.get("peerId")
-    if not isinstance(peer_id, str) or not peer_id:
-        return "relay_no_peer_id"
-    if len(peer_id) > max_peer_id_length:
-        return "relay_bad_peer_id"
-    if peer_id == self_id:
-        return "relay_own"
+    envelope = relay_envelope(text, self_id, max_bytes=max_bytes, max_peer_id_length=max_peer_id_length)
+    if isinstance(envelope, str):
+        return envelope
+    peer_id, payload = envelope
     for key in ("offer", "answer"):  # JS: `else if (offer) … else if (answer)`
         value = payload.get(key)
         if not _js_truthy(value):
