@@ -151,9 +151,7 @@ class RoomSignaller022(RoomSignaller):
         if self.strangers.screen(text, peer_id, suspicious=suspicious):
             return
         if isinstance(parsed, str):
-            if parsed != "relay_own":
-                self.counters[f"dropped.{parsed}"] += 1
-                log.debug("room %s: dropped relay message on %s: %s", self.room_id, url, parsed)
+            self._count_drop(url, parsed)
             return
         negotiator = self._negotiator
         assert isinstance(negotiator, Negotiator022)

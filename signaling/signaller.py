@@ -282,6 +282,12 @@ class RoomSignaller:
             return False
         return not any(n.room is self for n in self._negotiator.pending.values())
 
+    def _count_drop(self, url: str, reason: str) -> None:
+        """A relay message that goes no further, counted by ``reason`` (our own echo is not news)."""
+        if reason != "relay_own":
+            self.counters[f"dropped.{reason}"] += 1
+            log.debug("room %s: dropped relay message on %s: %s", self.room_id, url, reason)
+
     def _on_text(self, url: str, topic: str, text: str) -> None:
         if self._stopped:
             return
@@ -292,9 +298,7 @@ class RoomSignaller:
         if self.strangers.screen(text, peer_id, suspicious=parsed == "relay_bad_field"):
             return
         if isinstance(parsed, str):
-            if parsed != "relay_own":
-                self.counters[f"dropped.{parsed}"] += 1
-                log.debug("room %s: dropped relay message on %s: %s", self.room_id, url, parsed)
+            self._count_drop(url, parsed)
             return
         try:
             self._negotiator.handle(self, url, parsed)
