@@ -25,6 +25,7 @@ from p2pdiff.errors import NotFound
 from p2pdiff.rest import appfiles, dashboard, security
 from p2pdiff.rest.api import MAX_BODY_BYTES, VERSION
 from p2pdiff.tasks import validate
+from signaling.wire import WIRE_VERSIONS
 
 JSON = "application/json"
 # HEAD is answered for every GET route by aiohttp and means the same without a body.
@@ -42,7 +43,7 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
 ID = {"type": "string", "pattern": f"^{validate.ID_RE.pattern}$"}
 STATUS = {"type": "string", "enum": list(validate.STATUSES)}
 MILLIS = {"type": "integer", "description": "milliseconds since the epoch, like Date.now()"}
-WIRE = {"type": "string", "enum": ["0.25", "0.22"], "description": "Trystero wire of the helper's room"}
+WIRE = {"type": "string", "enum": list(WIRE_VERSIONS), "description": "Trystero wire of the helper's room"}
 _STATUS_ALT = "|".join(validate.STATUSES)
 
 SCHEMAS: dict[str, Any] = {
