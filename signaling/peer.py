@@ -54,7 +54,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aioice.ice
 from aiortc import (
@@ -125,7 +125,15 @@ _scoped_addresses: contextvars.ContextVar[Any] = contextvars.ContextVar(
 )
 _process_addresses: tuple[str, ...] | None = None
 _active_scopes = 0
-_original_get_host_addresses: Callable[[bool, bool], list[str]] | None = None
+
+
+class _HostAddressesGetter(Protocol):
+    """The signature of ``aioice.ice.get_host_addresses``, parameter names included."""
+
+    def __call__(self, use_ipv4: bool, use_ipv6: bool) -> list[str]: ...
+
+
+_original_get_host_addresses: _HostAddressesGetter | None = None
 
 
 def _normalize_addresses(addrs: Iterable[str]) -> tuple[str, ...]:
@@ -875,7 +883,9 @@ class Peer:
         if self._opened.is_set() or self.closed:
             return
         self._opened.set()
-        logger.debug("peer %s: channel %r open (id %s)", self.name, self._channel.label, self._channel.id)
+        channel = self._channel
+        assert channel is not None  # this handler is registered by _attach_channel, which sets it
+        logger.debug("peer %s: channel %r open (id %s)", self.name, channel.label, channel.id)
         self._call(self.on_open)
 
     def _on_channel_close(self) -> None:

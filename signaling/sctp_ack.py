@@ -51,14 +51,18 @@ def installed() -> bool:
     return RTCSctpTransport._send_sack is _send_sack_delayed
 
 
+# Both assignments replace a method of aiortc's class on purpose (method-assign), with a plain
+# function whose argument is not named ``self`` like the method's (assignment).
+
+
 def install() -> None:
     """Replace aiortc's per-packet SACK with the delayed one (idempotent)."""
-    RTCSctpTransport._send_sack = _send_sack_delayed  # type: ignore[method-assign]
+    RTCSctpTransport._send_sack = _send_sack_delayed  # type: ignore[method-assign,assignment]
 
 
 def uninstall() -> None:
     if installed():  # leave someone else's patch alone
-        RTCSctpTransport._send_sack = _AIORTC_SEND_SACK  # type: ignore[method-assign]
+        RTCSctpTransport._send_sack = _AIORTC_SEND_SACK  # type: ignore[method-assign,assignment]
 
 
 async def _send_sack_delayed(transport: RTCSctpTransport) -> None:

@@ -346,7 +346,7 @@ class Relay(ConnectionLifecycle):
 
     # ------------------------------------------------------------------ for subclasses
 
-    def _deliver(self, topic: str, payload: bytes) -> None:
+    def _deliver(self, topic: str, payload: bytes | bytearray) -> None:
         """Hand one inbound message to the owner. Never raises into the transport."""
         if not self._matches(topic):
             log.debug("%s: ignored a message on unsubscribed topic %s", self._name, topic)

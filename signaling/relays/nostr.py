@@ -100,7 +100,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from coincurve import PrivateKey, PublicKeyXOnly
@@ -235,7 +235,7 @@ class InvalidEvent(ValueError):
         self.reason = reason
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -268,7 +268,8 @@ def event_topic(event: object) -> str:
         and _HEX128.fullmatch(sig)
     ):
         raise InvalidEvent("malformed", "pubkey, id or sig")
-    topic = next((t[1] for t in tags if len(t) >= 2 and t[0] == TOPIC_TAG), None)
+    # every tag was checked above to be a list of str
+    topic: str | None = next((t[1] for t in tags if len(t) >= 2 and t[0] == TOPIC_TAG), None)
     if not topic:
         raise InvalidEvent("no_topic")
     if kind != nostr_kind(topic):

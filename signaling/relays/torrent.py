@@ -144,7 +144,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import aiohttp
 import orjson
@@ -360,7 +360,7 @@ def _check_id(value: object, what: str) -> str:
     return value
 
 
-def _is_short_str(value: object, limit: int) -> bool:
+def _is_short_str(value: object, limit: int) -> TypeGuard[str]:
     return isinstance(value, str) and 0 < len(value) <= limit
 
 
@@ -716,6 +716,8 @@ class TorrentRelay(ConnectionLifecycle):
             return None
         offers: list[TorrentOffer] = []
         for item in result or ():
+            offer_id: object
+            sdp: object
             try:
                 offer_id, sdp = item
             except (TypeError, ValueError):
@@ -729,7 +731,7 @@ class TorrentRelay(ConnectionLifecycle):
                     item,
                 )
                 continue
-            offers.append(TorrentOffer(offer_id, sdp))  # type: ignore[arg-type]
+            offers.append(TorrentOffer(offer_id, sdp))
         if len(offers) > self._policy.max_offers:
             self._counters["offers_truncated"] += 1
             self._link.warn_once(

@@ -197,13 +197,15 @@ class _OfferMaker:
         self._closed = False
         self.made = 0  # Peers created so far (diagnostics and tests)
 
-    async def _make_many(self, count: int) -> list[_Offer]:
+    async def _make_many(self, count: int) -> list[_Offer] | None:
+        """Up to ``count`` new offers (those that fail are left out); None when the maker was closed
+        meanwhile, the offers made then released."""
         made = await asyncio.gather(*(self._make() for _ in range(count)))
         offers = [offer for offer in made if offer is not None]
         if self._closed:
             for offer in offers:
                 self._release(offer.peer, "pool closed")
-            return []
+            return None
         return offers
 
     async def _make(self) -> _Offer | None:
@@ -270,7 +272,7 @@ class OfferPool(_OfferMaker):
             self._expire()
             missing = self._size - len(self._offers)
             if missing > 0:
-                for offer in await self._make_many(missing):
+                for offer in await self._make_many(missing) or ():
                     self._offers[offer.offer_id] = offer
             return [TorrentOffer(o.offer_id, o.sealed) for o in self._offers.values()]
 
@@ -324,7 +326,7 @@ class OfferBatches(_OfferMaker):
         if self._closed:
             return []
         made = await self._make_many(self._size)
-        if self._closed:
+        if made is None:
             return []
         previous = self._batches.pop(tracker_url, {})
         self._release_all(list(previous.values()), "offer superseded by a newer announce")

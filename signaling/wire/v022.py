@@ -254,9 +254,8 @@ class Decoder(ChunkDecoder):
         if self._accepts is not None and not self._accepts(header.action):
             self.ignored += 1
             return []
-        return self._chunk(
-            self.token, (header.action, header.nonce), header, payload, meta_with_binary_only=True
-        )
+        key = (header.action, header.nonce)
+        return [self._chunk(self.token, key, header, payload, meta_with_binary_only=True)]
 
     def forget_room(self, token: str) -> int:
         """Drop half-received actions if ``token`` is this decoder's room; returns how many."""

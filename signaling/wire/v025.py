@@ -254,8 +254,8 @@ class ChunkDecoder:
         self._reassembler.clear()
 
     def _chunk(
-        self, token: str, key: Any, header: ChunkHeader, payload: memoryview, *, meta_with_binary_only: bool
-    ) -> list[Progress | Received]:
+        self, token: str, key: Any, header: ChunkHeader, payload: bytes, *, meta_with_binary_only: bool
+    ) -> Progress | Received:
         """Add one chunk of the action ``key``; a Progress, or the Received that completes it."""
         meta: Any = NO_METADATA
         if header.is_meta:
@@ -266,7 +266,7 @@ class ChunkDecoder:
         done = self._reassembler.add(key, payload, last=header.is_last, meta=meta)
         if done is None:
             metadata = self._reassembler.metadata(key)
-            return [Progress(token, header.action, header.nonce, header.progress / 255, metadata)]
+            return Progress(token, header.action, header.nonce, header.progress / 255, metadata)
         try:
             # JS decodes by the flags of the last chunk, binary first.
             value = decode_payload(done.data, header.flags)
@@ -274,9 +274,8 @@ class ChunkDecoder:
             raise PayloadError(f"payload of {header.action!r} is not JSON") from exc
         # 0.22 calls onComplete(data, id, meta) for binary and onComplete(data, id) otherwise.
         keep_meta = header.is_binary or not meta_with_binary_only
-        return [
-            Received(token, header.action, header.nonce, value, done.metadata if keep_meta else NO_METADATA)
-        ]
+        metadata = done.metadata if keep_meta else NO_METADATA
+        return Received(token, header.action, header.nonce, value, metadata)
 
 
 class Decoder(ChunkDecoder):
@@ -303,13 +302,15 @@ class Decoder(ChunkDecoder):
         if isinstance(frame, Presence):
             return [frame]
         header, payload = LAYOUT.parse(frame.chunk)
-        return self._chunk(
-            frame.token,
-            (frame.token, header.action, header.nonce),
-            header,
-            payload,
-            meta_with_binary_only=False,
-        )
+        return [
+            self._chunk(
+                frame.token,
+                (frame.token, header.action, header.nonce),
+                header,
+                payload,
+                meta_with_binary_only=False,
+            )
+        ]
 
     def forget_room(self, token: str) -> int:
         """Drop half-received actions of one room; returns how many were dropped."""
