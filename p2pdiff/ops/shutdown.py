@@ -43,7 +43,7 @@ class Shutdown:
         self.grace = grace
         # The transport of every connection that carried a request. Weak: a closed connection's
         # transport is collected and drops out, so this holds the open ones only.
-        self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self._connections: weakref.WeakSet[asyncio.Transport] = weakref.WeakSet()
         self._started: float | None = None
         self._cut_timer: asyncio.TimerHandle | None = None
 

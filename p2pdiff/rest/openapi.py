@@ -358,7 +358,7 @@ VENDORED = ("swagger-ui-bundle.js", "swagger-ui.css")
 def _op(
     op_id: str,
     summary: str,
-    ok: dict[int, tuple[str, Any]],
+    ok: dict[int, tuple[str | tuple[str, ...], Any]],
     errors: tuple[int, ...] = (),
     *,
     params: tuple[dict[str, Any], ...] = (),
@@ -366,7 +366,7 @@ def _op(
     body_required: bool = True,
     flushes: bool = False,
 ) -> dict[str, Any]:
-    """An operation: ``ok`` maps status -> (media type, schema); errors all use the Error shape."""
+    """An operation: ``ok`` maps status -> (media type or types, schema); errors all use the Error shape."""
     op: dict[str, Any] = {"operationId": op_id, "summary": summary, "_ok": ok, "_errors": set(errors)}
     if params:
         op["parameters"] = list(params)

@@ -30,7 +30,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -119,7 +119,10 @@ def _task_id(data: dict[str, Any], key: str = "taskId") -> str:
     return value
 
 
-def _storable(value: Any, key: str) -> Any:
+_V = TypeVar("_V")
+
+
+def _storable(value: _V, key: str) -> _V:
     """``value``, if the store and every JSON answer carry it intact (validate.json_problem)."""
     problem = validate.json_problem(value)
     if problem is not None:

@@ -7,13 +7,14 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
 from p2pdiff.errors import BadRequest, PayloadTooLarge
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+ID_PROBLEM = "must be 1..128 characters of A-Z a-z 0-9 _ . : -"
 MAX_PROMPT_CHARS = 4000
 MAX_OPTIONS_BYTES = 16 * 1024
 MAX_RESULT_BYTES = 16 * 1024
@@ -120,23 +121,25 @@ def check_fields(fields: Mapping[str, Any], max_depth: int = MAX_JSON_DEPTH) -> 
             raise BadRequest(f"field {name[:40]!r} {problem}", code="invalid_value")
 
 
+def is_id(value: object) -> TypeGuard[str]:
+    """True when ``value`` is a valid task or room id (ID_RE)."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+
+
 def check_room_id(value: Any) -> str | None:
     """Return a problem description, or None when ``value`` is a valid room id."""
-    if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        return "must be 1..128 characters of A-Z a-z 0-9 _ . : -"
-    return None
+    return None if is_id(value) else ID_PROBLEM
 
 
 def room_id(value: Any) -> str:
-    problem = check_room_id(value)
-    if problem:
-        raise BadRequest(f"roomId {problem}", code="invalid_room_id")
+    if not is_id(value):
+        raise BadRequest(f"roomId {ID_PROBLEM}", code="invalid_room_id")
     return value
 
 
 def task_id(value: Any) -> str:
-    if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        raise BadRequest("id must be 1..128 characters of A-Z a-z 0-9 _ . : -", code="invalid_task_id")
+    if not is_id(value):
+        raise BadRequest(f"id {ID_PROBLEM}", code="invalid_task_id")
     return value
 
 
