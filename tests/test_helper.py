@@ -7,21 +7,18 @@ import pytest
 
 from p2pdiff.config import P2PConfig
 from p2pdiff.errors import BadRequest, Conflict
-from p2pdiff.rooms import helper as helper_module
-from p2pdiff.rooms.helper import ApiOnlyHelper, make_helper
+from p2pdiff.rooms.helper import ApiOnlyHelper, P2PHelper, make_helper
 
 
 def test_disabled_p2p_runs_api_only() -> None:
     assert isinstance(make_helper(P2PConfig(enabled=False)), ApiOnlyHelper)
 
 
-def test_missing_aiortc_runs_api_only(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(helper_module, "p2p_available", lambda: False)
+def test_enabled_p2p_runs_the_peer() -> None:
+    # No api-only fallback when aiortc is missing: it is a dependency, and a broken install should
+    # fail at start rather than serve without its helper peer.
     helper = make_helper(P2PConfig(enabled=True))
-    assert helper.mode == "api-only"
-    assert "aiortc is not importable" in caplog.text
+    assert isinstance(helper, P2PHelper) and helper.mode == "p2p"
 
 
 def test_an_api_only_server_never_imports_aiortc() -> None:

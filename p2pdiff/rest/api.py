@@ -18,7 +18,7 @@ from aiohttp import web
 
 from p2pdiff.appkeys import EVENTS, HELPER, QUEUE, STARTED_AT
 from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType
-from p2pdiff.rooms.helper import WIRES, Helper, p2p_available
+from p2pdiff.rooms.helper import WIRES, Helper
 from p2pdiff.tasks import validate
 from p2pdiff.tasks.model import Room, Task
 from p2pdiff.tasks.queue import QueueManager
@@ -180,11 +180,6 @@ def _memory(second: int) -> dict[str, int]:
     return {"rss": rss, "maxRss": usage.ru_maxrss * 1024}
 
 
-# Whether aiortc can be imported does not change while the server runs, and finding out searches
-# sys.path (some 80 µs): asked once.
-_p2p_available = functools.cache(p2p_available)
-
-
 async def health(request: web.Request) -> web.Response:
     app = request.app
     helper = app[HELPER]
@@ -197,7 +192,9 @@ async def health(request: web.Request) -> web.Response:
             "memory": _memory(int(time.monotonic())),
             "version": VERSION,
             "p2p": {
-                "available": _p2p_available(),
+                # The WebRTC stack is a dependency (see make_helper), so always true; kept because
+                # clients of earlier versions read it.
+                "available": True,
                 "mode": helper.mode,
                 "rooms": [room.to_json() for room in helper.rooms()],
             },

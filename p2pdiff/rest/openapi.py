@@ -227,7 +227,10 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "required": ["available", "mode", "rooms"],
                 "properties": {
-                    "available": {"type": "boolean"},
+                    "available": {
+                        "type": "boolean",
+                        "description": "always true: WebRTC is a dependency (kept for older clients)",
+                    },
                     "mode": {"type": "string", "enum": ["p2p", "api-only"]},
                     "rooms": {"type": "array", "items": ref("HelperRoom")},
                 },

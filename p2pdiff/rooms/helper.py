@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -56,11 +55,6 @@ def check_wire(room: HelperRoom, wire: str | None) -> None:
             f"the helper is in room '{room.room_id}' with wire {room.wire}; leave it first to use {wire}",
             code="wire_mismatch",
         )
-
-
-def p2p_available() -> bool:
-    """True when the WebRTC stack (aiortc) can be imported."""
-    return importlib.util.find_spec("aiortc") is not None
 
 
 @dataclass(slots=True)
@@ -392,11 +386,12 @@ class P2PHelper(Helper):
 
 
 def make_helper(config: P2PConfig) -> Helper:
-    """The P2P helper when enabled and importable, else API-only (and a log line saying why)."""
+    """The P2P helper, or API-only when ``[p2p] enabled`` is false (with a log line saying so).
+
+    aiortc is a dependency of p2pdiff, not an option: an install where it does not import is broken
+    and fails here, at start, instead of quietly serving without its helper peer. API-only is a
+    choice made in the config, and such a server never imports aiortc at all."""
     if not config.enabled:
         log.info("p2p disabled in config: running api-only")
-        return ApiOnlyHelper(config.wire)
-    if not p2p_available():
-        log.warning("aiortc is not importable: running api-only")
         return ApiOnlyHelper(config.wire)
     return P2PHelper(config)
