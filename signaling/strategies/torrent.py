@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from signaling import crypto
+from signaling.background import BackgroundTasks
 from signaling.errors import PeerError
 from signaling.relays.torrent import (
     ID_LENGTH,
@@ -193,7 +194,7 @@ class _OfferMaker:
         self._seal = seal
         self._size = size
         self._name = name
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing = BackgroundTasks(log)
         self._closed = False
         self.made = 0  # Peers created so far (diagnostics and tests)
 
@@ -226,13 +227,10 @@ class _OfferMaker:
             self._release(offer.peer, reason)
 
     def _release(self, peer: Peer, reason: str) -> None:
-        task = asyncio.ensure_future(peer.close(reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.spawn(peer.close(reason), "%s: closing an offer's connection", self._name)
 
     async def _wait_closed(self) -> None:
-        if self._closing:
-            await asyncio.wait(list(self._closing), timeout=5)
+        await self._closing.wait(timeout=5)
 
 
 class OfferPool(_OfferMaker):
