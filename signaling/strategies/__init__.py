@@ -4,12 +4,16 @@ Each module holds all that is particular to its strategy (see :class:`~.base.Str
 client it uses (the clients live in :mod:`signaling.relays`), default relays per wire, its room
 signaller per wire and so the wires it supports, and any per-strategy values of a wire's profile.
 :mod:`signaling.config`, :mod:`signaling.session` and applications ask :func:`get` and
-:func:`names`; nothing else names a strategy. Adding one: docs/architecture.md, "Adding a strategy".
+:func:`names`; nothing else names a strategy. Every module of this package that defines
+``STRATEGY`` is registered when the package loads, so adding one is adding its module (see
+docs/architecture.md, "Adding a strategy").
 """
 
 from __future__ import annotations
 
-from signaling.strategies import mqtt, nostr, torrent
+import importlib
+import pkgutil
+
 from signaling.strategies.base import SignallerFactory, Strategy, topic_signallers
 
 __all__ = [
@@ -51,8 +55,14 @@ def names() -> tuple[str, ...]:
     return tuple(_registry)
 
 
-for _module in (mqtt, nostr, torrent):
-    register(_module.STRATEGY)
+def _register_package() -> None:
+    for module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
+        strategy = getattr(importlib.import_module(f"{__name__}.{module}"), "STRATEGY", None)
+        if isinstance(strategy, Strategy):
+            register(strategy)
+
+
+_register_package()
 
 #: ``RoomConfig.strategy`` when none is given.
-DEFAULT = mqtt.STRATEGY.name
+DEFAULT = "mqtt"

@@ -4,7 +4,9 @@ without relays or peers."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +123,32 @@ def test_strategies_are_registered() -> None:
     }
     with pytest.raises(ValueError, match="not available"):
         strategies.get("ws-relay")
+
+
+def test_a_module_in_the_strategies_package_is_a_strategy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/architecture.md, "Adding a strategy": the module is all there is to add.
+    (tmp_path / "wsdemo.py").write_text(
+        "from signaling.relays.mqtt import MqttRelay\n"
+        "from signaling.strategies.base import Strategy, topic_signallers\n"
+        "STRATEGY = Strategy(name='ws-demo', signallers=topic_signallers(MqttRelay),\n"
+        "                    default_relays=lambda app_id, wire: ())\n"
+        "NOT_A_STRATEGY = 1\n"
+    )
+    (tmp_path / "helpers.py").write_text("X = 1  # a module without STRATEGY is skipped\n")
+    monkeypatch.setattr(strategies, "__path__", [*strategies.__path__, str(tmp_path)])
+    monkeypatch.setattr(strategies, "_registry", {})
+    for name in ("wsdemo", "helpers"):
+        monkeypatch.delitem(sys.modules, f"signaling.strategies.{name}", raising=False)
+    try:
+        strategies._register_package()
+        assert set(strategies.names()) == {"mqtt", "nostr", "torrent", "ws-demo"}
+        config = RoomConfig(app_id="a", strategy="ws-demo", relay_urls=("ws://127.0.0.1:1",))
+        assert config.strategy == "ws-demo"
+    finally:
+        for name in ("wsdemo", "helpers"):
+            sys.modules.pop(f"signaling.strategies.{name}", None)
 
 
 def test_nostr_default_relays_follow_the_app_id() -> None:
