@@ -196,22 +196,20 @@ class StateCollector(Collector):
         )
         for room in rooms:
             peers.add_metric([room.room_id], len(room.peers()))
-            agent = getattr(room, "agent", None)
-            if agent is not None:
-                # Actions are the app's own (only registered ones are delivered); reasons are ours.
-                for action, count in sorted(agent.received.items()):
-                    received.add_metric([room.room_id, action], count)
-                for key, count in sorted(agent.dropped.items()):
-                    action, _, reason = key.partition(".")
-                    ignored.add_metric([room.room_id, action, reason], count)
-            handle = getattr(room, "handle", None)  # a signaling.Room in p2p mode, absent api-only
-            if handle is None:
+            received_by_action, dropped_by_reason = room.protocol_counts()
+            # Actions are the app's own (only registered ones are delivered); reasons are ours.
+            for action, count in sorted(received_by_action.items()):
+                received.add_metric([room.room_id, action], count)
+            for key, count in sorted(dropped_by_reason.items()):
+                action, _, reason = key.partition(".")
+                ignored.add_metric([room.room_id, action, reason], count)
+            stats = room.signaling_stats()
+            if stats is None:  # api-only: no signaling room, no relays
                 continue
-            for url, state in dict(handle.relay_states).items():
+            for url, state in dict(room.relay_states()).items():
                 relay = mask_url(url)
                 for candidate in RELAY_STATES:
                     relays.add_metric([room.room_id, relay, candidate], 1 if state == candidate else 0)
-            stats = getattr(handle, "stats", None) or {}
             traffic.add_metric([room.room_id, "in"], stats.get("bytes_in", 0))
             traffic.add_metric([room.room_id, "out"], stats.get("bytes_out", 0))
             # Reasons are the library's fixed counter names, never remote text.

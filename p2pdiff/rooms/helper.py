@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from p2pdiff.config import P2PConfig, mask_url
 from p2pdiff.errors import BadRequest, Conflict
@@ -31,6 +33,10 @@ from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.results import ResultStore
 from signaling.background import every
 from signaling.wire import WIRE_VERSIONS
+
+if TYPE_CHECKING:  # types only: an api-only server never imports the WebRTC stack
+    from signaling.config import RoomConfig
+    from signaling.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,45 @@ def check_wire(room: HelperRoom, wire: str | None) -> None:
         )
 
 
+class SeenPeer(Protocol):
+    """What the helper reads of a peer of a joined room (``signaling.PeerInfo``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def joined_at(self) -> float: ...
+    @property
+    def last_seen(self) -> float: ...
+    @property
+    def rtt_ms(self) -> float | None: ...
+
+
+class ActionHandle(Protocol):
+    """One of the app's actions in a joined room (``signaling.room.Action``)."""
+
+    async def send(
+        self, payload: Any, target: str | Iterable[str] | None = None, metadata: Any = None
+    ) -> None: ...
+    def on_receive(self, callback: Callable[[Any, str, Any], Any] | None) -> object: ...
+
+
+class RoomHandle(Protocol):
+    """What p2pdiff uses of a room the helper joined (``signaling.Room``, or a test's stand-in)."""
+
+    @property
+    def self_id(self) -> str: ...
+    @property
+    def peers(self) -> Mapping[str, SeenPeer]: ...
+    @property
+    def relay_states(self) -> Mapping[str, str]: ...
+    @property
+    def stats(self) -> Mapping[str, Any]: ...
+    def make_action(self, name: str) -> ActionHandle: ...
+    def on_peer_join(self, callback: Callable[[str], Any]) -> object: ...
+    def on_peer_leave(self, callback: Callable[[str], Any]) -> object: ...
+    async def leave(self) -> None: ...
+
+
 @dataclass(slots=True)
 class HelperRoom:
     room_id: str
@@ -78,6 +123,19 @@ class HelperRoom:
     def extra_stats(self) -> dict[str, Any]:
         """More per-room numbers for /api/stats (P2P: GPU peers, protocol counters)."""
         return {}
+
+    def relay_states(self) -> Mapping[str, str]:
+        """Relay URL -> state, for the metrics (P2P only)."""
+        return {}
+
+    def signaling_stats(self) -> Mapping[str, Any] | None:
+        """The signaling room's traffic and drop counters, for the metrics; None without one
+        (api-only)."""
+        return None
+
+    def protocol_counts(self) -> tuple[Mapping[str, int], Mapping[str, int]]:
+        """App messages received per action and dropped per ``action.reason`` (P2P only)."""
+        return {}, {}
 
 
 class Helper(ABC):
@@ -154,7 +212,7 @@ class ApiOnlyHelper(Helper):
         return list(self._rooms.values())
 
 
-def peer_json(info: Any) -> dict[str, Any]:
+def peer_json(info: SeenPeer) -> dict[str, Any]:
     """A ``signaling.PeerInfo`` as the API shows it."""
     return {
         "id": info.id,
@@ -164,15 +222,15 @@ def peer_json(info: Any) -> dict[str, Any]:
     }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class P2PRoom(HelperRoom):
-    handle: Any = None  # the signaling.Room
+    handle: RoomHandle
     agent: RoomAgent | None = None  # None until the helper is connected to a queue
     # What the watcher last published, to publish changes only.
     seen_relays: dict[str, str] = field(default_factory=dict)
     seen_rtts: dict[str, float | None] = field(default_factory=dict)
 
-    def peer(self, info: Any) -> dict[str, Any]:
+    def peer(self, info: SeenPeer) -> dict[str, Any]:
         data = peer_json(info)
         if self.agent is not None:
             data.update(self.agent.peer_info(info.id))
@@ -184,10 +242,19 @@ class P2PRoom(HelperRoom):
     def extra_stats(self) -> dict[str, Any]:
         return self.agent.stats() if self.agent is not None else {}
 
+    def relay_states(self) -> Mapping[str, str]:
+        return self.handle.relay_states
+
+    def signaling_stats(self) -> Mapping[str, Any] | None:
+        return self.handle.stats
+
+    def protocol_counts(self) -> tuple[Mapping[str, int], Mapping[str, int]]:
+        return (self.agent.received, self.agent.dropped) if self.agent is not None else ({}, {})
+
     def to_json(self) -> dict[str, Any]:
         data = HelperRoom.to_json(self)
         data["selfId"] = self.handle.self_id
-        data["relays"] = {mask_url(url): state for url, state in self.handle.relay_states.items()}
+        data["relays"] = {mask_url(url): state for url, state in self.relay_states().items()}
         return data
 
 
@@ -197,9 +264,8 @@ class P2PHelper(Helper):
     mode = "p2p"
 
     def __init__(self, config: P2PConfig) -> None:
-        import signaling  # here, so an api-only server never imports aiortc
+        from signaling.config import RoomConfig  # the config only: no WebRTC before the first join
 
-        self._signaling = signaling
         self._room_settings: dict[str, Any] = {
             "app_id": config.app_id,
             "strategy": config.strategy,
@@ -208,15 +274,15 @@ class P2PHelper(Helper):
             "ice_servers": list(config.ice_servers),
             "ice_host_addresses": list(config.ice_host_addresses) or None,
         }
-        self._room_config = signaling.RoomConfig(**self._room_settings, wire=config.wire)
+        self._room_config = RoomConfig(**self._room_settings, wire=config.wire)
         # One RoomConfig per wire (validated once); the default one above is made at start-up so
         # a bad [p2p] section fails there, not at the first join.
-        self._room_configs: dict[str, Any] = {config.wire: self._room_config}
+        self._room_configs: dict[str, RoomConfig] = {config.wire: self._room_config}
         self._dispatch = config.dispatch
         self._queue: QueueManager | None = None
         self._results: ResultStore | None = None
         self._rooms: dict[str, P2PRoom] = {}
-        self._session: Any = None  # created on first join: it needs the running loop
+        self._session: Session | None = None  # created on first join: it needs the running loop
         self._watcher: asyncio.Task[None] | None = None
 
     async def join(self, room_id: str, wire: str | None = None) -> HelperRoom:
@@ -224,22 +290,25 @@ class P2PHelper(Helper):
         if room is not None:
             check_wire(room, wire)
             return room
+        # Here, not at the top: an api-only server never imports the WebRTC stack.
+        from signaling import RoomConfig, Session, join_room
+
         if self._session is None:
             # On trackers Trystero answers only offers from smaller ids, and on topic relays the
             # smaller id leads (spec §2.2, §4): an id that sorts low lets browsers connect at
             # our first announce, not their next one (up to 120 s on public trackers). "0" is
             # the lowest character of Trystero's id alphabet; a browser draws it 1 time in 62.
-            self._session = self._signaling.Session(id_prefix=LOW_ID_PREFIX)
+            self._session = Session(id_prefix=LOW_ID_PREFIX)
         wire = wire or self._room_config.wire
         room_config = self._room_configs.get(wire)
         if room_config is None:
             try:
-                room_config = self._signaling.RoomConfig(**self._room_settings, wire=wire)
+                room_config = RoomConfig(**self._room_settings, wire=wire)
             except ValueError as exc:  # e.g. a strategy that does not support this wire
                 raise BadRequest(f"cannot join with wire {wire}: {exc}", code="invalid_wire") from None
             self._room_configs[wire] = room_config
         # One session for both wires: its 0.22 rooms get their own connections (signaling.negotiation022).
-        handle = self._signaling.join_room(room_config, room_id, session=self._session)
+        handle = join_room(room_config, room_id, session=self._session)
         room = self._rooms[room_id] = P2PRoom(room_id, wire=wire, handle=handle)
         if self._queue is not None and self._results is not None:
             room.agent = self._make_agent(room)
@@ -291,11 +360,7 @@ class P2PHelper(Helper):
             dispatch=self._dispatch,
         )
         for name, action in actions.items():
-            action.on_receive(
-                lambda payload, peer_id, metadata, name=name: agent.on_message(
-                    name, payload, peer_id, metadata
-                )
-            )
+            action.on_receive(functools.partial(agent.on_message, name))
         return agent
 
     def on_event(self, event: events.Event) -> None:
