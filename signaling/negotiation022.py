@@ -46,7 +46,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from signaling import crypto
 from signaling.bounded import LruDict
@@ -55,9 +55,6 @@ from signaling.limits import Timeouts
 from signaling.signaller import Negotiation, Negotiator, RoomSignaller, Signal
 from signaling.wire import v022
 from signaling.wire.interface import Wire
-
-if TYPE_CHECKING:
-    from signaling.config import RoomConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +93,11 @@ NEWER_OFFER_WAIT = 0.25
 _DEFAULT_TIMEOUTS = Timeouts()
 
 
-def context_key(config: RoomConfig, room_id: str, wire: Wire) -> ContextKey:
-    """Which AppContext of a session serves ``room_id`` (see :data:`ContextKey`)."""
+def context_key(app_id: str, room_id: str, wire: Wire) -> ContextKey:
+    """Which AppContext of a session serves ``room_id`` of ``app_id`` (see :data:`ContextKey`)."""
     if wire.shared_connections:
-        return config.app_id
-    return (config.app_id, config.wire, room_id)
+        return app_id
+    return (app_id, wire.version, room_id)
 
 
 def cadence_timeouts(timeouts: Timeouts, wire: Wire) -> Timeouts:

@@ -700,7 +700,7 @@ class Session:
             raise RuntimeError("session is closed")
         if not isinstance(room_id, str) or not room_id:
             raise ValueError("room_id must be a non-empty string")
-        key = negotiation022.context_key(config, room_id, wire_for(config.wire))
+        key = negotiation022.context_key(config.app_id, room_id, wire_for(config.wire))
         app = self.apps.get(key)
         room = app.rooms.get(room_id) if app is not None else None
         if room is not None:

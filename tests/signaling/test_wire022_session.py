@@ -48,8 +48,8 @@ def test_context_keys() -> None:
     new = RoomConfig(app_id="a", relay_urls=["ws://127.0.0.1:1"])
     old = RoomConfig(app_id="a", relay_urls=["ws://127.0.0.1:1"], wire="0.22")
     key = negotiation022.context_key
-    assert key(new, "r1", v025.WIRE) == key(new, "r2", v025.WIRE) == "a"
-    assert key(old, "r1", v022.WIRE) == ("a", "0.22", "r1")
+    assert key(new.app_id, "r1", v025.WIRE) == key(new.app_id, "r2", v025.WIRE) == "a"
+    assert key(old.app_id, "r1", v022.WIRE) == ("a", "0.22", "r1")
 
 
 def test_unknown_wire_is_refused() -> None:
