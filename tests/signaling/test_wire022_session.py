@@ -613,13 +613,18 @@ async def test_frames_after_leave_do_not_bring_the_peer_back(
     leaves: list[str] = []
     room_a.on_peer_join(joins.append)
     room_a.on_peer_leave(leaves.append)
+    chats: list[object] = []
+    room_a.make_action("chat").on_receive(lambda payload, peer_id, metadata: chats.append(payload))
     await eventually(lambda: b.self_id in room_a.peers and a.self_id in room_b.peers, "the pair to join")
     link_b = b.links(room_b.app_id, "late")[a.self_id]
     link_a = a.links(room_a.app_id, "late")[b.self_id]
     for action in (v022.ACTION_LEAVE, v022.ACTION_PONG, "chat"):
         for frame in room_b.encoder.encode(action, ""):
             assert link_b.send_nowait(frame)
-    await eventually(lambda: room_a.stats["dropped"].get("after_leave", 0) == 2, "the late frames")
+    # At least the pong and the chat; b may add a keepalive ping of its own (it has not heard from
+    # a for 5 s when the join was slow), which is just as late and just as ignored.
+    await eventually(lambda: room_a.stats["dropped"].get("after_leave", 0) >= 2, "the late frames")
+    assert chats == []
     assert joins == leaves == [b.self_id] and room_a.peers == {}
     assert link_a.finished
     await eventually(lambda: link_a.closed, "the left connection to close", 10)
