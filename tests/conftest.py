@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,8 @@ from aiohttp.test_utils import TestClient
 
 from p2pdiff.app import create_app
 from p2pdiff.config import Config
-from tests.support import loop_errors_caught
+from tests.services import PostgresServer, running
+from tests.support import loop_errors_caught, service_or_fail
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
@@ -22,6 +23,22 @@ def config(tmp_path: Path) -> Config:
     cfg.store.path = str(tmp_path / "db.sqlite3")
     cfg.p2p.enabled = False
     return cfg
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the whole session (initdb + start take ~1 s); tests
+    get their own database from ``pg_url``. A test that kills or restarts a server makes its own."""
+    with running(service_or_fail(PostgresServer)) as server:
+        yield server
+
+
+@pytest.fixture
+async def pg_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """``postgresql://p2pdiff@127.0.0.1:PORT/test_N``: a fresh empty database, dropped afterwards."""
+    url = await postgres_server.create_database()
+    yield url
+    await postgres_server.drop_database(url.rpartition("/")[2])
 
 
 @pytest.fixture

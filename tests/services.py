@@ -4,10 +4,12 @@
 that wait for the process to exit, and restart on the *same* ports (waiting until the old
 listener is really gone, so a dying server cannot answer the readiness probe; see pitfall 3 of
 the interop harness README). Subclasses provide the command line and any config files:
-``Mosquitto`` (MQTT broker), ``NostrRelay`` (NIP-01 relay, PyPI ``nostr-relay``) and ``Tracker``
-(WebTorrent tracker, npm ``bittorrent-tracker`` via ``tests/interop/tracker.mjs``). Everything
-here is synchronous: start/stop take milliseconds to ~2 s and tests may call them directly from
-async code.
+``Mosquitto`` (MQTT broker), ``NostrRelay`` (NIP-01 relay, PyPI ``nostr-relay``), ``Tracker``
+(WebTorrent tracker, npm ``bittorrent-tracker`` via ``tests/interop/tracker.mjs``) and
+``PostgresServer`` (a throwaway PostgreSQL cluster, Debian's ``postgresql``). The lifecycle is
+synchronous: start/stop take milliseconds to ~2 s and tests may call them directly from async
+code; only ``PostgresServer``'s database helpers are coroutines (they talk to the server with
+asyncpg).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import itertools
 import json
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Self, TypeVar
+
+import asyncpg
 
 LOOPBACK = "127.0.0.1"
 
@@ -95,6 +102,8 @@ class Service:
     # If a start fails with one of these in the log and the ports were picked by us (not yet
     # used), another process took a port between picking and binding: pick again.
     port_clash_markers = ("Address already in use", "EADDRINUSE")
+    # What stop() sends first (SIGKILL follows after its timeout).
+    stop_signal = signal.SIGTERM
 
     def __init__(self, workdir: Path | str | None = None, *, startup_timeout: float = 10.0) -> None:
         self._own_workdir = workdir is None
@@ -163,10 +172,10 @@ class Service:
         raise ServiceError(f"{self.name}: could not get free ports after 3 tries")
 
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns once the process has exited."""
+        """``stop_signal``, then SIGKILL after ``timeout``; returns once the process has exited."""
         if self.running and self.proc is not None:
-            self.proc.terminate()
-            self.proc.send_signal(signal.SIGCONT)  # a paused process only sees SIGTERM once resumed
+            self.proc.send_signal(self.stop_signal)
+            self.proc.send_signal(signal.SIGCONT)  # a paused process only sees the signal once resumed
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -576,6 +585,174 @@ class Tracker(Service):
             if isinstance(value, dict):
                 parsed.append(value)
         return parsed
+
+
+def postgres_bin_dirs() -> list[str]:
+    """Debian's PostgreSQL binary directories (off PATH), newest major version first."""
+    dirs = [path for path in Path("/usr/lib/postgresql").glob("*/bin") if path.parent.name.isdigit()]
+    return [str(path) for path in sorted(dirs, key=lambda path: int(path.parent.name), reverse=True)]
+
+
+class PostgresServer(Service):
+    """A throwaway PostgreSQL cluster on 127.0.0.1: ``initdb`` (trust authentication, superuser
+    ``p2pdiff``) on the first start, then ``postgres`` with fsync on, as in production. Restarts
+    keep the data (a kill -9 test finds what was committed); ``cleanup()`` removes it.
+
+    ``initdb`` and ``postgres`` refuse to run as uid 0. As root of the machine (CI) they run as
+    Debian's ``postgres`` system user through ``setpriv``, which execs in place, so ``proc`` is
+    the postmaster itself and ``kill()`` hits it. As root of a user namespace (scripts/netns.sh
+    run by an ordinary user: uid 0 is that user, and no other uid exists there) they run in a
+    nested user namespace where that same user is uid 1. The cluster lives in its own short temp
+    dir, never in ``workdir``: the ``postgres`` user must reach it (pytest's tmp dirs are private
+    to root) and the Unix socket path in it must stay under 108 bytes.
+
+    ``create_database()`` / ``drop_database()`` give each test its own database.
+    """
+
+    name = "postgres"
+    port_names = ("pg",)
+    superuser = "p2pdiff"
+    system_user = "postgres"
+    # SIGINT is PostgreSQL's "fast" shutdown: clients are disconnected, then a clean checkpoint.
+    # SIGTERM ("smart") would wait for every client (a test's leftover pool) to leave first.
+    stop_signal = signal.SIGINT
+    ready_marker = "database system is ready to accept connections"
+    _database_name = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+    def __init__(
+        self,
+        workdir: Path | str | None = None,
+        *,
+        bin_dir: str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        initdb = find_executable("initdb", *([bin_dir] if bin_dir else postgres_bin_dirs()))
+        if initdb is None:
+            raise ServiceNotInstalled(
+                "PostgreSQL is not installed (looked for initdb in PATH and /usr/lib/postgresql/*/bin); "
+                "install it with `apt-get install -y postgresql`"
+            )
+        # postgres from the same installation as initdb (PATH may hold a symlink to one version).
+        self.bin_dir = Path(initdb).resolve().parent
+        self.initdb = str(self.bin_dir / "initdb")
+        self.postgres = str(self.bin_dir / "postgres")
+        self._as_server_user = self._non_root_prefix()
+        super().__init__(workdir, startup_timeout=startup_timeout)
+        self.cluster_dir = Path(tempfile.mkdtemp(prefix="pgcluster-"))
+        self.data_dir = self.cluster_dir / "data"
+        if self._system_account is not None:
+            os.chown(self.cluster_dir, self._system_account.pw_uid, self._system_account.pw_gid)
+        self._database_numbers = itertools.count(1)
+
+    @property
+    def port(self) -> int:
+        return self.ports["pg"]
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.superuser}@{self.host}:{self.port}/{database}"
+
+    def command(self) -> list[str]:
+        return [
+            *self._as_server_user,
+            self.postgres,
+            f"-D{self.data_dir}",
+            f"--listen_addresses={self.host}",
+            f"--port={self.port}",
+            f"--unix_socket_directories={self.cluster_dir}",
+            "--fsync=on",
+            "--shared_buffers=16MB",
+            # Each test's app holds a pool, several with two or more nodes.
+            "--max_connections=200",
+        ]
+
+    def prepare(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        result = subprocess.run(
+            [
+                *self._as_server_user,
+                self.initdb,
+                f"--pgdata={self.data_dir}",
+                f"--username={self.superuser}",
+                "--auth=trust",
+                "--no-locale",  # C messages: the ready marker is matched in the log
+                "--encoding=UTF8",
+                # initdb's closing fsync of the fresh cluster; the server itself keeps fsync on.
+                "--no-sync",
+            ],
+            cwd=self.cluster_dir,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ServiceError(f"initdb exited with {result.returncode}: {result.stdout}{result.stderr}")
+
+    def ready(self) -> bool:
+        # The marker must come from this run (the log is appended to across restarts).
+        return self.ready_marker in self.log_text().rpartition("--- start ")[2]
+
+    def kill(self) -> None:
+        """SIGKILL to the postmaster and all its backends at once (its process group), as a crash
+        of the machine would: backends of a postmaster killed alone keep its shared memory until
+        they notice, and a restart meanwhile refuses to start."""
+        if self.running and self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._close_output()
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        shutil.rmtree(self.cluster_dir, ignore_errors=True)
+
+    async def create_database(self, name: str | None = None) -> str:
+        """A new empty database (``test_N`` unless named); returns its URL."""
+        name = name or f"test_{next(self._database_numbers)}"
+        await self._execute(f'CREATE DATABASE "{self._checked(name)}"')
+        return self.url(name)
+
+    async def drop_database(self, name: str) -> None:
+        """Drop it, disconnecting whatever still uses it (a test's leftover pool)."""
+        await self._execute(f'DROP DATABASE IF EXISTS "{self._checked(name)}" WITH (FORCE)')
+
+    async def _execute(self, statement: str) -> None:
+        conn = await asyncpg.connect(self.url())
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    def _checked(self, name: str) -> str:
+        # Names go into SQL as identifiers; only plain lower-case ones, which need no escaping.
+        if not self._database_name.fullmatch(name):
+            raise ValueError(f"database name {name!r} is not [a-z_][a-z0-9_]* (at most 63 characters)")
+        return name
+
+    def _non_root_prefix(self) -> list[str]:
+        """The command prefix that runs a PostgreSQL program as a uid other than 0 (and, as root
+        of the machine, sets ``_system_account``: the user that must own the cluster)."""
+        self._system_account: pwd.struct_passwd | None = None
+        if os.geteuid() != 0:
+            return []
+        if not _initial_user_namespace():
+            return ["unshare", "--user", "--map-user=1", "--map-group=1", "--"]
+        try:
+            self._system_account = pwd.getpwnam(self.system_user)
+        except KeyError:
+            raise ServiceNotInstalled(
+                f"as root, PostgreSQL runs as the system user {self.system_user!r}, which is missing "
+                "(Debian's postgresql package creates it)"
+            ) from None
+        return ["setpriv", f"--reuid={self.system_user}", f"--regid={self.system_user}", "--init-groups"]
+
+
+def _initial_user_namespace() -> bool:
+    """Whether this process is in the machine's own user namespace (every uid mapped to itself)."""
+    try:
+        return Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
 
 
 S = TypeVar("S", bound=Service)
