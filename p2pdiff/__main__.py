@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-store",
         action="store_true",
-        help="check the store (SQLite integrity check and every row) without changing it; exit 1 on damage",
+        help="check a SQLite store (integrity check and every row) without changing it; exit 1 on damage",
     )
     return parser
 
@@ -90,11 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(redacted(config), indent=2))
         return 0
     if args.check_store:
-        return _check_store(config.store.path)
+        if config.store.backend != "sqlite":
+            print(
+                f"p2pdiff: --check-store checks SQLite stores; this one is {config.store.display_url}",
+                file=sys.stderr,
+            )
+            return 2
+        return _check_store(config.store.sqlite_path)
     setup_logging(config.server.log_level, config.server.log_format, secrets=secret_values(config))
     log = logging.getLogger("p2pdiff")
     log.info("starting p2pdiff %s on http://%s:%d", VERSION, config.server.host, config.server.port)
     log.info("%s", raise_open_file_limit())
+    log.info("store %s", config.store.display_url)
     server = config.server
     # Whether a token is set, never the token: secrets stay out of logs.
     log.info(

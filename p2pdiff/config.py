@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from signaling import strategies
 from signaling.wire import WIRE_VERSIONS
@@ -72,13 +72,50 @@ class ServerConfig:
     static_path: str = "/p2p/"
 
 
+StoreBackend = Literal["sqlite", "postgresql"]
+
+
 @dataclass(slots=True)
 class StoreConfig:
+    # Where the store lives: "sqlite:///PATH" (PATH as written after the three slashes, so
+    # sqlite:///data/db.sqlite3 is relative and sqlite:////var/lib/p2pdiff/db.sqlite3 absolute) or
+    # "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?libpq options, e.g. sslmode=require]".
+    # Empty = "sqlite:///" + path. When set, url wins and path is not used.
+    url: str = ""
+    # The SQLite file when url is empty (the key from before url; existing configs keep working).
     path: str = "./data/p2pdiff.sqlite3"
-    # "full" fsyncs every group commit (survives power loss); "normal" survives a process crash only.
+    # The PostgreSQL password when the url has none, meant for P2PDIFF_STORE_PASSWORD (it keeps the
+    # password out of config files). A secret: masked everywhere.
+    password: str = ""
+    # SQLite only: "full" fsyncs every group commit (survives power loss); "normal" survives a
+    # process crash only.
     synchronous: str = "full"
     # Where result images from peers are stored; empty = "results/" next to the store file.
     results_dir: str = ""
+
+    @property
+    def backend(self) -> StoreBackend:
+        return store_location(self).backend
+
+    @property
+    def sqlite_path(self) -> str:
+        """The SQLite file (the url's path, else ``path``); a ConfigError for a PostgreSQL store."""
+        location = store_location(self)
+        if location.sqlite_path is None:
+            raise ConfigError("[store] url: a postgresql store has no SQLite file")
+        return location.sqlite_path
+
+    def dsn(self) -> str:
+        """The PostgreSQL URL with the password in it, for the driver only: never log or show it."""
+        location = store_location(self)
+        if location.dsn is None:
+            raise ConfigError("[store] url: a sqlite store has no PostgreSQL DSN")
+        return location.dsn
+
+    @property
+    def display_url(self) -> str:
+        """The effective store URL with any password as ``***``, for logs and health."""
+        return store_location(self).display_url
 
 
 @dataclass(slots=True)
@@ -258,6 +295,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"[server] {key}: must be > 0")
     _validate_security(config)
     _validate_static(config.server)
+    store_location(config.store)
     if not config.server.cors_origins:
         raise ConfigError('[server] cors_origins: must list at least one origin (use "*" for any)')
     # Imported here: validate.py needs nothing from config, and config needs only this one rule.
@@ -329,6 +367,107 @@ def _validate_static(server: ServerConfig) -> None:
         raise ConfigError(f"{where}: not readable by this user")
 
 
+SQLITE_URL_PREFIX = "sqlite:///"
+_URL_SYNTAX = "sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+_URL_ENCODING_HINT = (
+    "percent-encode '@', '/', '?', '#', '[', ']' and '%' in the user name and password "
+    "(%40, %2F, %3F, %23, %5B, %5D, %25) or give the password in P2PDIFF_STORE_PASSWORD"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLocation:
+    """What ``[store] url`` (or ``path``) names, checked (see :func:`store_location`)."""
+
+    backend: StoreBackend
+    # The URL with any password as "***": for logs and health.
+    display_url: str
+    sqlite_path: str | None = None
+    # postgresql://... with the password (from the URL or [store] password) percent-encoded in it.
+    dsn: str | None = None
+
+
+def store_location(store: StoreConfig) -> StoreLocation:
+    """Parse and check the store's URL: ``url``, else ``sqlite:///`` + ``path``.
+
+    The ConfigError messages never quote the URL: a malformed one may hold a password where a
+    parser (or the masking rule) would not look for it.
+    """
+    url = store.url or SQLITE_URL_PREFIX + store.path
+    scheme, separator, _ = url.partition("://")
+    if scheme.lower() == "sqlite":
+        return _sqlite_location(store, url)
+    if scheme.lower() in ("postgresql", "postgres") and separator:
+        return _postgresql_location(store, url)
+    if separator and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        raise ConfigError(f"[store] url: unknown scheme {scheme!r} (expected {_URL_SYNTAX})")
+    raise ConfigError(f"[store] url: not a URL (expected {_URL_SYNTAX})")
+
+
+def _sqlite_location(store: StoreConfig, url: str) -> StoreLocation:
+    if store.password:
+        raise ConfigError("[store] password: only a postgresql store has a password")
+    if url[: len(SQLITE_URL_PREFIX)].lower() != SQLITE_URL_PREFIX:
+        raise ConfigError("[store] url: a sqlite URL is sqlite:///PATH (three slashes, no host)")
+    path = url[len(SQLITE_URL_PREFIX) :]
+    if not path:
+        raise ConfigError("[store] url: names no file" if store.url else "[store] path: is empty")
+    return StoreLocation("sqlite", display_url=url, sqlite_path=path)
+
+
+def _postgresql_location(store: StoreConfig, url: str) -> StoreLocation:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # an unbalanced "[" or "]" (IPv6 host brackets), wherever it is
+        raise ConfigError(f"[store] url: cannot be read: {_URL_ENCODING_HINT}") from None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    # asyncpg splits the user info off at the first "@": a second one, or an "@" past a "/", "?" or
+    # "#" that ended the host part early, means a password the driver would read differently.
+    if "@" in userinfo or "@" in parts.path + parts.query + parts.fragment:
+        raise ConfigError(f"[store] url: cannot be read: {_URL_ENCODING_HINT}")
+    if parts.fragment:
+        raise ConfigError("[store] url: a PostgreSQL URL has no #fragment")
+    user, has_password, url_password = userinfo.partition(":")
+    user = urllib.parse.unquote(user)
+    if not user:
+        raise ConfigError("[store] url: missing the user name (postgresql://USER@HOST/DATABASE)")
+    try:
+        port = parts.port  # None when absent; ValueError when not a number or past 65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError("[store] url: the port is not a number from 1 to 65535")
+    if not parts.hostname:
+        raise ConfigError("[store] url: missing the host (postgresql://USER@HOST/DATABASE)")
+    database = urllib.parse.unquote(parts.path[1:])
+    if not database:
+        raise ConfigError("[store] url: missing the database name (postgresql://USER@HOST/DATABASE)")
+    if "/" in database:
+        raise ConfigError("[store] url: the database name is one path segment (percent-encode a '/')")
+    try:
+        options = urllib.parse.parse_qsl(parts.query, strict_parsing=True) if parts.query else []
+    except ValueError:
+        raise ConfigError("[store] url: the ?options are not key=value pairs joined by '&'") from None
+    if any("password" in key.lower() for key, _ in options):
+        raise ConfigError(
+            "[store] url: give the password in the URL's user info or in P2PDIFF_STORE_PASSWORD, "
+            "not as an option"
+        )
+    if has_password and store.password:
+        raise ConfigError("[store] password: the url holds a password too; give it in one place")
+    password = urllib.parse.unquote(url_password) if has_password else store.password
+    quoted_user = urllib.parse.quote(user, safe="")
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    if not password:
+        plain = f"{parts.scheme}://{quoted_user}@{hostport}{tail}"
+        return StoreLocation("postgresql", display_url=plain, dsn=plain)
+    return StoreLocation(
+        "postgresql",
+        display_url=f"{parts.scheme}://{quoted_user}:***@{hostport}{tail}",
+        dsn=f"{parts.scheme}://{quoted_user}:{urllib.parse.quote(password, safe='')}@{hostport}{tail}",
+    )
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -353,9 +492,10 @@ def load_config(
 
 
 # Keys whose values never leave the process: masked by redacted(), never logged, never in /api/health.
-SECRETS = (("server", "admin_token"), ("p2p", "password"))
-# Keys holding URLs that may carry a password (mqtt://user:secret@host): shown with it masked.
-SECRET_URLS = (("p2p", "relay_urls"), ("p2p", "ice_servers"))
+SECRETS = (("server", "admin_token"), ("p2p", "password"), ("store", "password"))
+# Keys holding URLs (one, or a list) that may carry a password (mqtt://user:secret@host): shown with
+# it masked.
+SECRET_URLS = (("p2p", "relay_urls"), ("p2p", "ice_servers"), ("store", "url"))
 # scheme://user:password@ -> scheme://user:***@ (also "turn:user:password@", without slashes). The
 # password runs to the last "@", further than a URL parser would take it: a password with a stray
 # "/" or "@" breaks the URL, and must still not show. signaling.relays.base.redact_url is the same
@@ -371,9 +511,10 @@ def redacted(config: Config) -> dict[str, Any]:
     for section, key in SECRETS:
         if data[section][key]:
             data[section][key] = "***"
-    # Relay and TURN URLs may carry credentials (mqtt://user:secret@host).
+    # Relay, TURN and store URLs may carry credentials (mqtt://user:secret@host).
     for section, key in SECRET_URLS:
-        data[section][key] = [mask_url(url) for url in data[section][key]]
+        value = data[section][key]
+        data[section][key] = mask_url(value) if isinstance(value, str) else [mask_url(url) for url in value]
     return data
 
 
@@ -391,7 +532,8 @@ def secret_values(config: Config) -> list[str]:
     """
     values = [getattr(_sections(config)[section], key) for section, key in SECRETS]
     for section, key in SECRET_URLS:
-        for url in getattr(_sections(config)[section], key):
+        value = getattr(_sections(config)[section], key)
+        for url in [value] if isinstance(value, str) else value:
             match = _URL_PASSWORD_RE.match(url)
             if match:
                 values += [match[2], urllib.parse.unquote(match[2])]

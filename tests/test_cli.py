@@ -83,6 +83,19 @@ def test_unusable_store_path_is_one_line(tmp_path: Path) -> None:
     assert "store error" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_check_store_follows_the_store_url(tmp_path: Path) -> None:
+    check_store = [sys.executable, "-m", "p2pdiff", "--check-store"]
+    sqlite_url = f"sqlite:///{tmp_path}/from-url.sqlite3"  # four slashes: tmp_path is absolute
+    result = run(check_store, tmp_path, {"P2PDIFF_STORE_URL": sqlite_url})
+    assert result.returncode == 1
+    assert f"no store at {tmp_path}/from-url.sqlite3" in result.stderr
+    pg_url = "postgresql://app:pg-secret-word@db.example/queue"
+    result = run(check_store, tmp_path, {"P2PDIFF_STORE_URL": pg_url})
+    assert result.returncode == 2
+    assert "checks SQLite stores; this one is postgresql://app:***@db.example/queue" in result.stderr
+    assert "pg-secret-word" not in result.stdout + result.stderr
+
+
 async def test_port_env_and_sigterm(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path, env={"P2PDIFF_STORE_PATH": str(tmp_path / "db.sqlite3")})
     await server.start()

@@ -107,3 +107,106 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str]
 def test_missing_explicit_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+# -- [store] url --------------------------------------------------------------------------------
+
+
+def test_store_defaults_to_sqlite_at_path(tmp_path: Path) -> None:
+    store = load_config(write(tmp_path, ""), environ={}).store
+    assert store.url == ""
+    assert store.backend == "sqlite"
+    assert store.sqlite_path == "./data/p2pdiff.sqlite3"
+    assert store.display_url == "sqlite:///./data/p2pdiff.sqlite3"
+
+
+def test_store_path_alone_still_names_the_file(tmp_path: Path) -> None:
+    store = load_config(write(tmp_path, '[store]\npath = "/var/lib/p2pdiff/db.sqlite3"\n'), environ={}).store
+    assert (store.backend, store.sqlite_path) == ("sqlite", "/var/lib/p2pdiff/db.sqlite3")
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///data/db.sqlite3", "data/db.sqlite3"),
+        ("sqlite:////var/lib/p2pdiff/db.sqlite3", "/var/lib/p2pdiff/db.sqlite3"),
+        ("SQLite:///./db.sqlite3", "./db.sqlite3"),
+    ],
+)
+def test_sqlite_url_wins_over_path(tmp_path: Path, url: str, path: str) -> None:
+    text = f'[store]\nurl = "{url}"\npath = "/ignored/when/url/is/set.sqlite3"\n'
+    store = load_config(write(tmp_path, text), environ={}).store
+    assert (store.backend, store.sqlite_path, store.display_url) == ("sqlite", path, url)
+
+
+def test_postgresql_url(tmp_path: Path) -> None:
+    url = "postgresql://p2pdiff@db.example:6543/queue?sslmode=require"
+    store = load_config(write(tmp_path, f'[store]\nurl = "{url}"\n'), environ={}).store
+    assert store.backend == "postgresql"
+    assert store.dsn() == store.display_url == url
+    with pytest.raises(ConfigError, match="no SQLite file"):
+        store.sqlite_path  # noqa: B018 - the property raises
+
+
+def test_postgres_scheme_alias_ipv6_host_and_default_port(tmp_path: Path) -> None:
+    store = load_config(write(tmp_path, '[store]\nurl = "postgres://app@[::1]/q"\n'), environ={}).store
+    assert store.backend == "postgresql"
+    assert store.dsn() == "postgres://app@[::1]/q"
+
+
+def test_postgresql_password_from_the_url(tmp_path: Path) -> None:
+    url = "postgresql://app:s3cr%40t%2Fpw@db.example/queue"
+    cfg = load_config(write(tmp_path, f'[store]\nurl = "{url}"\n'), environ={})
+    assert cfg.store.dsn() == url
+    assert cfg.store.display_url == redacted(cfg)["store"]["url"] == "postgresql://app:***@db.example/queue"
+
+
+def test_postgresql_password_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        "P2PDIFF_STORE_URL": "postgresql://app@db.example:5432/queue",
+        "P2PDIFF_STORE_PASSWORD": "pa ss/w@rd:%?#é",
+    }
+    cfg = load_config(write(tmp_path, ""), environ=env)
+    # Percent-encoded into the DSN, so the driver reads back exactly the password.
+    assert cfg.store.dsn() == "postgresql://app:pa%20ss%2Fw%40rd%3A%25%3F%23%C3%A9@db.example:5432/queue"
+    assert cfg.store.display_url == "postgresql://app:***@db.example:5432/queue"
+    assert redacted(cfg)["store"]["password"] == "***"
+
+
+def test_a_sqlite_store_has_no_dsn(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no PostgreSQL DSN"):
+        load_config(write(tmp_path, ""), environ={}).store.dsn()
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "needle"),
+    [
+        ('url = "mysql://app@db/queue"', {}, "[store] url: unknown scheme 'mysql'"),
+        ('url = "db.example/queue"', {}, "[store] url: not a URL"),
+        ('url = "postgresql://app@db.example"', {}, "[store] url: missing the database name"),
+        ('url = "postgresql://app@db.example/"', {}, "[store] url: missing the database name"),
+        ('url = "postgresql://app@db.example/a/b"', {}, "[store] url: the database name is one path segment"),
+        ('url = "postgresql://db.example/queue"', {}, "[store] url: missing the user name"),
+        ('url = "postgresql://app@/queue"', {}, "[store] url: missing the host"),
+        ('url = "postgresql://app@db:99999/queue"', {}, "[store] url: the port is not a number"),
+        ('url = "postgresql://app@db:five/queue"', {}, "[store] url: the port is not a number"),
+        ('url = "postgresql://app@db:0/queue"', {}, "[store] url: the port is not a number"),
+        ('url = "postgresql://app@db/queue#x"', {}, "[store] url: a PostgreSQL URL has no #fragment"),
+        ('url = "postgresql://app@db/queue?sslmode"', {}, "[store] url: the ?options are not key=value"),
+        ('url = "postgresql://app@db/q?password=x"', {}, "not as an option"),
+        ('url = "postgresql://app:a/b@db/queue"', {}, "[store] url: cannot be read: percent-encode"),
+        ('url = "postgresql://app:a@b@db/queue"', {}, "[store] url: cannot be read: percent-encode"),
+        ('url = "sqlite://host/db.sqlite3"', {}, "[store] url: a sqlite URL is sqlite:///PATH"),
+        ('url = "sqlite:///"', {}, "[store] url: names no file"),
+        ('path = ""', {}, "[store] path: is empty"),
+        ('url = "postgresql://app:x@db/queue"', {"P2PDIFF_STORE_PASSWORD": "y"}, "give it in one place"),
+        ("", {"P2PDIFF_STORE_PASSWORD": "pw"}, "[store] password: only a postgresql store"),
+        ("url = 5", {}, "[store] url: expected a string"),
+    ],
+)
+def test_bad_store_url_names_the_problem(tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[store]\n{text}\n"), environ=env)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message.strip()

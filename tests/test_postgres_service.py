@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from p2pdiff.config import load_config
 from tests.services import PostgresServer, running
 from tests.support import service_or_fail
 
@@ -90,3 +91,24 @@ async def test_committed_rows_survive_kill_and_restart(tmp_path: Path) -> None:
             assert await conn.fetchval("SELECT count(*) FROM notes") == 1
         finally:
             await conn.close()
+
+
+@pytest.mark.slow
+async def test_the_store_dsn_carries_the_password_to_the_server(tmp_path: Path) -> None:
+    """[store] url + P2PDIFF_STORE_PASSWORD, through StoreConfig.dsn(), against a server that checks it."""
+    password = "pa ss/w@rd:%?#[é]"
+    with running(service_or_fail(PostgresServer, tmp_path / "pg", password=password)) as server:
+        config_file = tmp_path / "config.toml"
+        config_file.write_text("")
+        url = f"postgresql://{server.superuser}@{server.host}:{server.port}/postgres"
+        store = load_config(config_file, {"P2PDIFF_STORE_URL": url, "P2PDIFF_STORE_PASSWORD": password}).store
+        conn = await asyncpg.connect(store.dsn())
+        try:
+            assert await conn.fetchval("SELECT current_user") == server.superuser
+        finally:
+            await conn.close()
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(url)
+        wrong = load_config(config_file, {"P2PDIFF_STORE_URL": url, "P2PDIFF_STORE_PASSWORD": "wrong"})
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(wrong.store.dsn())

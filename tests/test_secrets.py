@@ -160,3 +160,75 @@ def test_scrubbing_is_wired_into_setup_logging() -> None:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     assert "hunter2" not in stream.getvalue() and "wss://u:***@h" in stream.getvalue()
+
+
+def test_store_passwords_are_secrets() -> None:
+    from_url = Config()
+    from_url.store.url = "postgresql://app:store%2Fpass@db.example/queue"
+    assert set(secret_values(from_url)) == {"store%2Fpass", "store/pass"}
+    assert redacted(from_url)["store"]["url"] == "postgresql://app:***@db.example/queue"
+    from_env = Config()
+    from_env.store.url = "postgresql://app@db.example/queue"
+    from_env.store.password = "env-store-pass"
+    assert secret_values(from_env) == ["env-store-pass"]
+    assert redacted(from_env)["store"]["password"] == "***"
+    assert from_env.store.display_url == "postgresql://app:***@db.example/queue"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secret=SECRETS,
+    form=st.sampled_from(["raw", "encoded", "env"]),
+    tail=st.sampled_from(
+        ["@db.example/queue", "@db.example:5432/queue?sslmode=require", "@db.example", "@/q"]
+    ),
+)
+def test_a_store_password_shows_nowhere(
+    tmp_path_factory: pytest.TempPathFactory, secret: str, form: str, tail: str
+) -> None:
+    """Well-formed or not, in the URL as written or percent-encoded or in P2PDIFF_STORE_PASSWORD: the
+    password is in no config error, no display URL and no --check-config dump."""
+    path = tmp_path_factory.mktemp("cfg") / "config.toml"
+    environ = {}
+    if form == "env":
+        url = f"postgresql://app{tail}"
+        environ["P2PDIFF_STORE_PASSWORD"] = secret
+    else:
+        password = secret if form == "raw" else urllib.parse.quote(secret, safe="")
+        url = f"postgresql://app:{password}{tail}"
+    path.write_text(f"[store]\nurl = {orjson.dumps(url).decode()}\n")
+    forms = {
+        secret,
+        urllib.parse.quote(secret, safe=""),
+        repr(secret)[1:-1],
+        orjson.dumps(secret).decode()[1:-1],
+    }
+    try:
+        config = load_config(path, environ=environ)
+    except ConfigError as error:
+        shown = [str(error)]
+    else:
+        shown = [config.store.display_url, orjson.dumps(redacted(config)).decode()]
+    for text in shown:
+        assert not any(secret_form in text for secret_form in forms), text
+
+
+def test_check_config_masks_the_store_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p2pdiff.__main__ import main
+
+    path = tmp_path / "config.toml"
+    path.write_text('[store]\nurl = "postgresql://app:url-store-secret@db.example/queue"\n')
+    assert main(["--config", str(path), "--check-config"]) == 0
+    dumped = capsys.readouterr().out
+    assert "url-store-secret" not in dumped
+    assert "postgresql://app:***@db.example/queue" in dumped
+    monkeypatch.setenv("P2PDIFF_STORE_URL", "postgresql://app@db.example/queue")
+    monkeypatch.setenv("P2PDIFF_STORE_PASSWORD", "env-store-secret")
+    assert main(["--config", str(tmp_path / "empty.toml"), "--check-config"]) == 2  # no such file
+    (tmp_path / "empty.toml").write_text("")
+    assert main(["--config", str(tmp_path / "empty.toml"), "--check-config"]) == 0
+    captured = capsys.readouterr()
+    assert "env-store-secret" not in captured.out + captured.err
+    assert '"password": "***"' in captured.out
