@@ -4,12 +4,14 @@ document and pages, error answers (a wrong token included) and ``--check-config`
 
 The helper is in two rooms over a real broker with a password in its URL, next to a relay that
 refuses connections, and the broker dies and comes back meanwhile: relay URLs pass through every
-path they can take (state events, metrics labels, reconnect log lines).
+path they can take (state events, metrics labels, reconnect log lines). The store is a PostgreSQL
+that checks its password, given in ``P2PDIFF_STORE_PASSWORD``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import urllib.parse
@@ -23,19 +25,20 @@ import pytest
 from tests.chaos.conftest import Serve
 from tests.interop.test_helper_app import poll
 from tests.server_process import free_port
-from tests.services import Mosquitto, running
+from tests.services import Mosquitto, PostgresServer, running
 from tests.sse_client import SSEStream
 from tests.support import service_or_fail
 
 pytestmark = pytest.mark.slow
 
 MARKER = "Qv7MarkerOfASecret"
-# One of each secret the server has (a PostgreSQL password joins this list once there is one).
+# One of each secret the server has.
 ADMIN_TOKEN = f"admin-{MARKER}-token"
 ROOM_PASSWORD = f"room-{MARKER}"
 # Percent-encoded in the URL, so the decoded form (what goes to the broker) must not show either.
 BROKER_PASSWORD = f"broker%2F{MARKER}"
 DEAD_RELAY_PASSWORD = f"dead-{MARKER}"
+STORE_PASSWORD = f"store-{MARKER}"
 
 
 @pytest.fixture
@@ -44,11 +47,19 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield service
 
 
-def secret_env(tmp_path: Path, broker: Mosquitto) -> dict[str, str]:
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[PostgresServer]:
+    with running(service_or_fail(PostgresServer, tmp_path / "postgres", password=STORE_PASSWORD)) as service:
+        yield service
+
+
+def secret_env(tmp_path: Path, broker: Mosquitto, database: PostgresServer) -> dict[str, str]:
     broker_url = f"ws://user:{BROKER_PASSWORD}@127.0.0.1:{broker.ports['ws']}"
     dead_url = f"ws://user:{DEAD_RELAY_PASSWORD}@127.0.0.1:{free_port()}"  # nothing listens there
     return {
         "P2PDIFF_STORE_PATH": str(tmp_path / "db.sqlite3"),
+        "P2PDIFF_STORE_URL": f"postgresql://{database.superuser}@{database.host}:{database.port}/postgres",
+        "P2PDIFF_STORE_PASSWORD": STORE_PASSWORD,
         "P2PDIFF_SERVER_LOG_LEVEL": "debug",
         "P2PDIFF_SERVER_ADMIN_TOKEN": ADMIN_TOKEN,
         "P2PDIFF_P2P_PASSWORD": ROOM_PASSWORD,
@@ -68,8 +79,10 @@ async def relay_states(http: aiohttp.ClientSession) -> dict[str, str]:
     return next(r["relays"] for r in health["p2p"]["rooms"] if r["roomId"] == "lobby")  # type: ignore[no-any-return]
 
 
-async def test_no_secret_on_any_surface(tmp_path: Path, broker: Mosquitto, serve: Serve) -> None:
-    env = secret_env(tmp_path, broker)
+async def test_no_secret_on_any_surface(
+    tmp_path: Path, broker: Mosquitto, database: PostgresServer, serve: Serve
+) -> None:
+    env = secret_env(tmp_path, broker, database)
     server = await serve(tmp_path, env=env)
     assert server.proc is not None
     shown = f"ws://user:***@127.0.0.1:{broker.ports['ws']}"
@@ -133,6 +146,8 @@ async def test_no_secret_on_any_surface(tmp_path: Path, broker: Mosquitto, serve
     # Every surface was really exercised: the relay URL shows, its password masked.
     assert f"{shown}: connection lost" in log and shown in seen[2]  # the log, /metrics
     assert '"level":"debug"' in log and shown in out
+    assert f"store postgresql://p2pdiff:***@127.0.0.1:{database.port}/postgres" in log
+    assert json.loads(out)["store"]["password"] == "***"
     for name, text in [("log", log), ("--check-config", out + err)] + [
         (f"surface {i}", text) for i, text in enumerate(seen)
     ]:
