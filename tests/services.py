@@ -723,11 +723,17 @@ class PostgresServer(Service):
         return self.ready_marker in self.log_text().rpartition("--- start ")[2]
 
     def kill(self) -> None:
-        """SIGKILL to the postmaster and all its backends at once (its process group), as a crash
-        of the machine would: backends of a postmaster killed alone keep its shared memory until
-        they notice, and a restart meanwhile refuses to start."""
+        """SIGKILL to the postmaster and every process it started, as a crash of the machine would.
+
+        Each backend is in a session of its own (PostgreSQL calls setsid() in every child), so a
+        process-group kill misses them; a backend that has not yet noticed its postmaster's death
+        still answers a query, and keeps the shared memory a restart then refuses to share."""
         if self.running and self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.send_signal(signal.SIGSTOP)  # no new backends while they are looked for
+            for child in _child_pids(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait()
         self._close_output()
 
@@ -778,6 +784,19 @@ class PostgresServer(Service):
                 "(Debian's postgresql package creates it)"
             ) from None
         return ["setpriv", f"--reuid={self.system_user}", f"--regid={self.system_user}", "--init-groups"]
+
+
+def _child_pids(parent: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
 
 
 def _initial_user_namespace() -> bool:
