@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import shlex
 import sqlite3
 import time
@@ -33,9 +32,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import orjson
-
-from p2pdiff.tasks.model import STATUSES, Room, Task
+from p2pdiff.tasks.model import Room, Task
+from p2pdiff.tasks.rows import (
+    ROOM_COLUMNS,
+    TASK_COLUMNS,
+    BadRow,
+    counter_from_row,
+    room_from_row,
+    room_row,
+    show,
+    task_from_row,
+    task_row,
+)
 from p2pdiff.tasks.store import (
     STORE_BUSY,
     STORE_UNAVAILABLE,
@@ -102,11 +110,6 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     ),
 ]
 
-TASK_COLUMNS = (
-    "room_id, id, seq, prompt, options, extra, status, created_at, queued_at, updated_at, "
-    "claimed_by, claimed_at, finished_at, progress, result, error, requeues"
-)
-ROOM_COLUMNS = "room_id, generated, last_activity, helper_joined, helper_wire, helper_dispatch"
 # Every column but the key: a task's options and extra fields may be filled in after it was added.
 _UPSERT_TASK = (
     f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ({', '.join('?' * 17)}) "
@@ -172,120 +175,17 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-# -- reading rows: every value checked, so damage is named instead of failing somewhere later ------
-
-
-class _BadRow(Exception):
-    pass
-
-
-def _show(value: Any) -> str:
-    """A short, one-line rendering of a stored value for messages."""
-    if isinstance(value, bytes):
-        return f"a {len(value)}-byte blob"
-    if isinstance(value, str):
-        text = orjson.dumps(value[:40]).decode()  # quoted, control characters escaped
-        return text if len(value) <= 40 else text[:-1] + '..."'
-    return repr(value)
-
-
-def _need(ok: bool, column: str, value: Any, want: str) -> None:
-    if not ok:
-        raise _BadRow(f"column {column} is {_show(value)}, not {want}")
-
-
-def _int(column: str, value: Any, *, null: bool = False) -> None:
-    _need(type(value) is int or (null and value is None), column, value, "an integer")
-
-
-def _text(column: str, value: Any, *, null: bool = False) -> None:
-    _need(isinstance(value, str) or (null and value is None), column, value, "text")
-
-
-def _json(column: str, value: Any, *, null: bool = False, obj: bool = False) -> Any:
-    if null and value is None:
-        return None
-    _need(isinstance(value, str), column, value, "JSON text")
-    try:
-        data = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise _BadRow(f"column {column} is not valid JSON ({exc})") from None
-    _need(not obj or isinstance(data, dict), column, value, "a JSON object")
-    return data
-
-
-def _room_from_row(r: tuple[Any, ...]) -> Room:
-    room_id, generated, last_activity, joined, wire, dispatch = r
-    _text("room_id", room_id)
-    _int("generated", generated)
-    _int("last_activity", last_activity)
-    _need(joined in (0, 1), "helper_joined", joined, "0 or 1")
-    _text("helper_wire", wire, null=True)
-    _need(dispatch in (None, 0, 1), "helper_dispatch", dispatch, "0, 1 or NULL")
-    return Room(
-        room_id, generated, last_activity, bool(joined), wire, None if dispatch is None else bool(dispatch)
-    )
-
-
-def _task_from_row(r: tuple[Any, ...]) -> Task:
-    (room_id, tid, seq, prompt, options, extra, status, created, queued, updated) = r[:10]
-    (claimed_by, claimed_at, finished_at, progress, result, error, requeues) = r[10:]
-    _text("room_id", room_id)
-    _text("id", tid)
-    _int("seq", seq)
-    _text("prompt", prompt)
-    _need(status in STATUSES, "status", status, f"one of {', '.join(STATUSES)}")
-    for column, value in (("created_at", created), ("queued_at", queued), ("updated_at", updated)):
-        _int(column, value)
-    _text("claimed_by", claimed_by, null=True)
-    _int("claimed_at", claimed_at, null=True)
-    _int("finished_at", finished_at, null=True)
-    _need(type(progress) in (int, float) and math.isfinite(progress), "progress", progress, "a number")
-    _text("error", error, null=True)
-    _int("requeues", requeues)
-    return Task(
-        room_id=room_id,
-        id=tid,
-        seq=seq,
-        prompt=prompt,
-        options=_json("options", options, obj=True),
-        extra=_json("extra", extra, obj=True),
-        status=status,
-        created_at=created,
-        queued_at=queued,
-        updated_at=updated,
-        claimed_by=claimed_by,
-        claimed_at=claimed_at,
-        finished_at=finished_at,
-        progress=float(progress),
-        result=_json("result", result, null=True),
-        error=error,
-        requeues=requeues,
-    )
-
-
-def _counter_from_row(r: tuple[Any, ...]) -> tuple[str, int]:
-    name, value = r
-    _text("name", name)
-    _int("value", value)
-    return name, value
-
-
 # table -> (columns that name a row in messages, columns read, decoder, order)
 _TABLES: dict[str, tuple[tuple[str, ...], str, Callable[[tuple[Any, ...]], Any], str]] = {
-    "rooms": (("room_id",), ROOM_COLUMNS, _room_from_row, "rowid"),
-    "tasks": (("room_id", "id"), TASK_COLUMNS, _task_from_row, "seq"),
-    "counters": (("name",), "name, value", _counter_from_row, "rowid"),
+    "rooms": (("room_id",), ROOM_COLUMNS, room_from_row, "rowid"),
+    "tasks": (("room_id", "id"), TASK_COLUMNS, task_from_row, "seq"),
+    "counters": (("name",), "name, value", counter_from_row, "rowid"),
 }
 
 
 def _row_name(table: str, row: tuple[Any, ...]) -> str:
     keys = _TABLES[table][0]
-    named = " ".join(f"{k}={_show(v)}" for k, v in zip(keys, row[1:], strict=False))
+    named = " ".join(f"{k}={show(v)}" for k, v in zip(keys, row[1:], strict=False))
     return f"table {table}, row {named} (rowid {row[0]})"
 
 
@@ -299,7 +199,7 @@ def _decoded(db: sqlite3.Connection, table: str) -> Iterator[tuple[Any, Damage |
             last = row
             try:
                 yield decode(row[1:]), None
-            except _BadRow as exc:
+            except BadRow as exc:
                 yield None, Damage(_row_name(table, row), str(exc), table, row[0])
     except sqlite3.Error as exc:
         if not _is_damage(exc):  # a lock, a missing table: an error, but not damage to repair
@@ -430,36 +330,10 @@ class SqliteStore:
         return bool(self._tasks or self._rooms or self._counters)
 
     def save_task(self, task: Task) -> None:
-        # Serialized now, so a value orjson refuses fails the change that made it, not a later commit.
-        self._tasks[(task.room_id, task.id)] = (
-            task.room_id,
-            task.id,
-            task.seq,
-            task.prompt,
-            orjson.dumps(task.options).decode(),
-            orjson.dumps(task.extra).decode(),
-            task.status,
-            task.created_at,
-            task.queued_at,
-            task.updated_at,
-            task.claimed_by,
-            task.claimed_at,
-            task.finished_at,
-            task.progress,
-            _json_or_none(task.result),
-            task.error,
-            task.requeues,
-        )
+        self._tasks[(task.room_id, task.id)] = task_row(task)
 
     def save_room(self, room: Room) -> None:
-        self._rooms[room.id] = (
-            room.id,
-            room.generated,
-            room.last_activity,
-            int(room.helper_joined),
-            room.helper_wire,
-            None if room.helper_dispatch is None else int(room.helper_dispatch),
-        )
+        self._rooms[room.id] = room_row(room)
 
     def save_counter(self, name: str, value: int) -> None:
         self._counters[name] = value
