@@ -10,10 +10,10 @@ from dataclasses import replace
 from typing import Any
 
 from p2pdiff.tasks.model import Room, Task
-from p2pdiff.tasks.store import STORE_UNAVAILABLE, Stored, StoreFault, StoreStats
+from p2pdiff.tasks.store import STORE_UNAVAILABLE, LocalStore, Stored, StoreFault, StoreStats
 
 
-class MemoryStore:
+class MemoryStore(LocalStore):
     def __init__(self, *, load_suspends: bool = False) -> None:
         self.on_commit: Callable[[], None] | None = None
         self.on_rollback: Callable[[StoreFault], None] | None = None

@@ -7,12 +7,15 @@ e.g. to close its connection) instead of letting its buffer grow.
 
 Event ids are increasing integers. A process starts numbering at the current time in microseconds,
 so a client resuming with an id from an earlier process of this server is always told to refetch
-instead of silently missing what happened in between.
+instead of silently missing what happened in between. On a store several nodes share, events are
+numbered by the database instead (pg_store.py) and arrive through ``deliver``: every node then
+carries the same ids, in one order, and a client may resume on any node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import time
@@ -229,6 +232,8 @@ class EventBus:
         # The resume window: the newest ``backlog`` events; older ones fall off the left.
         self._backlog: deque[Event] = deque(maxlen=backlog)
         self._next_id = time.time_ns() // 1000
+        # Every id up to here is unknown or fell out of the backlog: resuming from before it resets.
+        self._floor = self._next_id - 1
         # Bounded by max_subscribers (subscribe refuses past it).
         self._subscribers: set[Subscriber] = set()
         # Subscriptions per owner; an owner leaves the map with its last one, so it is bounded too.
@@ -251,8 +256,42 @@ class EventBus:
         if self.closed:
             return None
         event = Event(self._next_id, type, room, data, int(self.clock() * 1000), origin)
-        self._next_id += 1
+        self._dispatch(event)
+        return event
+
+    def start_after(self, last_id: int) -> None:
+        """Number from the database's ids (a shared store): ``last_id`` is the newest event before
+        this process, not in its backlog. Only before the first event."""
+        assert not self._backlog
+        self._next_id = last_id + 1
+        self._floor = last_id
+
+    @property
+    def backlog_size(self) -> int:
+        return self._backlog.maxlen or 0
+
+    def preload(self, past: list[Event]) -> None:
+        """Events from before this process (a shared store's newest) into the resume window only:
+        subscribers and listeners have nothing to do with the past."""
+        for event in past:
+            if event.id >= self._next_id:
+                self._next_id = event.id + 1
+                self._backlog.append(event)
+
+    def deliver(self, event: Event) -> None:
+        """An event numbered elsewhere (a shared store's feed), ids increasing with gaps allowed."""
+        if self.closed:
+            return
+        if event.id < self._next_id:
+            log.warning("event %d arrived after %d: dropped", event.id, self._next_id - 1)
+            return
+        self._dispatch(event)
+
+    def _dispatch(self, event: Event) -> None:
+        self._next_id = event.id + 1
         self.published += 1
+        if len(self._backlog) == self._backlog.maxlen:
+            self._floor = self._backlog[0].id  # about to fall off the left
         self._backlog.append(event)
         for listener in self._listeners:
             try:
@@ -262,7 +301,6 @@ class EventBus:
         # A copy: offer() may unsubscribe a slow subscriber while we iterate.
         for subscriber in list(self._subscribers):
             subscriber.offer(event)
-        return event
 
     def add_listener(self, listener: Callable[[Event], None]) -> None:
         """A synchronous callback for every event (metrics, the helper); must be quick."""
@@ -303,16 +341,12 @@ class EventBus:
     def since(self, last_id: int, room: str | None = None) -> list[Event] | None:
         """Events after ``last_id`` (for ``room`` if given), or None when some fell out of the backlog
         or the id is not one of this process's (then the client must refetch)."""
-        oldest_known = self._backlog[0].id if self._backlog else self._next_id
-        if last_id + 1 < oldest_known or last_id >= self._next_id:
+        if last_id < self._floor or last_id > self.last_id:
             return None
         return [e for e in self._events_after(last_id) if e.concerns(room)]
 
     def _events_after(self, last_id: int) -> Iterable[Event]:
-        # Ids in the backlog are consecutive, so the start index is arithmetic, not a search.
-        if not self._backlog:
-            return ()
-        start = last_id + 1 - self._backlog[0].id
+        start = bisect.bisect_right(self._backlog, last_id, key=lambda event: event.id)
         return itertools.islice(self._backlog, start, None)
 
     def close(self) -> None:

@@ -4,6 +4,9 @@ Plain synchronous methods, no HTTP and no network. Each mutation hands its chang
 (any ``store.TaskStore``: the app chooses the backend); callers ``await queue.flush()`` to make them
 durable before they answer anyone (a failed commit puts memory back as it was at the last one, see
 journal.py).
+On a store several nodes share (store.py, "Shared stores"), changes are made inside the node's write
+turn: ``async with queue.writing()`` for callers that can wait, ``write_soon`` for synchronous ones
+(a peer's message); ``await queue.sync()`` before a read that must see other nodes' changes.
 Each state change is also handed to an injected ``publish`` callback (the event bus), so live views
 see exactly the changes this module makes and nothing else has to know the rules; the methods that
 change tasks take the caller's ``origin`` (``events.Origin``: the server, or a peer's message) and
@@ -13,12 +16,13 @@ publish it with the event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +40,7 @@ from p2pdiff.tasks.model import (
     Room,
     Task,
 )
-from p2pdiff.tasks.store import STORE_BUSY, StoreFault, TaskStore
+from p2pdiff.tasks.store import STORE_BUSY, Remote, Stored, StoreFault, TaskStore
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 
 # The whole state machine: (action, from) -> to. Nothing else may change a task's status.
@@ -53,6 +57,10 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 }
 
 log = logging.getLogger(__name__)
+
+# Synchronous changes waiting for this node's write turn on a shared store (write_soon); past it
+# they are dropped and counted, like a store fault (peers' messages are rate limited long before).
+MAX_DEFERRED_CHANGES = 10_000
 
 # Where each action means to take a task, for error messages that name both states.
 ACTION_TARGET = {
@@ -153,14 +161,21 @@ class QueueManager:
         self.rollbacks = 0
         # A reload after a rollback that could not put memory back; flush() callers wait for it.
         self._reloading: asyncio.Task[None] | None = None
+        # write_soon's changes waiting for the write turn, oldest first, and the task running them.
+        self._deferred: deque[Callable[[], None]] = deque()
+        self._deferring: asyncio.Task[None] | None = None
+        self.deferred_dropped = 0
         store.on_commit = self._committed
         store.on_rollback = self._rolled_back
+        store.on_remote = self._apply_remote
 
     # -- loading and persistence -------------------------------------------------------------
 
     async def load(self) -> None:
         """Rebuild memory from the store, in the stored queue order."""
-        stored = await self.store.load()
+        self._install(await self.store.load())
+
+    def _install(self, stored: Stored) -> None:
         self.rooms.clear()
         for room in stored.rooms:
             self.rooms[room.id] = room
@@ -183,6 +198,97 @@ class QueueManager:
             if self._reloading is not None:
                 await asyncio.shield(self._reloading)
             raise _unavailable(fault) from None
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Changes made inside (synchronous calls, no await) are this node's to make: on a shared
+        store it holds the write turn and memory is caught up. ``flush()`` after it as before."""
+        await self.store.begin()
+        yield
+
+    def write_soon(self, change: Callable[[], None]) -> None:
+        """Run ``change`` (synchronous queue calls, e.g. a peer's message) now if the store accepts
+        changes and no earlier one waits; else in this node's next write turn, in order."""
+        if not self._deferred and self.store.accepts_changes:
+            change()
+            return
+        if len(self._deferred) >= MAX_DEFERRED_CHANGES:
+            self.deferred_dropped += 1
+            log.warning("queue: %d changes wait for the store already; dropping one", len(self._deferred))
+            return
+        self._deferred.append(change)
+        if self._deferring is None or self._deferring.done():
+            self._deferring = asyncio.get_running_loop().create_task(self._run_deferred())
+
+    async def _run_deferred(self) -> None:
+        while self._deferred:
+            try:
+                await self.store.begin()
+            except Exception:  # the store is failing: its own log says why; try again shortly
+                await asyncio.sleep(0.5)
+                continue
+            while self._deferred and self.store.accepts_changes:
+                change = self._deferred.popleft()
+                try:
+                    change()
+                except Exception:  # the caller's own error handling let it through: say so, go on
+                    log.exception("queue: a deferred change failed")
+
+    async def sync(self) -> None:
+        """What other nodes committed before this call is in memory when it returns (a read
+        barrier on a shared store; nothing to do on one only this process writes)."""
+        await self.store.sync()
+
+    def _apply_remote(self, remote: Remote) -> None:
+        """Rows other nodes committed: memory takes them as they are (none of them is changed
+        here and not yet committed; the store makes sure). Objects keep their identity."""
+        if remote.full is not None:
+            self._install(remote.full)
+            self._emit(events.QUEUE_RELOADED, None, {"reason": "caught_up", "rooms": sorted(self.rooms)})
+            return
+        touched: dict[str, Room] = {}
+        for key, stored_task in remote.tasks.items():
+            room_id, task_id = key
+            room = self.rooms.get(room_id)
+            task = room.tasks.get(task_id) if room is not None else None
+            if task is not None:
+                assert room is not None
+                room.counts[task.status] -= 1
+                touched[room_id] = room
+                if stored_task is None:
+                    del room.tasks[task_id]
+                    continue
+            if stored_task is None:
+                continue
+            if room is None:
+                room = self.rooms[room_id] = Room(id=room_id)
+            touched[room_id] = room
+            if task is None:
+                room.tasks[task_id] = stored_task
+            else:
+                for name in Task.__slots__:
+                    setattr(task, name, getattr(stored_task, name))
+            room.counts[stored_task.status] += 1
+            self._seq = max(self._seq, stored_task.seq)
+        for room_id, stored_room in remote.rooms.items():
+            room = self.rooms.get(room_id)
+            if stored_room is None:
+                if room is not None and not room.tasks:
+                    del self.rooms[room_id]
+                continue
+            if room is None:
+                room = self.rooms[room_id] = Room(id=room_id)
+            room.generated, room.last_activity = stored_room.generated, stored_room.last_activity
+            room.helper_joined = stored_room.helper_joined
+            room.helper_wire, room.helper_dispatch = stored_room.helper_wire, stored_room.helper_dispatch
+            touched[room_id] = room
+        for room in touched.values():
+            seqs = [task.seq for task in room.tasks.values()]
+            if seqs != sorted(seqs):  # a task of another node's landed among this node's
+                room.tasks = dict(sorted(room.tasks.items(), key=lambda item: item[1].seq))
+            room.version += 1
+        if "requeues" in remote.counters:
+            self.requeues = self._committed_requeues = remote.counters["requeues"]
 
     def check_writable(self) -> None:
         """Refuse a change up front (Unavailable) while the store backs off after a failed commit:

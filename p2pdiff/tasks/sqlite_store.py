@@ -45,9 +45,12 @@ from p2pdiff.tasks.rows import (
     task_row,
 )
 from p2pdiff.tasks.store import (
+    BACKOFF_MAX_SECONDS,
     STORE_BUSY,
     STORE_UNAVAILABLE,
+    CommitBackoff,
     Damage,
+    LocalStore,
     StoreCorrupt,
     Stored,
     StoreError,
@@ -126,8 +129,6 @@ _UPSERT_COUNTER = (
 
 # Waits between attempts to take the write lock from another process (about 0.5 s in all).
 BUSY_RETRY_SECONDS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.2)
-BACKOFF_FIRST_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 5.0
 # At shutdown nothing else is left to serve: the final commit may wait for a lock this long (well
 # within the shutdown bound, shutdown_timeout_seconds + 1 s).
 CLOSE_BUSY_TIMEOUT_MS = 500
@@ -208,7 +209,7 @@ def _decoded(db: sqlite3.Connection, table: str) -> Iterator[tuple[Any, Damage |
         yield None, Damage(where, str(exc), table)
 
 
-class SqliteStore:
+class SqliteStore(LocalStore):
     """store.TaskStore on a SQLite file, every call on the event loop (see the module docstring)."""
 
     def __init__(
@@ -224,17 +225,24 @@ class SqliteStore:
         self._counters: dict[str, int] = {}
         self._pending_commit: asyncio.Future[None] | None = None
         self._busy_attempts = 0
-        # Back-off after a failed commit: until _retry_at, commits and check_writable() refuse at once.
-        self._fault: StoreFault | None = None
-        self._retry_at = 0.0
-        self._backoff = 0.0
+        # After a failed commit, commits and check_writable() refuse at once for a while.
+        self.backoff = CommitBackoff(str(self.path), clock)
         # Told synchronously, in the loop turn the commit ended, before any waiter resumes.
         self.on_commit: Callable[[], None] | None = None
         self.on_rollback: Callable[[StoreFault], None] | None = None
         self.commits = 0
-        self.failures: Counter[str] = Counter()  # failed commit attempts by code
-        self.refused = 0  # changes refused at once during a back-off
-        self.busy_retries = 0
+
+    @property
+    def failures(self) -> Counter[str]:
+        return self.backoff.failures
+
+    @property
+    def refused(self) -> int:
+        return self.backoff.refused
+
+    @property
+    def busy_retries(self) -> int:
+        return self.backoff.busy_retries
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -274,7 +282,7 @@ class SqliteStore:
             # The last commit, at shutdown: nothing is left to serve, so it may wait for a lock, and
             # no back-off applies. A pending attempt's timer finds the store closed and does nothing.
             self.db.execute(f"PRAGMA busy_timeout={CLOSE_BUSY_TIMEOUT_MS}")
-            self._fault = None
+            self.backoff.clear()
             outcome = self._attempt(final=True)
             assert outcome != WAITING  # a final attempt never schedules another
             self._finish(outcome)
@@ -365,21 +373,9 @@ class SqliteStore:
         self._rooms.clear()
         self._counters.clear()
 
-    def backoff_fault(self) -> StoreFault | None:
-        """The fault to answer with while the store backs off after a failed commit, else None."""
-        if self._fault is None:
-            return None
-        wait = self._retry_at - self.clock()
-        if wait <= 0:
-            return None
-        return StoreFault(str(self._fault), self._fault.code, wait)
-
     def check_writable(self) -> None:
         """Raise the back-off's StoreFault (and count the refusal) while the store is failing."""
-        fault = self.backoff_fault()
-        if fault is not None:
-            self.refused += 1
-            raise fault
+        self.backoff.check()
 
     def _run(self) -> None:
         """One attempt at the pending commit (a loop callback)."""
@@ -397,9 +393,8 @@ class SqliteStore:
     def _attempt(self, final: bool) -> StoreFault | Literal["waiting"] | None:
         """Write and commit the collected changes: None when done, the fault when they failed (and
         are forgotten), WAITING when another try is scheduled (``final``: never)."""
-        fault = self.backoff_fault()
+        fault = self.backoff.refuse()
         if fault is not None:
-            self.refused += 1
             return fault
         db = self.db
         try:
@@ -412,7 +407,7 @@ class SqliteStore:
                 # Changes made meanwhile join this commit, and so do their callers.
                 delay = BUSY_RETRY_SECONDS[self._busy_attempts]
                 self._busy_attempts += 1
-                self.busy_retries += 1
+                self.backoff.busy_retries += 1
                 asyncio.get_running_loop().call_later(delay, self._run)
                 return WAITING
             return self._failed(exc)
@@ -427,10 +422,7 @@ class SqliteStore:
                     log.exception("store %s: rollback after a failed commit failed too", self.path)
             return self._failed(exc)
         self.commits += 1
-        if self._fault is not None:
-            log.warning("store %s: commits work again", self.path)
-            self._fault = None
-            self._backoff = 0.0
+        self.backoff.succeeded()
         return None
 
     def _failed(self, exc: Exception) -> StoreFault:
@@ -444,16 +436,7 @@ class SqliteStore:
                 else ""
             )
             message, code = f"commit to {self.path} failed: {exc}{hint}", STORE_UNAVAILABLE
-        self.failures[code] += 1
-        self._backoff = min(BACKOFF_MAX_SECONDS, self._backoff * 2 or BACKOFF_FIRST_SECONDS)
-        self._retry_at = self.clock() + self._backoff
-        fault = StoreFault(message, code, self._backoff)
-        if self._fault is None:
-            log.error("%s; changes are refused (503 %s) until a commit works again", fault, code)
-        else:
-            log.warning("%s; still failing, next try in %.0f s", fault, self._backoff)
-        self._fault = fault
-        return fault
+        return self.backoff.fail(message, code)
 
     def _finish(self, fault: StoreFault | None) -> None:
         """End the pending commit: tell the listener, then the waiters."""
@@ -487,16 +470,7 @@ class SqliteStore:
         await asyncio.shield(self._pending_commit)
 
     def stats(self) -> StoreStats:
-        backoff = self.backoff_fault()
-        return {
-            "commits": self.commits,
-            "failures": {code: self.failures[code] for code in (STORE_BUSY, STORE_UNAVAILABLE)},
-            "refused": self.refused,
-            "busyRetries": self.busy_retries,
-            # The last commit's fault until one works again; retryAfter: seconds left of the back-off.
-            "failing": None if self._fault is None else self._fault.code,
-            "retryAfter": 0 if backoff is None else round(backoff.retry_after, 3),
-        }
+        return self.backoff.stats(self.commits)
 
 
 def check_store(path: str | Path) -> tuple[list[Damage], str]:
