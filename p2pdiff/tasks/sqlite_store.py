@@ -217,7 +217,6 @@ class SqliteStore(LocalStore):
     ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
-        self.clock = clock
         self._db: sqlite3.Connection | None = None
         # Changes since the last commit: the newest row for each key, or its deletion.
         self._tasks: dict[tuple[str, str], tuple[Any, ...] | None] = {}
@@ -231,6 +230,15 @@ class SqliteStore(LocalStore):
         self.on_commit: Callable[[], None] | None = None
         self.on_rollback: Callable[[StoreFault], None] | None = None
         self.commits = 0
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """What the back-off measures time with (tests move it by hand)."""
+        return self.backoff.clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self.backoff.clock = clock
 
     @property
     def failures(self) -> Counter[str]:
