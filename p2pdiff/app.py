@@ -17,9 +17,11 @@ from p2pdiff.ops.shutdown import Shutdown
 from p2pdiff.rest import api, appfiles, dashboard, middleware, openapi, result_files, security, sse
 from p2pdiff.rooms.helper import Helper, make_helper
 from p2pdiff.tasks import results
-from p2pdiff.tasks.events import EventBus
+from p2pdiff.tasks.events import EventBus, Publish
+from p2pdiff.tasks.pg_store import PgStore
 from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.sqlite_store import SqliteStore
+from p2pdiff.tasks.store import TaskStore
 from signaling.background import BackgroundTasks, every
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,10 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
         await helper.join(room_id, stored.helper_wire if stored is not None else None)
         if stored is not None and stored.helper_dispatch is not None:
             helper.set_dispatch(room_id, stored.helper_dispatch)
-        queue.set_helper_joined(room_id, True)
     try:
+        async with queue.writing():
+            for room_id in wanted:
+                queue.set_helper_joined(room_id, True)
         await queue.flush()
     except Unavailable as exc:  # a store failing at start (a held lock): serve anyway, reads work
         log.warning("store: the rooms joined at start are not recorded (%s): %s", exc.code, exc.message)
@@ -68,20 +72,30 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
-    config, queue = app[CONFIG], app[QUEUE]
+    config, queue, store = app[CONFIG], app[QUEUE], app[STORE]
 
     async def expire() -> None:
-        expired = queue.expire_leases()
+        if not queue.has_processing():
+            return  # nothing can expire: no write turn (several nodes: no lock) for nothing
+        async with queue.writing():
+            expired = queue.expire_leases()
         if expired:
             await queue.flush()
             for task in expired:
                 log.warning("lease expired: task %s in room %s is pending again", task.id, task.room_id)
 
     async def sweep() -> None:
-        removed = queue.sweep(config.queue.retention_hours)
+        # Several nodes: one of them sweeps per period, not each.
+        if not await store.claim_job("retention", config.queue.sweep_interval_seconds):
+            return
+        async with queue.writing():
+            removed = queue.sweep(config.queue.retention_hours)
         await queue.flush()
         if removed:
             log.info("retention: pruned %d finished tasks of idle rooms", removed)
+        pruned = await store.prune_log() if isinstance(store, PgStore) else 0
+        if pruned:
+            log.info("retention: pruned %d rows of the change log and events", pruned)
 
     async def report_repeats() -> None:
         # A flood of one warning that stopped is reported even if nothing else is logged after it.
@@ -122,6 +136,17 @@ def _referenced_results(app: web.Application) -> set[str]:
     return names
 
 
+def _make_store(config: Config, bus: EventBus) -> tuple[TaskStore, Publish]:
+    """The configured store, and where events go: straight to the bus (SQLite, this process
+    alone), or through the database, which numbers them for every node (PostgreSQL)."""
+    if config.store.backend == "postgresql":
+        shared = PgStore(
+            config.store.dsn(), display=config.store.display_url, node=config.cluster.node_name(), bus=bus
+        )
+        return shared, shared.publish
+    return SqliteStore(config.store.sqlite_path, synchronous=config.store.synchronous), bus.publish
+
+
 def create_app(config: Config, *, helper: Helper | None = None) -> web.Application:
     guard = security.Guard(config.server)
     http_metrics = metrics.HttpMetrics()
@@ -133,12 +158,12 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     )
     app[SHUTDOWN] = shutdown
     app.on_shutdown.append(shutdown.begin)  # first: the clock starts when listening stops
-    store = SqliteStore(config.store.path, synchronous=config.store.synchronous)
     bus = EventBus(
         backlog=config.server.sse_backlog,
         max_subscribers=config.server.sse_max_clients,
         max_per_owner=config.server.sse_max_clients_per_address,
     )
+    store, publish = _make_store(config, bus)
     app[CONFIG] = config
     app[api.CORS] = cors
     app[STORE] = store
@@ -146,11 +171,11 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     app[QUEUE] = QueueManager(
         store,
         lease_seconds=config.queue.lease_seconds,
-        publish=bus.publish,
+        publish=publish,
         default_room=config.server.default_room,
     )
     app[HELPER] = helper if helper is not None else make_helper(config.p2p)
-    app[HELPER].attach(bus.publish)
+    app[HELPER].attach(publish)
     # Result images from peers: files next to the store, served at /api/queue/{room}/{task}/result.
     result_store = results.ResultStore(
         results.results_dir(config),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import stat
 import tomllib
 import typing
@@ -149,11 +150,27 @@ class P2PConfig:
 
 
 @dataclass(slots=True)
+class ClusterConfig:
+    """Several nodes on one PostgreSQL store (README "Running several nodes"); unused on SQLite."""
+
+    # This node's name among the others (logs, /api/health, /metrics, who holds which room). Empty =
+    # "<host name>-<process id>": unique, but new at every start. Two live nodes must not share one.
+    node_id: str = ""
+    # Each room's helper runs on one node, held by a lease it renews every third of this. A node
+    # that dies (kill -9, a lost machine) loses its rooms to the other nodes within this time.
+    lease_seconds: float = 15.0
+
+    def node_name(self) -> str:
+        return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     p2p: P2PConfig = field(default_factory=P2PConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -282,6 +299,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("[queue] retention_hours: must be > 0")
     if config.queue.sweep_interval_seconds <= 0:
         raise ConfigError("[queue] sweep_interval_seconds: must be > 0")
+    if not 1 <= config.cluster.lease_seconds <= 3600:
+        raise ConfigError("[cluster] lease_seconds: must be from 1 to 3600")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", config.cluster.node_id):
+        raise ConfigError("[cluster] node_id: at most 64 letters, digits, '.', '_' or '-'")
     if not 0 < config.p2p.max_result_bytes <= MAX_RESULT_BYTES_LIMIT:
         raise ConfigError(f"[p2p] max_result_bytes: must be > 0 and <= {MAX_RESULT_BYTES_LIMIT}")
     for key in (

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient
 from p2pdiff.app import create_app
 from p2pdiff.config import Config
 from tests.services import PostgresServer, running
+from tests.stores import stores  # noqa: F401 (a fixture: both store backends)
 from tests.support import loop_errors_caught, service_or_fail
 
 ClientFactory = Callable[..., Awaitable[TestClient]]

@@ -1,4 +1,5 @@
-"""QueueManager tested directly: no HTTP, a fake clock, a real SQLite store in a temp dir."""
+"""QueueManager tested directly: no HTTP, a fake clock, a real store (SQLite in a temp dir, and a
+PostgreSQL database: tests/stores.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.sqlite_store import SqliteStore
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.faults import on_disk
+from tests.stores import Stores
 
 
 class Clock:
@@ -35,12 +37,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def queue(tmp_path: Path, clock: Clock) -> QueueManager:
-    store = SqliteStore(tmp_path / "q.sqlite3")
-    await store.open()
-    q = QueueManager(store, lease_seconds=10, clock=clock)
-    await q.load()
-    return q
+async def queue(stores: Stores, clock: Clock) -> QueueManager:
+    return await stores.queue(clock=clock)
 
 
 def new(tid: str | None = None, prompt: str = "a cat", **options: object) -> NewTask:
@@ -180,7 +178,7 @@ def test_sweep_prunes_finished_tasks_of_idle_rooms_only(queue: QueueManager, clo
     assert queue.get_room("idle").generated == 1  # type: ignore[union-attr]
 
 
-async def test_state_survives_reload(queue: QueueManager, tmp_path: Path) -> None:
+async def test_state_survives_reload(queue: QueueManager, stores: Stores) -> None:
     for i in range(10):
         queue.add("r", new(f"t{i}", n=i))
     queue.update("r", "t3", upd("claim"))
@@ -191,10 +189,7 @@ async def test_state_survives_reload(queue: QueueManager, tmp_path: Path) -> Non
     await queue.flush()
     before = queue.list_tasks("r")
     await queue.store.close()
-    store = SqliteStore(tmp_path / "q.sqlite3")
-    await store.open()
-    again = QueueManager(store, lease_seconds=10)
-    await again.load()
+    again = await stores.queue()
     assert again.list_tasks("r") == before
     assert again.helper_rooms() == ["r"]
     assert again.stats()["requeues"] == 1

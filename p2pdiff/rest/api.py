@@ -213,6 +213,7 @@ def _room_stats(room: Room, helper: Helper) -> dict[str, Any]:
 
 async def stats(request: web.Request) -> web.Response:
     queue, helper = request.app[QUEUE], request.app[HELPER]
+    await queue.sync()
     totals = queue.stats()
     return json_response(
         {
@@ -295,6 +296,7 @@ async def get_queue(request: web.Request) -> web.Response:
         limit = validate.limit(request.query.get("limit"))
     app = request.app
     queue = app[QUEUE]
+    await queue.sync()  # several nodes: what any of them committed before this request is here
     render = functools.partial(render_listing, queue, app[HELPER], room_id, statuses, limit)
     room = queue.get_room(room_id)
     if room is None:  # not kept: cheap to answer, and kept it would let clients fill the cache
@@ -311,11 +313,14 @@ async def _add_task(request: web.Request, room_id: str | None) -> web.Response:
         room_id = validate.room_id(body["roomId"])
     queue = request.app[QUEUE]
     queue.check_writable()
-    # No room at all: the task the browser app announced to its room, or one for the default room.
-    if room_id is None:
-        added = queue.add_unplaced(new, [room.room_id for room in request.app[HELPER].rooms()])
-    else:
-        added = queue.add(room_id, new)
+    async with queue.writing():
+        # No room at all: the task the browser app announced to its room, or one for the default
+        # room. The helper's rooms: this node's, and (several nodes) those other nodes hold.
+        if room_id is None:
+            mine = [room.room_id for room in request.app[HELPER].rooms()]
+            added = queue.add_unplaced(new, dict.fromkeys([*mine, *queue.helper_rooms()]))
+        else:
+            added = queue.add(room_id, new)
     room_id = added.task.room_id
     await queue.flush()  # a duplicate may have filled in fields of the task: durable before 200 too
     if added.created:
@@ -347,6 +352,7 @@ def _task_payload(queue: QueueManager, task: Task) -> dict[str, Any]:
 async def get_task(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
     queue = request.app[QUEUE]
+    await queue.sync()
     task = queue.get_task(room_id, request.match_info["task_id"])
     return json_response(_task_payload(queue, task))
 
@@ -356,7 +362,8 @@ async def patch_task(request: web.Request) -> web.Response:
     update = validate.task_update(await read_json(request))
     queue = request.app[QUEUE]
     queue.check_writable()
-    task = queue.update(room_id, request.match_info["task_id"], update)
+    async with queue.writing():
+        task = queue.update(room_id, request.match_info["task_id"], update)
     await queue.flush()
     return json_response(_task_payload(queue, task))
 
@@ -365,7 +372,8 @@ async def delete_task(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
     queue = request.app[QUEUE]
     queue.check_writable()
-    task = queue.cancel(room_id, request.match_info["task_id"])
+    async with queue.writing():
+        task = queue.cancel(room_id, request.match_info["task_id"])
     await queue.flush()
     log.info("task %s in room %s cancelled", task.id, room_id)
     return json_response(_task_payload(queue, task))
@@ -387,8 +395,9 @@ async def join_room(request: web.Request) -> web.Response:
     joined = await helper.join(room_id, wire)
     if dispatch is not None:
         helper.set_dispatch(room_id, dispatch)
-    queue.set_helper_joined(room_id, True)
-    queue.set_helper_options(room_id, wire=wire, dispatch=dispatch)  # rejoined so after a restart
+    async with queue.writing():
+        queue.set_helper_joined(room_id, True)
+        queue.set_helper_options(room_id, wire=wire, dispatch=dispatch)  # rejoined so after a restart
     await queue.flush()
     log.info("helper joined room %s (%s, wire %s)", room_id, helper.mode, joined.wire)
     return json_response(
@@ -408,10 +417,11 @@ async def leave_room(request: web.Request) -> web.Response:
     helper, queue = request.app[HELPER], request.app[QUEUE]
     queue.check_writable()
     was_in = await helper.leave(room_id)
-    room = queue.get_room(room_id)
-    if not was_in and not (room and room.helper_joined):
-        raise NotFound(f"the helper is not in room '{room_id}'", code="room_not_joined")
-    queue.set_helper_joined(room_id, False)
+    async with queue.writing():
+        room = queue.get_room(room_id)
+        if not was_in and not (room and room.helper_joined):
+            raise NotFound(f"the helper is not in room '{room_id}'", code="room_not_joined")
+        queue.set_helper_joined(room_id, False)
     await queue.flush()
     log.info("helper left room %s", room_id)
     return json_response({"success": True, "message": f"server left room {room_id}", "roomId": room_id})

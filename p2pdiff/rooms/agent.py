@@ -195,7 +195,7 @@ class RoomAgent:
         if self.closed:
             return  # the helper is leaving the room: the peers keep their work
         self.peers.pop(peer_id, None)
-        self.dispatcher.peer_left(peer_id)
+        self.queue.write_soon(functools.partial(self.dispatcher.peer_left, peer_id))
 
     def peer_info(self, peer_id: str) -> dict[str, Any]:
         """Extra fields for the API's view of a peer."""
@@ -225,13 +225,20 @@ class RoomAgent:
         if not state.messages.take():
             self._drop(action, rp.RATE_LIMITED, peer_id)
             return
-        try:
-            handler(self, payload, peer_id, metadata)
-        except rp.ProtocolError as exc:
-            self._drop(action, exc.reason, peer_id, exc.detail)
-        except Exception:
-            log.exception("room %s: handling %s from %s failed", self.room_id, action, peer_id)
-            self._drop(action, rp.INTERNAL_ERROR, peer_id)
+
+        def handle() -> None:
+            if self.closed:
+                return
+            try:
+                handler(self, payload, peer_id, metadata)
+            except rp.ProtocolError as exc:
+                self._drop(action, exc.reason, peer_id, exc.detail)
+            except Exception:
+                log.exception("room %s: handling %s from %s failed", self.room_id, action, peer_id)
+                self._drop(action, rp.INTERNAL_ERROR, peer_id)
+
+        # Now, or (several nodes) in this node's next write turn: the rows it decides on are current.
+        self.queue.write_soon(handle)
 
     def _queue_call(self, action: str, peer_id: str, call: Callable[[], Any]) -> Any:
         """A QueueManager call for a peer's message; its refusals become counted reasons."""

@@ -19,6 +19,7 @@ out itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
@@ -366,11 +367,12 @@ class Dispatcher:
         while self._pump_again and self.enabled and not self.closed:
             self._pump_again = False
             while self.enabled and not self.closed:
-                offer = self._next_offer()
-                if offer is None:
-                    break
-                worker, plan, chunk = offer
                 try:
+                    async with self.queue.writing():  # several nodes: the claim is decided on current rows
+                        offer = self._next_offer()
+                    if offer is None:
+                        break
+                    worker, plan, chunk = offer
                     await self.queue.flush()  # the claim is on disk before anyone works on it
                 except Unavailable:
                     # Reloaded (on_event dropped the plans). Wait before claiming again, so a
@@ -385,8 +387,8 @@ class Dispatcher:
                     "room %s: task %s (%s) handed to %s", self.room_id, task.id, chunk.plan.id, worker.id
                 )
                 sent = await self.send(rp.TASK, rp.task_message(task, chunk.plan, self.self_id), worker.id)
-                if not sent and self.plans.get(plan.task_id) is plan and chunk.worker == worker.id:
-                    self._reoffer(plan, chunk, "send_failed")
+                if not sent:
+                    self.queue.write_soon(functools.partial(self._reoffer_unsent, plan, chunk, worker.id))
 
     # -- taking work back ----------------------------------------------------------------------------
 
@@ -411,6 +413,10 @@ class Dispatcher:
                 worker.assignment = None
                 if silent and not chunk.done:
                     self._rest(worker)
+
+    def _reoffer_unsent(self, plan: TaskPlan, chunk: ChunkState, worker_id: str) -> None:
+        if self.plans.get(plan.task_id) is plan and chunk.worker == worker_id:
+            self._reoffer(plan, chunk, "send_failed")
 
     def _reoffer(self, plan: TaskPlan, chunk: ChunkState, reason: str) -> None:
         """Take ``chunk`` from its worker and offer it to another peer."""

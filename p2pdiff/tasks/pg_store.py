@@ -483,7 +483,7 @@ class PgStore:
             await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
             async with self._catching_up:
-                remote = await self._read_changes(conn)
+                remote, newest = await self._read_changes(conn)
                 if remote and outside is not None:
                     # Decided on rows another node has changed since: refused, as a whole.
                     self.conflicts += 1
@@ -493,9 +493,9 @@ class PgStore:
                         0.0,
                     )
                     self._rollback_memory(fault)
-                    self._apply(remote)
+                    self._catch_up(remote, newest)
                     return fault
-                self._apply(remote)
+                self._catch_up(remote, newest)
         except Exception as exc:  # whatever it is, the turn ends and its waiters hear
             return self._failed(exc)
         return None
@@ -505,7 +505,7 @@ class PgStore:
         conn = self._conn
         assert conn is not None
         try:
-            change_id = None
+            change_id = newest_event = None
             if staged.rows:
                 change_id = await self._write(conn, staged)
             if staged.events:
@@ -513,7 +513,8 @@ class PgStore:
                     "INSERT INTO events (ts, type, room, data, origin) VALUES ($1, $2, $3, $4, $5)",
                     staged.events,
                 )
-                self._events_known = await conn.fetchval("SELECT max(id) FROM events")
+                # Known (to the pump) only once committed: other connections cannot see them before.
+                newest_event = await conn.fetchval("SELECT max(id) FROM events")
             await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
             await self._tx.commit()
             self._tx = None
@@ -523,6 +524,8 @@ class PgStore:
             return fault
         if change_id is not None:
             self.applied = change_id
+        if newest_event is not None:
+            self._events_known = max(self._events_known, newest_event)
         self.commits += 1
         self.backoff.succeeded()
         if staged.rows and self.on_commit is not None:
@@ -594,18 +597,19 @@ class PgStore:
 
     # -- catching up ----------------------------------------------------------------------------
 
-    async def _read_changes(self, conn: asyncpg.Connection) -> Remote:
+    async def _read_changes(self, conn: asyncpg.Connection) -> tuple[Remote, int]:
         """Rows other nodes changed since ``applied``, read as they are now (``conn`` is in a
-        snapshot or holds the write lock); ``applied`` moves to the newest change read."""
+        snapshot or holds the write lock), and the newest change they include: ``_catch_up``
+        applies them and moves ``applied`` there, with no await between."""
         pruned = await conn.fetchval("SELECT through FROM log_pruned WHERE id = 1")
         newest = await conn.fetchval("SELECT coalesce(max(id), 0) FROM changes")
         newest_event = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
         self._events_known = max(self._events_known, newest_event)
         if newest <= self.applied:
-            return Remote()
+            return Remote(), self.applied
         if pruned > self.applied:  # this node slept through changes no longer in the log
             log.warning("store %s: behind the change log; reloading everything", self._display)
-            return Remote(full=await self._load(conn))
+            return Remote(full=await self._load(conn)), newest
         rooms: set[str] = set()
         tasks: set[tuple[str, str]] = set()
         counters: set[str] = set()
@@ -636,11 +640,11 @@ class PgStore:
             sql = "SELECT name, value FROM counters WHERE name = ANY($1::text[])"
             for row in await conn.fetch(sql, list(counters)):
                 remote.counters[row["name"]] = row["value"]
-        self.applied = newest
         self.caught_up += len(tasks) + len(rooms)
-        return remote
+        return remote, newest
 
-    def _apply(self, remote: Remote) -> None:
+    def _catch_up(self, remote: Remote, newest: int) -> None:
+        self.applied = max(self.applied, newest)
         if remote and self.on_remote is not None:
             self.on_remote(remote)
 
@@ -654,16 +658,23 @@ class PgStore:
             # catching up under them would undo them; their commit meets what changed instead.
             return
         async with self.pool.acquire() as conn:
-            newest = await conn.fetchval("SELECT coalesce(max(id), 0) FROM changes")
+            # One statement, one snapshot: both numbers are of the same moment.
+            newest, newest_event = await conn.fetchrow(
+                "SELECT (SELECT coalesce(max(id), 0) FROM changes), (SELECT coalesce(max(id), 0) FROM events)"
+            )
             if newest <= self.applied:
+                # Events of commits that changed no rows (or rows memory has): nothing to catch up.
+                self._events_known = max(self._events_known, newest_event)
                 return
             async with self._catching_up:
-                if self._state != IDLE or self._staged.rows:
-                    return
+                if self._state in (OPEN, COMMITTING) or self._staged.rows:
+                            return  # this node's turn caught up already (and holds the lock)
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    remote = await self._read_changes(conn)
-                if self._state == IDLE and not self._staged.rows:
-                    self._apply(remote)
+                    remote, newest = await self._read_changes(conn)
+                # A turn may be opening meanwhile: it waits for this lock, and memory has no
+                # change of its yet. Changes made outside a turn meanwhile are the exception.
+                if not self._staged.rows:
+                    self._catch_up(remote, newest)
 
     def _notified(self, *_: object) -> None:
         """Another node (or this one) committed: catch up, then hand its events to the bus."""

@@ -40,7 +40,7 @@ from p2pdiff.tasks.model import (
     Room,
     Task,
 )
-from p2pdiff.tasks.store import STORE_BUSY, Remote, Stored, StoreFault, TaskStore
+from p2pdiff.tasks.store import STORE_BUSY, STORE_CONFLICT, Remote, Stored, StoreFault, TaskStore
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 
 # The whole state machine: (action, from) -> to. Nothing else may change a task's status.
@@ -106,6 +106,8 @@ def _unavailable(fault: StoreFault) -> Unavailable:
     """The REST answer to a store fault: 503 with a documented code and Retry-After."""
     if fault.code == STORE_BUSY:
         message = "the task store is busy (another program holds its write lock); nothing was changed"
+    elif fault.code == STORE_CONFLICT:
+        message = "another node changed the same tasks meanwhile; nothing was changed"
     else:
         message = "the task store cannot save changes (disk full or failing); nothing was changed"
     return Unavailable(f"{message}, try again", code=fault.code, retry_after=fault.retry_after)
@@ -203,7 +205,10 @@ class QueueManager:
     async def writing(self) -> AsyncIterator[None]:
         """Changes made inside (synchronous calls, no await) are this node's to make: on a shared
         store it holds the write turn and memory is caught up. ``flush()`` after it as before."""
-        await self.store.begin()
+        try:
+            await self.store.begin()
+        except StoreFault as fault:
+            raise _unavailable(fault) from None
         yield
 
     def write_soon(self, change: Callable[[], None]) -> None:
@@ -449,6 +454,10 @@ class QueueManager:
         if room is None or not room.counts[PENDING]:
             return iter(())
         return (task for task in room.tasks.values() if task.status == PENDING)
+
+    def has_processing(self) -> bool:
+        """Whether any task is being worked on (and so could see its lease expire)."""
+        return any(room.counts[PROCESSING] for room in self.rooms.values())
 
     def helper_rooms(self) -> list[str]:
         return [room.id for room in self.rooms.values() if room.helper_joined]
