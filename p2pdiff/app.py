@@ -75,8 +75,9 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     config, queue, store = app[CONFIG], app[QUEUE], app[STORE]
 
     async def expire() -> None:
-        if not queue.has_processing():
-            return  # nothing can expire: no write turn (several nodes: no lock) for nothing
+        # Nothing can expire: no write turn for nothing. Several nodes: one checks per round.
+        if not queue.has_processing() or not await store.claim_job("lease expiry", lease_check):
+            return
         async with queue.writing():
             expired = queue.expire_leases()
         if expired:

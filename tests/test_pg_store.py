@@ -235,6 +235,7 @@ async def test_a_database_that_goes_away_refuses_changes_then_recovers(tmp_path:
     with PostgresServer(tmp_path / "pg") as server:
         url = await server.create_database("store")
         node = await Node(url, "n1").start()
+        other = await Node(url, "n0").start()
         await node.change(lambda: node.queue.add("r", new("kept")))
         server.stop()
         with pytest.raises(Unavailable) as raised:
@@ -246,6 +247,11 @@ async def test_a_database_that_goes_away_refuses_changes_then_recovers(tmp_path:
         server.start()
         await until(lambda: node.store.backoff.fault() is None, within=10)
         await node.change(lambda: node.queue.add("r", new("later")))
+        # The rollback's queue.reloaded reached this node's listeners, not the other node's: only
+        # this node's memory went back.
+        await until(lambda: [t for _, t, _ in other.seen] == ["task.created"] * 2)
+        assert "queue.reloaded" in [t for _, t, _ in node.seen]
+        await other.store.close()
         again = await Node(url, "n2").start()
         assert [t["id"] for t in again.queue.list_tasks("r")] == ["kept", "later"]
         await again.store.close()

@@ -123,7 +123,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 type TEXT NOT NULL,
                 room TEXT,
                 data TEXT NOT NULL,
-                origin TEXT NOT NULL
+                origin TEXT NOT NULL,
+                node TEXT NOT NULL
             )""",
             # Periodic jobs that run once per period in the cluster (retention, lease expiry).
             "CREATE TABLE jobs (name TEXT PRIMARY KEY, last_run TIMESTAMPTZ NOT NULL)",
@@ -146,6 +147,8 @@ COMMAND_TIMEOUT_SECONDS = 10.0
 LOG_KEEP_SECONDS = 3600
 EVENTS_KEEP = 100_000
 PUMP_BATCH = 500
+# How stale memory and events may get when notifications are lost (the listener reconnecting).
+WATCH_SECONDS = 2.0
 
 _UPSERT_TASK = (
     f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 18))}) "
@@ -235,6 +238,7 @@ class PgStore:
         self._delivered = 0
         self._catching_up = asyncio.Lock()
         self._following: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._follow_again = False
         self.backoff = CommitBackoff(self._display, clock)
         self.commits = 0
@@ -260,11 +264,31 @@ class PgStore:
             )
             async with self.pool.acquire() as conn:
                 await self._migrate(conn)
-            self._listener = await asyncpg.connect(self._dsn, command_timeout=COMMAND_TIMEOUT_SECONDS)
-            await self._listener.add_listener(CHANNEL, self._notified)
+            await self._listen()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             await self._disconnect()
             raise StoreError(f"cannot open store {self._display}: {exc}") from None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _listen(self) -> None:
+        listener = await asyncpg.connect(self._dsn, command_timeout=COMMAND_TIMEOUT_SECONDS)
+        await listener.add_listener(CHANNEL, self._notified)
+        self._listener = listener
+
+    async def _watch(self) -> None:
+        """Notifications are lost while the listening connection is down (the database restarts,
+        the network drops): it is made again, and every WATCH_SECONDS memory and events catch up
+        anyway, so a lost notification costs at most that long."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            if self._listener is None or self._listener.is_closed():
+                try:
+                    await self._listen()
+                    log.info("store %s: listening for other nodes' changes again", self._display)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                    self._listener = None
+                    continue  # still away; the back-off of commits says so in the log
+            self._follow()
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction():
@@ -295,13 +319,14 @@ class PgStore:
                 await self.commit()
             except StoreFault as fault:
                 log.error("store %s: the last changes were not saved: %s", self._display, fault)
-        if self._following is not None:
-            self._following.cancel()
+        for task in (self._following, self._watcher):
+            if task is not None:
+                task.cancel()
         await self._disconnect()
 
     async def _disconnect(self) -> None:
         listener, self._listener = self._listener, None
-        if listener is not None:
+        if listener is not None and not listener.is_closed():
             try:
                 await listener.close(timeout=2)
             except Exception:  # closing a broken connection: nothing left to save
@@ -397,6 +422,8 @@ class PgStore:
         """events.Publish for every publisher of this node: the event is written with the next
         commit (the turn it was made in, or one of its own) and reaches every node's bus from the
         database, numbered there."""
+        if self._pool is None:
+            return  # closed: nothing more goes out
         row = (int(time.time() * 1000), type, room, orjson.dumps(data).decode(), _origin_text(origin))
         self._staged.events.append(row)  # events never need the turn: they decide nothing
         if self._state == IDLE and not self._staged.rows:
@@ -510,8 +537,8 @@ class PgStore:
                 change_id = await self._write(conn, staged)
             if staged.events:
                 await conn.executemany(
-                    "INSERT INTO events (ts, type, room, data, origin) VALUES ($1, $2, $3, $4, $5)",
-                    staged.events,
+                    "INSERT INTO events (ts, type, room, data, origin, node) VALUES ($1, $2, $3, $4, $5, $6)",
+                    [(*row, self.node) for row in staged.events],
                 )
                 # Known (to the pump) only once committed: other connections cannot see them before.
                 newest_event = await conn.fetchval("SELECT max(id) FROM events")
@@ -704,7 +731,7 @@ class PgStore:
             return
         while self._delivered < self._events_known:
             rows = await self.pool.fetch(
-                "SELECT id, ts, type, room, data, origin FROM events "
+                "SELECT id, ts, type, room, data, origin, node FROM events "
                 "WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
                 self._delivered,
                 self._events_known,
@@ -714,7 +741,9 @@ class PgStore:
                 self._delivered = self._events_known
                 break
             for row in rows:
-                self.bus.deliver(_event(row))
+                # A rollback's queue.reloaded is about that node's memory: nobody else's changed.
+                if row["type"] != events.QUEUE_RELOADED or row["node"] == self.node:
+                    self.bus.deliver(_event(row))
             self._delivered = rows[-1]["id"]
 
     # -- cluster-wide chores --------------------------------------------------------------------
