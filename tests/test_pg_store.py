@@ -241,16 +241,16 @@ async def test_a_database_that_goes_away_refuses_changes_then_recovers(tmp_path:
         with pytest.raises(Unavailable) as raised:
             await node.change(lambda: node.queue.add("r", new("lost")))
         assert raised.value.code == "store_unavailable"
-        assert [t["id"] for t in node.queue.list_tasks("r")] == ["kept"]  # memory went back
+        assert [t["id"] for t in node.queue.list_tasks("r")] == ["kept"]
         with pytest.raises(Unavailable):  # the back-off refuses at once
             node.queue.check_writable()
         server.start()
         await until(lambda: node.store.backoff.fault() is None, within=10)
         await node.change(lambda: node.queue.add("r", new("later")))
-        # The rollback's queue.reloaded reached this node's listeners, not the other node's: only
-        # this node's memory went back.
-        await until(lambda: [t for _, t, _ in other.seen] == ["task.created"] * 2)
-        assert "queue.reloaded" in [t for _, t, _ in node.seen]
+        # The write turn could not open, so the refused change was never made: nothing to undo,
+        # and the other node (its listener back after the restart) sees both tasks arrive.
+        await until(lambda: [t for _, t, _ in other.seen] == ["task.created"] * 2, within=10)
+        assert [t for _, t, _ in node.seen] == ["task.created"] * 2 and node.queue.rollbacks == 0
         await other.store.close()
         again = await Node(url, "n2").start()
         assert [t["id"] for t in again.queue.list_tasks("r")] == ["kept", "later"]
@@ -308,3 +308,28 @@ async def test_two_nodes_stay_one_queue_whatever_they_do(
         await a.store.close()
         await b.store.close()
         await postgres_server.drop_database(url.rpartition("/")[2])
+
+
+async def test_a_commit_the_database_refuses_is_undone_on_its_node_only(nodes: Any, pg_url: str) -> None:
+    a, b = await nodes(2)
+    conn = await asyncpg.connect(pg_url)
+    try:  # a database that refuses one row (as a full disk or a constraint would)
+        await conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+            "IF NEW.prompt = 'boom' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ "
+            "LANGUAGE plpgsql"
+        )
+        await conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    finally:
+        await conn.close()
+    await a.change(lambda: a.queue.add("r", new("t1")))
+    with pytest.raises(Unavailable):
+        await a.change(lambda: a.queue.add("r", new("t2", prompt="boom")))
+    assert [t["id"] for t in a.queue.list_tasks("r")] == ["t1"] and a.queue.rollbacks == 1
+    a.store.backoff.clear()
+    await a.change(lambda: a.queue.add("r", new("t3")))
+    await until(lambda: [t for _, t, _ in b.seen] == ["task.created"] * 2)
+    await until(lambda: "queue.reloaded" in [t for _, t, _ in a.seen])
+    assert "queue.reloaded" not in [t for _, t, _ in b.seen]
