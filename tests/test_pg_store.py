@@ -165,7 +165,7 @@ async def test_events_of_other_publishers_reach_every_node(nodes: Any) -> None:
     a, b = await nodes(2)
     origin = events.Origin.peer_message("r", "p1")
     a.store.publish(events.PEER_JOINED, "r", {"peer": {"id": "p1"}}, origin=origin)
-    await until(lambda: b.seen)
+    await until(lambda: a.seen and b.seen)
     assert b.seen == a.seen and b.seen[0][1:] == (events.PEER_JOINED, "r")
     event = b.bus.since(b.seen[0][0] - 1)[0]  # type: ignore[index]
     assert event.origin == events.Origin.peer_message("r", "p1") and event.data == {"peer": {"id": "p1"}}
@@ -199,14 +199,20 @@ async def test_changes_outside_a_turn_on_a_stale_node_are_refused_and_memory_cat
 
 async def test_a_node_that_slept_through_the_pruned_change_log_reloads(nodes: Any) -> None:
     a, b = await nodes(2)
+    # b sleeps: it hears of no commit (its watcher and listener stopped, as in a long pause).
+    b.store._watcher.cancel()
+    await b.store._listener.close()
     await a.change(lambda: a.queue.add("r", new("t1")))
     await a.change(lambda: a.queue.add("r", new("t2")))
+    assert b.store.applied == 0
     async with a.store.pool.acquire() as conn:  # as prune_log does, for changes an hour old
         through = await conn.fetchval("SELECT max(id) FROM changes")
         await conn.execute("DELETE FROM changes WHERE id <= $1", through)
         await conn.execute("UPDATE log_pruned SET through = $1", through)
     await b.queue.sync()
     assert [t["id"] for t in b.queue.list_tasks("r")] == ["t1", "t2"]
+    assert b.store.applied == through
+    await until(lambda: "queue.reloaded" in [t for _, t, _ in b.seen])  # listeners start over
 
 
 async def test_the_retention_job_runs_once_per_period_across_nodes(nodes: Any) -> None:

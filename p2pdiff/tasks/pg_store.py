@@ -629,7 +629,8 @@ class PgStore:
         snapshot or holds the write lock), and the newest change they include: ``_catch_up``
         applies them and moves ``applied`` there, with no await between."""
         pruned = await conn.fetchval("SELECT through FROM log_pruned WHERE id = 1")
-        newest = await conn.fetchval("SELECT coalesce(max(id), 0) FROM changes")
+        # The log may be pruned empty: the newest change is then the last one pruned.
+        newest = max(pruned, await conn.fetchval("SELECT coalesce(max(id), 0) FROM changes"))
         newest_event = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
         self._events_known = max(self._events_known, newest_event)
         if newest <= self.applied:
@@ -687,7 +688,8 @@ class PgStore:
         async with self.pool.acquire() as conn:
             # One statement, one snapshot: both numbers are of the same moment.
             newest, newest_event = await conn.fetchrow(
-                "SELECT (SELECT coalesce(max(id), 0) FROM changes), (SELECT coalesce(max(id), 0) FROM events)"
+                "SELECT greatest((SELECT coalesce(max(id), 0) FROM changes), "
+                "(SELECT through FROM log_pruned WHERE id = 1)), (SELECT coalesce(max(id), 0) FROM events)"
             )
             if newest <= self.applied:
                 # Events of commits that changed no rows (or rows memory has): nothing to catch up.

@@ -81,7 +81,8 @@ def results_dir(config: Config) -> Path:
     """``[store] results_dir``, or ``results/`` next to the store file when it is empty."""
     if config.store.results_dir:
         return Path(config.store.results_dir)
-    return Path(config.store.path).parent / "results"
+    store_file = config.store.sqlite_path if config.store.backend == "sqlite" else config.store.path
+    return Path(store_file).parent / "results"
 
 
 class ResultStore:
