@@ -1,20 +1,34 @@
-"""The real server, SIGKILLed mid-life, comes back with every accepted task in order and state."""
+"""The real server, SIGKILLed mid-life, comes back with every accepted task in order and state: on
+SQLite, and on PostgreSQL with the database SIGKILLed too (as a crash of the machine would)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.server_process import ServerProcess
+from tests.services import PostgresServer
 
 pytestmark = pytest.mark.slow
 
 
-async def test_sigkill_loses_nothing(tmp_path: Path) -> None:
-    env = {"P2PDIFF_STORE_PATH": str(tmp_path / "data" / "db.sqlite3")}
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_sigkill_loses_nothing(tmp_path: Path, backend: str) -> None:
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            env = {"P2PDIFF_STORE_PATH": str(tmp_path / "data" / "db.sqlite3")}
+            database = None
+        else:
+            database = stack.enter_context(PostgresServer(tmp_path / "pg"))
+            env = {"P2PDIFF_STORE_URL": await database.create_database("p2pdiff")}
+        await sigkill_loses_nothing(tmp_path, env, database)
+
+
+async def sigkill_loses_nothing(tmp_path: Path, env: dict[str, str], database: PostgresServer | None) -> None:
     server = ServerProcess(tmp_path, env=env)
     await server.start()
     try:
@@ -49,6 +63,9 @@ async def test_sigkill_loses_nothing(tmp_path: Path) -> None:
                 room: await (await http.get(f"/api/queue/{room}")).json() for room in ("room-a", "room-b")
             }
         await server.kill()
+        if database is not None:
+            database.kill()
+            database.start()
 
         await server.start()
         async with aiohttp.ClientSession(server.url) as http:
