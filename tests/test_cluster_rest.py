@@ -21,10 +21,12 @@ from tests.sse_client import SSEStream
 async def start(pg_url: str, make_client: ClientFactory, config: Config, tmp_path: Path) -> Starter:
     """Nodes on one fresh database (set up before the clients, so it is dropped after them)."""
 
-    async def nodes(n: int = 2) -> list[TestClient]:
+    async def nodes(n: int = 2, lease_seconds: float | None = None) -> list[TestClient]:
         started = []
         for i in range(n):
             cfg = copy.deepcopy(config)
+            if lease_seconds is not None:
+                cfg.queue.lease_seconds = lease_seconds
             cfg.store.url = pg_url
             cfg.store.results_dir = str(tmp_path / "results")
             cfg.cluster.node_id = f"node-{i + 1}"
@@ -138,3 +140,19 @@ async def test_a_node_restarted_resumes_streams_and_keeps_every_task(start: Star
     event = await resumed.event()
     assert event["type"] == "task.created" and event["data"]["task"]["id"] == "t4"
     resumed.resp.close()
+
+
+async def test_a_lease_expires_once_across_nodes(start: Starter) -> None:
+    nodes = await start(3, lease_seconds=0.4)
+    a, b = nodes[0], nodes[1]
+    stream = SSEStream(await b.get("/api/events"))
+    await stream.event()  # hello
+    assert (await a.post("/api/queue/r", json={"id": "t", "prompt": "p"})).status == 201
+    assert (await a.patch("/api/queue/r/t", json={"action": "claim", "worker": "w"})).status == 200
+    seen = await stream.until("task.requeued", within=10)
+    assert [e["type"] for e in seen] == ["task.created", "task.claimed", "task.requeued"]
+    assert seen[-1]["data"]["reason"] == "lease_expired"
+    await stream.nothing_for(1.0)  # the other nodes found it pending: no second expiry
+    task = (await (await b.get("/api/queue/r/t")).json())["task"]
+    assert (task["status"], task["requeues"]) == ("pending", 1)
+    stream.resp.close()

@@ -239,6 +239,9 @@ class PgStore:
         self._catching_up = asyncio.Lock()
         self._following: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._next_sync: asyncio.Future[None] | None = None  # the catch-up new callers share
+        self._syncing: asyncio.Task[None] | None = None
+        self._sync_failing = False
         self._follow_again = False
         self.backoff = CommitBackoff(self._display, clock)
         self.commits = 0
@@ -319,9 +322,11 @@ class PgStore:
                 await self.commit()
             except StoreFault as fault:
                 log.error("store %s: the last changes were not saved: %s", self._display, fault)
-        for task in (self._following, self._watcher):
+        for task in (self._following, self._watcher, self._syncing):
             if task is not None:
                 task.cancel()
+        if self._next_sync is not None and not self._next_sync.done():
+            self._next_sync.set_result(None)  # nobody may wait for a catch-up that will not come
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -685,6 +690,33 @@ class PgStore:
             # Holding the lock (nobody else commits), or changes made outside a turn are pending:
             # catching up under them would undo them; their commit meets what changed instead.
             return
+        # Callers arriving while a catch-up runs share the next one, which starts after they
+        # arrived and so sees what they must see: one query per round trip, however many ask.
+        loop = asyncio.get_running_loop()
+        if self._next_sync is None:
+            self._next_sync = loop.create_future()
+            if self._syncing is None or self._syncing.done():
+                self._syncing = loop.create_task(self._run_syncs())
+        await asyncio.shield(self._next_sync)
+
+    async def _run_syncs(self) -> None:
+        while self._next_sync is not None:
+            waiting, self._next_sync = self._next_sync, None
+            try:
+                await self._sync_once()
+            except Exception as exc:  # the database is away: reads answer from memory meanwhile
+                if not self._sync_failing:
+                    log.warning(
+                        "store %s: cannot catch up with other nodes (%s); answering from memory",
+                        self._display,
+                        exc,
+                    )
+                self._sync_failing = True
+            else:
+                self._sync_failing = False
+            waiting.set_result(None)
+
+    async def _sync_once(self) -> None:
         async with self.pool.acquire() as conn:
             # One statement, one snapshot: both numbers are of the same moment.
             newest, newest_event = await conn.fetchrow(
@@ -697,7 +729,7 @@ class PgStore:
                 return
             async with self._catching_up:
                 if self._state in (OPEN, COMMITTING) or self._staged.rows:
-                            return  # this node's turn caught up already (and holds the lock)
+                    return  # this node's turn caught up already (and holds the lock)
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     remote, newest = await self._read_changes(conn)
                 # A turn may be opening meanwhile: it waits for this lock, and memory has no
@@ -722,8 +754,10 @@ class PgStore:
             try:
                 await self.sync()
                 await self._pump_events()
-            except Exception as exc:  # the database is away: the next notification tries again
-                log.warning("store %s: following other nodes' changes failed: %s", self._display, exc)
+            except Exception as exc:  # the database is away: the watch tries again in WATCH_SECONDS
+                if not self._sync_failing:
+                    log.warning("store %s: following other nodes' changes failed: %s", self._display, exc)
+                self._sync_failing = True
                 return
 
     async def _pump_events(self) -> None:
