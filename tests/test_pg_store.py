@@ -339,3 +339,29 @@ async def test_a_commit_the_database_refuses_is_undone_on_its_node_only(nodes: A
     await until(lambda: [t for _, t, _ in b.seen] == ["task.created"] * 2)
     await until(lambda: "queue.reloaded" in [t for _, t, _ in a.seen])
     assert "queue.reloaded" not in [t for _, t, _ in b.seen]
+
+
+async def test_a_node_starting_while_others_write_hears_only_what_comes_after_its_start(
+    nodes: Any, pg_url: str
+) -> None:
+    (a,) = await nodes(1)
+    for i in range(20):
+        await a.change(lambda i=i: a.queue.add("r", new(f"old{i}")))
+
+    async def keep_writing() -> None:
+        for i in range(20):
+            await a.change(lambda i=i: a.queue.add("r", new(f"new{i}")))
+
+    writing = asyncio.create_task(keep_writing())
+    late = Node(pg_url, "late")
+    await late.start()
+    await writing
+    await a.change(lambda: a.queue.add("r", new("after")))  # surely after late's start
+    await until(lambda: len(a.seen) == 41)
+    await until(lambda: late.seen and late.seen[-1] == a.seen[-1])
+    first = late.seen[0][0]
+    assert late.seen == [e for e in a.seen if e[0] >= first]  # nothing twice, nothing skipped
+    assert all(late.queue.get_task("r", f"old{i}") for i in range(20))  # the past is in memory...
+    assert first > a.seen[19][0]  # ...not news to its listeners
+    assert late.image() == a.image()
+    await late.store.close()

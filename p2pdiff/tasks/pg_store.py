@@ -242,6 +242,7 @@ class PgStore:
         self._next_sync: asyncio.Future[None] | None = None  # the catch-up new callers share
         self._syncing: asyncio.Task[None] | None = None
         self._sync_failing = False
+        self._loaded = False  # load() ran: memory and the bus have a starting point
         self._follow_again = False
         self.backoff = CommitBackoff(self._display, clock)
         self.commits = 0
@@ -349,8 +350,10 @@ class PgStore:
         """Everything stored, checked, in one snapshot; memory is caught up with it."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             stored = await self._load(conn)
-            if self.bus is not None and self._delivered == 0:
+            if self.bus is not None and not self._loaded:
                 await self._preload_events(conn)
+        self._loaded = True
+        self._follow()  # what was committed since the snapshot
         return stored
 
     async def _load(self, conn: asyncpg.Connection) -> Stored:
@@ -742,6 +745,8 @@ class PgStore:
         self._follow()
 
     def _follow(self) -> None:
+        if not self._loaded:
+            return  # memory and the bus start from load()'s snapshot; nothing to follow before it
         if self._following is not None and not self._following.done():
             self._follow_again = True
             return
