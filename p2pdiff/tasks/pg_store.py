@@ -163,6 +163,11 @@ _UPSERT_COUNTER = (
     "INSERT INTO counters (name, value) VALUES ($1, $2) "
     "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value"
 )
+# Where the log and the events stand, in one statement (one snapshot, one round trip).
+_NEWEST = (
+    "SELECT (SELECT through FROM log_pruned WHERE id = 1), (SELECT coalesce(max(id), 0) FROM changes), "
+    "(SELECT coalesce(max(id), 0) FROM events)"
+)
 _TASKS_BY_KEY = (
     f"SELECT {TASK_COLUMNS} FROM tasks WHERE (room_id, id) IN "
     "(SELECT * FROM unnest($1::text[], $2::text[]))"
@@ -264,7 +269,13 @@ class PgStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=8, command_timeout=COMMAND_TIMEOUT_SECONDS
+                self._dsn,
+                min_size=1,
+                max_size=8,
+                command_timeout=COMMAND_TIMEOUT_SECONDS,
+                # A write turn waits this long for another node's; our other statements take no
+                # lock anyone holds long.
+                server_settings={"lock_timeout": str(LOCK_TIMEOUT_MS)},
             )
             async with self.pool.acquire() as conn:
                 await self._migrate(conn)
@@ -515,7 +526,6 @@ class PgStore:
             self._conn = conn
             self._tx = conn.transaction()
             await self._tx.start()
-            await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
             async with self._catching_up:
                 remote, newest = await self._read_changes(conn)
@@ -544,12 +554,15 @@ class PgStore:
             if staged.rows:
                 change_id = await self._write(conn, staged)
             if staged.events:
-                await conn.executemany(
-                    "INSERT INTO events (ts, type, room, data, origin, node) VALUES ($1, $2, $3, $4, $5, $6)",
-                    [(*row, self.node) for row in staged.events],
-                )
+                columns = list(zip(*staged.events, strict=True))
                 # Known (to the pump) only once committed: other connections cannot see them before.
-                newest_event = await conn.fetchval("SELECT max(id) FROM events")
+                newest_event = await conn.fetchval(
+                    "WITH added AS (INSERT INTO events (ts, type, room, data, origin, node) "
+                    "SELECT *, $6 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[]) "
+                    "RETURNING id) SELECT max(id) FROM added",
+                    *columns,
+                    self.node,
+                )
             await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
             await self._tx.commit()
             self._tx = None
@@ -636,10 +649,9 @@ class PgStore:
         """Rows other nodes changed since ``applied``, read as they are now (``conn`` is in a
         snapshot or holds the write lock), and the newest change they include: ``_catch_up``
         applies them and moves ``applied`` there, with no await between."""
-        pruned = await conn.fetchval("SELECT through FROM log_pruned WHERE id = 1")
+        pruned, newest, newest_event = await conn.fetchrow(_NEWEST)
         # The log may be pruned empty: the newest change is then the last one pruned.
-        newest = max(pruned, await conn.fetchval("SELECT coalesce(max(id), 0) FROM changes"))
-        newest_event = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
+        newest = max(pruned, newest)
         self._events_known = max(self._events_known, newest_event)
         if newest <= self.applied:
             return Remote(), self.applied
@@ -722,10 +734,8 @@ class PgStore:
     async def _sync_once(self) -> None:
         async with self.pool.acquire() as conn:
             # One statement, one snapshot: both numbers are of the same moment.
-            newest, newest_event = await conn.fetchrow(
-                "SELECT greatest((SELECT coalesce(max(id), 0) FROM changes), "
-                "(SELECT through FROM log_pruned WHERE id = 1)), (SELECT coalesce(max(id), 0) FROM events)"
-            )
+            pruned, newest, newest_event = await conn.fetchrow(_NEWEST)
+            newest = max(pruned, newest)
             if newest <= self.applied:
                 # Events of commits that changed no rows (or rows memory has): nothing to catch up.
                 self._events_known = max(self._events_known, newest_event)
