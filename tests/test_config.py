@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,18 @@ def test_bad_store_url_names_the_problem(tmp_path: Path, text: str, env: dict[st
     message = str(info.value)
     assert needle in message
     assert "\n" not in message.strip()
+
+
+def test_cluster_section_names_the_node_and_its_lease(tmp_path: Path) -> None:
+    env = {"P2PDIFF_CLUSTER_NODE_ID": "eu-1", "P2PDIFF_CLUSTER_LEASE_SECONDS": "30"}
+    cfg = load_config(write(tmp_path, "[cluster]\nnode_id = 'x'\n"), environ=env)
+    assert (cfg.cluster.node_name(), cfg.cluster.lease_seconds) == ("eu-1", 30.0)
+    default = load_config(write(tmp_path, ""), environ={}).cluster.node_name()
+    assert default.endswith(f"-{os.getpid()}")  # unique per process when not named
+    for text, message in [
+        ("node_id = 'a b'", r"\[cluster\] node_id: at most 64 letters"),
+        ("node_id = '" + "n" * 65 + "'", r"\[cluster\] node_id"),
+        ("lease_seconds = 0.5", r"\[cluster\] lease_seconds: must be from 1 to 3600"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, f"[cluster]\n{text}\n"), environ={})
