@@ -365,3 +365,21 @@ async def test_a_node_starting_while_others_write_hears_only_what_comes_after_it
     assert first > a.seen[19][0]  # ...not news to its listeners
     assert late.image() == a.image()
     await late.store.close()
+
+
+async def test_a_synchronous_change_waits_for_the_write_turn_in_order(nodes: Any) -> None:
+    a, b = await nodes(2)
+    await b.change(lambda: b.queue.add("r", new("t")))  # a has not caught up yet
+    order: list[str] = []
+
+    def claim_on_a() -> None:
+        order.append("claim")
+        a.queue.update("r", "t", claim("wa"))  # decided on current rows: a's turn caught up first
+
+    a.queue.write_soon(claim_on_a)
+    a.queue.write_soon(lambda: order.append("second"))
+    assert order == []  # not now: a's memory may be stale outside its turn
+    await until(lambda: order == ["claim", "second"])
+    await a.queue.flush()
+    await b.queue.sync()
+    assert b.queue.get_task("r", "t").claimed_by == "wa"
