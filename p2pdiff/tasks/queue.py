@@ -16,13 +16,12 @@ publish it with the event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +137,27 @@ def _timing(values: list[float]) -> dict[str, Any]:
     }
 
 
+class WriteTurn:
+    """What ``QueueManager.writing()`` returns: waits for the store's write turn unless it accepts
+    changes already (always, on a store only this process writes: nothing to wait for)."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+
+    async def __aenter__(self) -> None:
+        if self.store.accepts_changes:
+            return
+        try:
+            await self.store.begin()
+        except StoreFault as fault:
+            raise _unavailable(fault) from None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 class QueueManager:
     def __init__(
         self,
@@ -201,15 +221,11 @@ class QueueManager:
                 await asyncio.shield(self._reloading)
             raise _unavailable(fault) from None
 
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        """Changes made inside (synchronous calls, no await) are this node's to make: on a shared
-        store it holds the write turn and memory is caught up. ``flush()`` after it as before."""
-        try:
-            await self.store.begin()
-        except StoreFault as fault:
-            raise _unavailable(fault) from None
-        yield
+    def writing(self) -> WriteTurn:
+        """``async with queue.writing():`` changes made inside (synchronous calls, no await) are
+        this node's to make: on a shared store it holds the write turn and memory is caught up.
+        ``flush()`` after it as before."""
+        return WriteTurn(self.store)
 
     def write_soon(self, change: Callable[[], None]) -> None:
         """Run ``change`` (synchronous queue calls, e.g. a peer's message) now if the store accepts
