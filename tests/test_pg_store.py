@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pdiff.errors import Conflict, InvalidTransition, NotFound, Unavailable
-from p2pdiff.tasks import events
+from p2pdiff.tasks import events, pg_store
 from p2pdiff.tasks.events import EventBus
 from p2pdiff.tasks.pg_store import MIGRATIONS, PgStore
 from p2pdiff.tasks.queue import QueueManager
@@ -383,3 +383,20 @@ async def test_a_synchronous_change_waits_for_the_write_turn_in_order(nodes: Any
     await a.queue.flush()
     await b.queue.sync()
     assert b.queue.get_task("r", "t").claimed_by == "wa"
+
+
+async def test_events_waiting_for_a_database_that_is_away_stay_bounded(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_store, "MAX_PENDING_EVENTS", 5)
+    with PostgresServer(tmp_path / "pg") as server:
+        url = await server.create_database("store")
+        node = await Node(url, "n1").start()
+        server.stop()
+        for i in range(8):
+            node.store.publish(events.PEER_RTT, "r", {"n": i})
+        assert node.store.events_dropped == 3
+        server.start()
+        await until(lambda: len(node.seen) == 5, within=15)  # the five kept, once it is back
+        assert [node.bus.since(0)[i].data["n"] for i in range(5)] == [0, 1, 2, 3, 4]  # type: ignore[index]
+        await node.store.close()

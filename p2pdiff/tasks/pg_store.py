@@ -147,6 +147,8 @@ COMMAND_TIMEOUT_SECONDS = 10.0
 LOG_KEEP_SECONDS = 3600
 EVENTS_KEEP = 100_000
 PUMP_BATCH = 500
+# Events waiting for a commit while the database is away; past it new ones are dropped (counted).
+MAX_PENDING_EVENTS = 10_000
 # How stale memory and events may get when notifications are lost (the listener reconnecting).
 WATCH_SECONDS = 2.0
 
@@ -253,6 +255,7 @@ class PgStore:
         self.commits = 0
         self.conflicts = 0
         self.caught_up = 0  # rows read back from other nodes' commits
+        self.events_dropped = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -444,6 +447,16 @@ class PgStore:
         if self._pool is None:
             return  # closed: nothing more goes out
         row = (int(time.time() * 1000), type, room, orjson.dumps(data).decode(), _origin_text(origin))
+        if len(self._staged.events) >= MAX_PENDING_EVENTS:
+            # The database has been away for long: live views lose these, memory stays bounded.
+            self.events_dropped += 1
+            if self.events_dropped % MAX_PENDING_EVENTS == 1:
+                log.warning(
+                    "store %s: %d events wait for the database; dropping new ones",
+                    self._display,
+                    len(self._staged.events),
+                )
+            return
         self._staged.events.append(row)  # events never need the turn: they decide nothing
         if self._state == IDLE and not self._staged.rows:
             asyncio.get_running_loop().create_task(self._commit_quietly())
@@ -836,5 +849,6 @@ class PgStore:
             "deliveredEvent": self._delivered,
             "conflicts": self.conflicts,
             "rowsCaughtUp": self.caught_up,
+            "eventsDropped": self.events_dropped,
         }
 
