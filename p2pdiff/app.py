@@ -178,10 +178,12 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     app[HELPER] = helper if helper is not None else make_helper(config.p2p)
     app[HELPER].attach(publish)
     # Result images from peers: files next to the store, served at /api/queue/{room}/{task}/result.
+    # On PostgreSQL also rows of the database, so every node serves them (the files are its cache).
     result_store = results.ResultStore(
         results.results_dir(config),
         max_bytes=config.p2p.max_result_bytes,
         fsync=config.store.synchronous == "full",
+        shared=store if isinstance(store, PgStore) else None,
     )
     app[HELPER].connect(app[QUEUE], result_store)
     bus.add_listener(app[HELPER].on_event)

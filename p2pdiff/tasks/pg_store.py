@@ -35,7 +35,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
@@ -131,6 +132,18 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             # The newest change pruned from the log: a node behind it reloads everything.
             "CREATE TABLE log_pruned (id INTEGER PRIMARY KEY CHECK (id = 1), through BIGINT NOT NULL)",
             "INSERT INTO log_pruned VALUES (1, 0)",
+            # Result images (tasks/results.py), written in the transaction of the change that
+            # first references them: every node serves them, pg_dump backs them up with the tasks.
+            # Named by their SHA-256, so a row never changes; created_at is renewed when an image
+            # is stored again, for the gc's grace period.
+            """CREATE TABLE result_images (
+                name TEXT PRIMARY KEY,
+                content_type TEXT NOT NULL,
+                bytes BYTEA NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )""",
+            # PNG, JPEG and WebP are compressed already: out of line as they are, no second try.
+            "ALTER TABLE result_images ALTER COLUMN bytes SET STORAGE EXTERNAL",
         ],
     ),
 ]
@@ -195,20 +208,27 @@ def _event(row: asyncpg.Record) -> events.Event:
 
 
 class _Staged:
-    """A turn's changes: the newest row per key, or its deletion; and the events it published."""
+    """A turn's changes: the newest row per key, or its deletion; the events it published; and the
+    result images to write before them (name -> content type and the file holding the bytes)."""
 
     def __init__(self) -> None:
         self.tasks: dict[tuple[str, str], tuple[Any, ...] | None] = {}
         self.rooms: dict[str, tuple[Any, ...] | None] = {}
         self.counters: dict[str, int] = {}
         self.events: list[tuple[Any, ...]] = []
+        self.images: dict[str, tuple[str, Path]] = {}
 
     @property
     def rows(self) -> bool:
         return bool(self.tasks or self.rooms or self.counters)
 
     def __bool__(self) -> bool:
-        return self.rows or bool(self.events)
+        return self.rows or bool(self.events or self.images)
+
+    def keep_images(self, failed: _Staged) -> None:
+        """A failed commit's images go with the next one: a reference made to one since (the
+        helper holds an image until its result message comes) must not commit without it."""
+        self.images = {**failed.images, **self.images}
 
 
 class PgStore:
@@ -458,6 +478,22 @@ class PgStore:
                 )
             return
         self._staged.events.append(row)  # events never need the turn: they decide nothing
+        self._commit_unless_pending()
+
+    def stage_image(self, name: str, content_type: str, source: Path) -> None:
+        """results.SharedImages: the image in file ``source`` is written with the current turn's
+        commit (or, outside a turn, with one of its own, started now), before the change rows, so
+        no committed task names an image the database lacks. Like events it decides nothing, so
+        it needs no turn. Only the file's name waits here: the bytes are read at the commit, one
+        image at a time, and a node holds no image in memory while the database is away."""
+        if self._pool is None:
+            raise StoreError("store is not open")
+        self._staged.images[name] = (content_type, source)
+        self._commit_unless_pending()
+
+    def _commit_unless_pending(self) -> None:
+        """A commit of what is staged, unless a turn is on its way or changes outside a turn
+        (whose commit takes this along) are pending."""
         if self._state == IDLE and not self._staged.rows:
             asyncio.get_running_loop().create_task(self._commit_quietly())
 
@@ -564,6 +600,8 @@ class PgStore:
         assert conn is not None
         try:
             change_id = newest_event = None
+            for name, (content_type, source) in staged.images.items():
+                await self._write_image(conn, name, content_type, source)
             if staged.rows:
                 change_id = await self._write(conn, staged)
             if staged.events:
@@ -581,6 +619,7 @@ class PgStore:
             self._tx = None
         except Exception as exc:
             fault = self._failed(exc)
+            self._staged.keep_images(staged)
             self._rollback_memory(fault, staged)
             return fault
         if change_id is not None:
@@ -592,6 +631,29 @@ class PgStore:
         if staged.rows and self.on_commit is not None:
             self.on_commit()
         return None
+
+    async def _write_image(
+        self, conn: asyncpg.Connection, name: str, content_type: str, source: Path
+    ) -> None:
+        # Stored already (the same bytes: the name is their hash): younger again, nothing sent.
+        renewed = await conn.execute("UPDATE result_images SET created_at = now() WHERE name = $1", name)
+        if renewed != "UPDATE 0":
+            return
+        try:
+            # Written (and fsynced) by ResultStore.save just before; read off the event loop.
+            data = await asyncio.to_thread(source.read_bytes)
+        except OSError as exc:
+            # Deleted by hand meanwhile: this node cannot serve it either. Failing the turn would
+            # fail every one after it (the image goes with the next), so it is left out.
+            log.error("store %s: result image %s not stored, its file is gone: %s", self._display, name, exc)
+            return
+        await conn.execute(
+            "INSERT INTO result_images (name, content_type, bytes) VALUES ($1, $2, $3) "
+            "ON CONFLICT (name) DO UPDATE SET created_at = now()",
+            name,
+            content_type,
+            data,
+        )
 
     async def _write(self, conn: asyncpg.Connection, staged: _Staged) -> int:
         deleted = [key for key, row in staged.tasks.items() if row is None]
@@ -638,6 +700,7 @@ class PgStore:
         if staged is None:
             self._staged = _Staged()
             self._staged.events = rows.events  # events are not the refused changes
+            self._staged.keep_images(rows)
         if rows.rows and self.on_rollback is not None:
             self.on_rollback(fault)
 
@@ -840,6 +903,31 @@ class PgStore:
             )
             return dropped + int(status.split()[-1])
 
+    # -- result images (results.SharedImages) ----------------------------------------------------
+
+    async def read_image(self, name: str, max_bytes: int) -> bytes | None:
+        """A result image's bytes, if stored and at most ``max_bytes`` (the size is checked by the
+        database first: a row larger than this node accepts is never read into memory)."""
+        data: bytes | None = await self.pool.fetchval(
+            "SELECT bytes FROM result_images WHERE name = $1 AND octet_length(bytes) <= $2", name, max_bytes
+        )
+        return data
+
+    async def prune_images(self, referenced: Callable[[], Iterable[str]], min_age: float) -> int:
+        """Delete result images older than ``min_age`` seconds that no task references. Memory is
+        caught up first, so what ``referenced()`` names includes every node's committed tasks;
+        an image younger than ``min_age`` may be about to be referenced by a turn of another node
+        (or by a result its helper holds), and is kept."""
+        await self.sync()
+        keep = list(referenced())
+        status = await self.pool.execute(
+            "DELETE FROM result_images WHERE created_at < now() - make_interval(secs => $1) "
+            "AND NOT (name = ANY($2::text[]))",
+            min_age,
+            keep,
+        )
+        return int(status.split()[-1])
+
     def stats(self) -> StoreStats:
         return self.backoff.stats(self.commits)
 
@@ -851,4 +939,3 @@ class PgStore:
             "rowsCaughtUp": self.caught_up,
             "eventsDropped": self.events_dropped,
         }
-

@@ -13,10 +13,19 @@ so a committed reference survives a power cut like the task does.
 
 Files no task references any more (their tasks were pruned by retention) are removed by ``gc``,
 run on the retention sweep's schedule.
+
+Several nodes on PostgreSQL (``SharedImages``, implemented by ``PgStore``): every image is also a row
+of the database's ``result_images``, written in the same transaction as the task change that first
+references it, so a task never names an image another node cannot serve, ``pg_dump`` backs both up
+together, and the nodes (usually separate machines) need no shared file system. Each node's
+directory is then a cache: an image it lacks is read from the database once, checked against its
+name (content-addressed: a cached copy is never stale) and kept. Rows nobody references are pruned
+once per period in the cluster (``prune_images``). On SQLite (one node) the files are all there is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -26,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -85,14 +94,42 @@ def results_dir(config: Config) -> Path:
     return Path(store_file).parent / "results"
 
 
+class SharedImages(Protocol):
+    """Where every node finds every image (the PostgreSQL store; see the module docstring)."""
+
+    def stage_image(self, name: str, content_type: str, source: Path) -> None:
+        """Write the image in ``source`` with the current (or next) commit, before the task change
+        that references it; the bytes are read from ``source`` then, not held until then."""
+
+    async def read_image(self, name: str, max_bytes: int) -> bytes | None:
+        """The image's bytes (None if there is no such image of at most ``max_bytes``)."""
+
+    async def claim_job(self, name: str, every_seconds: float) -> bool: ...
+
+    async def prune_images(self, referenced: Callable[[], Iterable[str]], min_age: float) -> int:
+        """Delete images older than ``min_age`` that ``referenced()`` (asked once the queue is caught
+        up) does not name; returns how many."""
+
+
 class ResultStore:
-    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_bytes: int,
+        fsync: bool = True,
+        shared: SharedImages | None = None,
+    ) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.fsync = fsync
+        self.shared = shared
         self.saved = 0
         self.saved_bytes = 0
         self.removed = 0
+        self.fetched = 0  # images this node read from the shared store into its cache
+        self.pruned = 0  # shared images this node deleted (gc)
+        self._fetching: dict[str, asyncio.Task[Path | None]] = {}
 
     def check(self, data: bytes) -> str:
         """The content type of acceptable image bytes; ImageRejected (too_large, not_an_image) else."""
@@ -113,16 +150,26 @@ class ResultStore:
         name = f"{digest}.{IMAGE_EXTENSIONS[ctype]}"
         path = self.root / name
         image = StoredImage(name, digest, len(data), ctype)
+        if self.shared is not None:
+            # Even when the file is here already: its row may have been pruned since.
+            self.shared.stage_image(name, ctype, path)
         with contextlib.suppress(OSError):
             if path.stat().st_size == len(data):
                 os.utime(path)  # fresh again for gc's age check
                 return image
+        self._write(path, data, fsync=self.fsync)
+        self.saved += 1
+        self.saved_bytes += len(data)
+        return image
+
+    def _write(self, path: Path, data: bytes, *, fsync: bool) -> None:
+        """``data`` under ``path``'s name, never visible half-written."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}.{os.getpid()}.tmp"
+        tmp = self.root / f".{path.name}.{os.getpid()}.tmp"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                if self.fsync:
+                if fsync:
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -130,15 +177,41 @@ class ResultStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        if self.fsync:
+        if fsync:
             fd = os.open(self.root, os.O_RDONLY)
             try:
                 os.fsync(fd)  # the rename itself
             finally:
                 os.close(fd)
-        self.saved += 1
-        self.saved_bytes += len(data)
-        return image
+
+    async def find(self, image: StoredImage) -> Path | None:
+        """The file of ``image``: this node's, or else (several nodes) read from the shared store
+        into this node's cache. None if neither has it. Callers asking for one image at once share
+        one read, so a cold node holds each image in memory once, whoever asks."""
+        path = self.resolve(image.path)
+        if path is None or path.is_file():
+            return path
+        if self.shared is None:
+            return None
+        fetching = self._fetching.get(image.path)
+        if fetching is None:
+            fetching = asyncio.get_running_loop().create_task(self._fetch(image, path))
+            self._fetching[image.path] = fetching
+            fetching.add_done_callback(lambda _: self._fetching.pop(image.path, None))
+        return await asyncio.shield(fetching)
+
+    async def _fetch(self, image: StoredImage, path: Path) -> Path | None:
+        assert self.shared is not None
+        data = await self.shared.read_image(image.path, self.max_bytes)
+        if data is None:
+            return None
+        if hashlib.sha256(data).hexdigest() != image.sha256:
+            log.error("results: the stored image %s does not match its name; not served", image.path)
+            return None
+        # A cache: no fsync, the database has it durably; a copy lost in a crash is read again.
+        await asyncio.to_thread(self._write, path, data, fsync=False)
+        self.fetched += 1
+        return path
 
     def resolve(self, name: str) -> Path | None:
         return self.root / name if FILE_RE.fullmatch(name) else None
@@ -165,8 +238,22 @@ class ResultStore:
         self.removed += removed
         return removed
 
+    async def prune_shared(self, referenced: Callable[[], Iterable[str]], every_seconds: float) -> int:
+        """Delete the shared images nothing references: by one node per period in the cluster."""
+        if self.shared is None or not await self.shared.claim_job("result image gc", every_seconds):
+            return 0
+        pruned = await self.shared.prune_images(referenced, GC_MIN_AGE_SECONDS)
+        self.pruned += pruned
+        return pruned
+
     def stats(self) -> dict[str, int]:
-        return {"saved": self.saved, "savedBytes": self.saved_bytes, "removed": self.removed}
+        return {
+            "saved": self.saved,
+            "savedBytes": self.saved_bytes,
+            "removed": self.removed,
+            "fetched": self.fetched,
+            "pruned": self.pruned,
+        }
 
 
 RESULTS = web.AppKey("results", ResultStore)
@@ -180,13 +267,16 @@ def setup(
     referenced: Callable[[], Iterable[str]],
 ) -> None:
     """Share ``store`` with the handlers (rest/result_files.py serves the files), and run the
-    periodic gc of files that ``referenced()`` no longer names."""
+    periodic gc of files (and shared images) that ``referenced()`` no longer names."""
     app[RESULTS] = store
 
-    def gc() -> None:
+    async def gc() -> None:
         removed = store.gc(referenced())
         if removed:
             log.info("results: removed %d files no task references", removed)
+        pruned = await store.prune_shared(referenced, interval)
+        if pruned:
+            log.info("results: removed %d images no task references from the database", pruned)
 
     async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
         loop = BackgroundTasks(log)
