@@ -552,7 +552,7 @@ PATHS["/api/queue/{room_id}/{task_id}/result"] = {
         "getTaskResult",
         "The task's result image (PNG, JPEG or WebP, as a peer delivered it); 404 if it has none",
         {200: (IMAGE_TYPES, {"description": "the image bytes"})},
-        (400, 404),
+        (400, 404, 503),
         params=(ROOM, TASK),
     )
 }
