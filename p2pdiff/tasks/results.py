@@ -150,17 +150,23 @@ class ResultStore:
         name = f"{digest}.{IMAGE_EXTENSIONS[ctype]}"
         path = self.root / name
         image = StoredImage(name, digest, len(data), ctype)
+        if not self._renewed(path, len(data)):
+            self._write(path, data, fsync=self.fsync)
+            self.saved += 1
+            self.saved_bytes += len(data)
         if self.shared is not None:
-            # Even when the file is here already: its row may have been pruned since.
+            # Also when the file was here already: its row may have been pruned since.
             self.shared.stage_image(name, ctype, path)
-        with contextlib.suppress(OSError):
-            if path.stat().st_size == len(data):
-                os.utime(path)  # fresh again for gc's age check
-                return image
-        self._write(path, data, fsync=self.fsync)
-        self.saved += 1
-        self.saved_bytes += len(data)
         return image
+
+    @staticmethod
+    def _renewed(path: Path, size: int) -> bool:
+        """Whether the file is stored already; it is fresh again then, for gc's age check."""
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == size:
+                os.utime(path)
+                return True
+        return False
 
     def _write(self, path: Path, data: bytes, *, fsync: bool) -> None:
         """``data`` under ``path``'s name, never visible half-written."""
