@@ -1,8 +1,8 @@
 import sys
 
-from benchmarks import http, join022, p2p
+from benchmarks import cluster, http, join022, p2p
 
-# `python -m benchmarks [http] [p2p] [join022]`: all by default.
-wanted = sys.argv[1:] or ["http", "p2p", "join022"]
+# `python -m benchmarks [http] [cluster] [p2p] [join022]`: all by default.
+wanted = sys.argv[1:] or ["http", "cluster", "p2p", "join022"]
 for name in wanted:
-    {"http": http.main, "p2p": p2p.main, "join022": join022.main}[name]()
+    {"http": http.main, "cluster": cluster.main, "p2p": p2p.main, "join022": join022.main}[name]()

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,19 +55,29 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-async def wrk(name: str, url: str, server_pid: int, script: str | None = None) -> Result:
+async def wrk(
+    name: str,
+    url: str,
+    server_pid: int | Sequence[int],
+    script: str | None = None,
+    *,
+    threads: int = 1,
+    seconds: int = DURATION,
+) -> Result:
+    """One wrk run; ``cpu_us`` sums the CPU of every pid in ``server_pid`` (several nodes)."""
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed (apt-get install -y wrk)")
-    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency", url]
+    pids = [server_pid] if isinstance(server_pid, int) else list(server_pid)
+    args = ["wrk", f"-t{threads}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", url]
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
         if script:
             lua.write(script)
             lua.flush()
             args[1:1] = ["-s", lua.name]
-        cpu_before = _cpu_seconds(server_pid)
+        cpu_before = sum(_cpu_seconds(pid) for pid in pids)
         proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE)
         out = (await proc.communicate())[0].decode()
-        cpu = _cpu_seconds(server_pid) - cpu_before
+        cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
         if proc.returncode:
             raise SystemExit(f"bench: wrk failed ({proc.returncode}): {out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -83,7 +94,7 @@ async def wrk(name: str, url: str, server_pid: int, script: str | None = None) -
     return Result(name, rps, _ms(*p99.groups()), errors, cpu / max(total, 1) * 1e6)
 
 
-async def _seed(url: str, room: str, n: int) -> None:
+async def seed(url: str, room: str, n: int) -> None:
     async with aiohttp.ClientSession() as http:
         for i in range(n):
             body = {
@@ -105,7 +116,7 @@ async def _wait_up(url: str) -> None:
     raise SystemExit(f"bench: {url} never answered")
 
 
-def _median(results: list[Result]) -> Result:
+def median(results: list[Result]) -> Result:
     ordered = sorted(results, key=lambda r: r.rps)
     mid = ordered[len(ordered) // 2]
     cpu = sorted(r.cpu_us for r in results)[len(results) // 2]
@@ -123,7 +134,7 @@ async def run() -> list[Result]:
         await server.start()
         bare = None
         try:
-            await _seed(server.url, "bench", 100)
+            await seed(server.url, "bench", 100)
             body_file = Path(tmp) / "body.json"
             async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/queue/bench") as resp:
                 body = await resp.read()
@@ -169,7 +180,7 @@ async def run() -> list[Result]:
     print(f"\nPOST check: {stored} tasks accepted and queued; GET body: {len(body):,} bytes")
     for runs in (bare_runs, get_runs, health_runs):
         print(f"{runs[0].name}: " + ", ".join(f"{r.rps:,.0f}/s ({r.cpu_us:.0f} µs CPU)" for r in runs))
-    return [_median(bare_runs), _median(get_runs), _median(health_runs), post]
+    return [median(bare_runs), median(get_runs), median(health_runs), post]
 
 
 def report(results: list[Result]) -> None:
