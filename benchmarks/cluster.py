@@ -11,6 +11,7 @@ REST: one wrk process with two threads loads each case with the same 32 connecti
 ``setup()`` points thread i at node i mod the case's node count, so with two nodes each node gets
 16 connections and wrk's numbers (requests/s, p99) are those of the two together, from one
 latency histogram. The cases take turns, ``ROUNDS`` times, and each reports its median round.
+GETs list a room of 100 tasks; POSTs add tasks to a room of their own each round.
 
 Event fan-out: ``SUBSCRIBERS`` streams (``GET /api/events?room=...``) on one node, ``FANOUT_TASKS``
 tasks POSTed one at a time to a node; the latency is from just before the POST is sent to the
@@ -119,14 +120,15 @@ async def _started(nodes: Sequence[ServerProcess]) -> AsyncIterator[None]:
 async def _rest(cases: list[Case]) -> tuple[list[Result], list[Result]]:
     gets: dict[str, list[Result]] = {case.name: [] for case in cases}
     posts: dict[str, list[Result]] = {case.name: [] for case in cases}
-    for _ in range(ROUNDS):
+    for n in range(ROUNDS):
         for case in cases:
             url = f"{case.nodes[0].url}/api/queue/bench"
             gets[case.name].append(
                 await wrk(case.name, url, case.pids, case.lua(), threads=WRK_THREADS, seconds=SECONDS)
             )
         for case in cases:
-            url = f"{case.nodes[0].url}/api/queue/post"
+            # A fresh room each round: the rounds compare alike (a room's size costs: see README).
+            url = f"{case.nodes[0].url}/api/queue/post{n}"
             script = case.lua(POST_SETUP)
             posts[case.name].append(
                 await wrk(case.name, url, case.pids, script, threads=WRK_THREADS, seconds=SECONDS)
