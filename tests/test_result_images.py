@@ -27,6 +27,7 @@ from p2pdiff.tasks.results import RESULTS, ResultStore, StoredImage
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.app_room import PNG, RoomFactory, data_url, until
 from tests.conftest import ClientFactory
+from tests.services import PostgresServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -272,3 +273,30 @@ async def test_a_missing_image_is_404_on_every_node(start: Starter, pg_url: str,
     for node in (a, b):
         resp = await node.get("/api/queue/r/t1/result")
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "result_missing"
+
+
+async def test_a_cold_node_answers_503_while_the_database_is_away_and_serves_once_it_is_back(
+    make_client: ClientFactory, config: Config, tmp_path: Path
+) -> None:
+    with PostgresServer(tmp_path / "pg") as server:
+        url = await server.create_database("store")
+        a = await make_client(node_config(config, url, tmp_path / "a", "node-a"))
+        b = await make_client(node_config(config, url, tmp_path / "b", "node-b"))
+        queue = a.server.app[QUEUE]
+        async with queue.writing():
+            complete_with_image(queue, a.server.app[RESULTS], "t1", PNG)
+        await queue.flush()
+        assert (await b.get("/api/queue/r/t1")).status == 200  # B knows the task
+        server.stop()
+        resp = await b.get("/api/queue/r/t1/result")
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "store_unavailable"
+        assert resp.headers["Retry-After"]
+        server.start()
+
+        async def served() -> bool:
+            resp = await b.get("/api/queue/r/t1/result")
+            return resp.status == 200 and await resp.read() == PNG
+
+        await until(served, within=10)
+        for node in (a, b):
+            await node.close()  # before the database goes
