@@ -1,8 +1,10 @@
-"""Command line: ``p2pdiff [--config PATH] [--check-config | --check-store]`` or ``python -m p2pdiff``."""
+"""Command line: ``p2pdiff [--config PATH] [--check-config | --check-store | --copy-store SQLITE_URL]`` or
+``python -m p2pdiff``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import resource
@@ -13,12 +15,15 @@ from aiohttp import web
 
 from p2pdiff.app import create_app
 from p2pdiff.appkeys import CONFIG
-from p2pdiff.config import ConfigError, load_config, redacted, secret_values
+from p2pdiff.config import Config, ConfigError, load_config, redacted, secret_values
 from p2pdiff.ops.logs import AccessLogger, repeat_filters, setup_logging
 from p2pdiff.ops.shutdown import arm_backstop
 from p2pdiff.rest.api import VERSION
-from p2pdiff.tasks.sqlite_store import check_store, repair_hint
+from p2pdiff.tasks.pg_store import PgStore
+from p2pdiff.tasks.results import results_dir
+from p2pdiff.tasks.sqlite_store import SqliteStore, check_store, repair_hint
 from p2pdiff.tasks.store import StoreError
+from p2pdiff.tasks.store_copy import copy_store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check a SQLite store (integrity check and every row) without changing it; exit 1 on damage",
     )
+    parser.add_argument(
+        "--copy-store",
+        metavar="SQLITE_URL",
+        help="copy a SQLite store (sqlite:///PATH, with the images in results/ next to it) into the "
+        "configured PostgreSQL store, which must be empty, and exit; no node may run on either",
+    )
     return parser
 
 
@@ -55,6 +66,43 @@ def _check_store(path: str) -> int:
         print(f"  {damage}")
     print(f"fix: {repair_hint(Path(path), problems)}")
     return 1
+
+
+def _copy_store(config: Config, source_url: str) -> int:
+    source = Config()
+    source.store.url = source_url
+    try:
+        if source.store.backend != "sqlite" or config.store.backend != "postgresql":
+            print(
+                "p2pdiff: --copy-store copies a sqlite:/// store into the configured postgresql:// store; "
+                f"asked to copy {source.store.display_url} into {config.store.display_url}",
+                file=sys.stderr,
+            )
+            return 2
+        source_path = Path(source.store.sqlite_path)
+        dsn = config.store.dsn()
+    except ConfigError as exc:
+        print(f"p2pdiff: config error: {exc}", file=sys.stderr)
+        return 2
+    if not source_path.is_file():  # SQLite would make an empty store there and copy nothing
+        print(f"p2pdiff: --copy-store: no SQLite store at {source_path}", file=sys.stderr)
+        return 2
+    target = PgStore(dsn, display=config.store.display_url, node=config.cluster.node_name())
+    try:
+        copied = asyncio.run(copy_store(SqliteStore(str(source_path)), results_dir(source), target))
+    except StoreError as exc:
+        print(f"p2pdiff: store error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"copied {source.store.display_url} into {config.store.display_url}: {copied.rooms} rooms, "
+        f"{copied.tasks} tasks, {copied.counters} counters, {copied.images} result images"
+        + (
+            f" ({copied.missing_images} referenced but missing from {results_dir(source)})"
+            if copied.missing_images
+            else ""
+        )
+    )
+    return 0
 
 
 def raise_open_file_limit() -> str:
@@ -97,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         return _check_store(config.store.sqlite_path)
+    if args.copy_store is not None:
+        return _copy_store(config, args.copy_store)
     setup_logging(config.server.log_level, config.server.log_format, secrets=secret_values(config))
     log = logging.getLogger("p2pdiff")
     log.info("starting p2pdiff %s on http://%s:%d", VERSION, config.server.host, config.server.port)
