@@ -127,7 +127,7 @@ async def _rest(cases: list[Case]) -> tuple[list[Result], list[Result]]:
                 await wrk(case.name, url, case.pids, case.lua(), threads=WRK_THREADS, seconds=SECONDS)
             )
         for case in cases:
-            # A fresh room each round: the rounds compare alike (a room's size costs: see README).
+            # A fresh room each round: the rounds compare alike.
             url = f"{case.nodes[0].url}/api/queue/post{n}"
             script = case.lua(POST_SETUP)
             posts[case.name].append(

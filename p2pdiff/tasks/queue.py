@@ -268,6 +268,7 @@ class QueueManager:
             self._emit(events.QUEUE_RELOADED, None, {"reason": "caught_up", "rooms": sorted(self.rooms)})
             return
         touched: dict[str, Room] = {}
+        unordered: dict[str, Room] = {}
         for key, stored_task in remote.tasks.items():
             room_id, task_id = key
             room = self.rooms.get(room_id)
@@ -285,6 +286,9 @@ class QueueManager:
                 room = self.rooms[room_id] = Room(id=room_id)
             touched[room_id] = room
             if task is None:
+                newest = next(reversed(room.tasks.values()), None)
+                if newest is not None and newest.seq > stored_task.seq:
+                    unordered[room_id] = room  # it belongs before tasks memory has: sort once
                 room.tasks[task_id] = stored_task
             else:
                 for name in Task.__slots__:
@@ -303,10 +307,9 @@ class QueueManager:
             room.helper_joined = stored_room.helper_joined
             room.helper_wire, room.helper_dispatch = stored_room.helper_wire, stored_room.helper_dispatch
             touched[room_id] = room
+        for room in unordered.values():  # insertion order is queue order (seq)
+            room.tasks = dict(sorted(room.tasks.items(), key=lambda item: item[1].seq))
         for room in touched.values():
-            seqs = [task.seq for task in room.tasks.values()]
-            if seqs != sorted(seqs):  # a task of another node's landed among this node's
-                room.tasks = dict(sorted(room.tasks.items(), key=lambda item: item[1].seq))
             room.version += 1
         if "requeues" in remote.counters:
             self.requeues = self._committed_requeues = remote.counters["requeues"]
