@@ -13,6 +13,7 @@ from p2pdiff.appkeys import CONFIG, EVENTS, HELPER, QUEUE, SHUTDOWN, STARTED_AT,
 from p2pdiff.config import Config
 from p2pdiff.errors import Unavailable
 from p2pdiff.ops import logs, metrics
+from p2pdiff.ops.cluster import LEASES, RoomLeases
 from p2pdiff.ops.shutdown import Shutdown
 from p2pdiff.rest import api, appfiles, dashboard, middleware, openapi, result_files, security, sse
 from p2pdiff.rooms.helper import Helper, make_helper
@@ -43,6 +44,19 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
+    if LEASES not in app:  # several nodes: each room is joined by the node holding its lease
+        await _join_at_start(app)
+    yield
+    # Bounded (p2pdiff/ops/shutdown.py): a relay that does not answer must not hold up the exit.
+    budget = app[SHUTDOWN].leave_budget()
+    try:
+        async with asyncio.timeout(budget):
+            await app[HELPER].close()
+    except TimeoutError:
+        log.warning("leaving the rooms took over %.1f s: exiting without the remaining goodbyes", budget)
+
+
+async def _join_at_start(app: web.Application) -> None:
     config, queue, helper = app[CONFIG], app[QUEUE], app[HELPER]
     # Rooms from the config plus those joined over REST before the last restart, in that order.
     wanted = dict.fromkeys([*config.p2p.rooms, *queue.helper_rooms()])
@@ -61,14 +75,14 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("store: the rooms joined at start are not recorded (%s): %s", exc.code, exc.message)
     if wanted:
         log.info("helper (%s) joined %d rooms at start: %s", helper.mode, len(wanted), ", ".join(wanted))
+
+
+async def _leases_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Several nodes: the rounds that share the helper's rooms out; a stop hands them over."""
+    leases = app[LEASES]
+    await leases.start()
     yield
-    # Bounded (p2pdiff/ops/shutdown.py): a relay that does not answer must not hold up the exit.
-    budget = app[SHUTDOWN].leave_budget()
-    try:
-        async with asyncio.timeout(budget):
-            await helper.close()
-    except TimeoutError:
-        log.warning("leaving the rooms took over %.1f s: exiting without the remaining goodbyes", budget)
+    await leases.stop(app[SHUTDOWN].leave_budget())
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -190,7 +204,19 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     app[STARTED_AT] = time.time()
     # Cleanup runs in reverse: background work stops, the helper leaves, the store closes, and the
     # shutdown's cut timer goes last.
-    app.cleanup_ctx.extend([shutdown.ctx, _store_ctx, _helper_ctx, _background_ctx])
+    app.cleanup_ctx.extend([shutdown.ctx, _store_ctx, _helper_ctx])
+    if isinstance(store, PgStore):
+        app[LEASES] = RoomLeases(
+            store,
+            app[QUEUE],
+            app[HELPER],
+            dsn=config.store.dsn(),
+            node=store.node,
+            lease_seconds=config.cluster.lease_seconds,
+            config_rooms=config.p2p.rooms,
+        )
+        app.cleanup_ctx.append(_leases_ctx)  # stops before the helper closes: rooms handed over first
+    app.cleanup_ctx.append(_background_ctx)
     api.add_routes(app)
     result_files.add_routes(app)
     results.setup(
@@ -202,7 +228,12 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     sse.setup(app)
     dashboard.setup(app)
     openapi.add_routes(app)
-    metrics.add_routes(app, metrics.Metrics(app[QUEUE], app[HELPER], guard, http_metrics))
+    metrics.add_routes(
+        app,
+        metrics.Metrics(
+            app[QUEUE], app[HELPER], guard, http_metrics, node=app[api.NODE], leases=app.get(LEASES)
+        ),
+    )
     appfiles.setup(app, config.server)  # last: under its own prefix, and it shadows nothing above
     app.on_shutdown.append(_log_shutdown)
     return app

@@ -22,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from p2pdiff.config import mask_url
+from p2pdiff.ops.cluster import RoomLeases
 from p2pdiff.rooms.helper import Helper
 from p2pdiff.tasks.model import PENDING, STATUSES
 from p2pdiff.tasks.queue import QueueManager
@@ -225,13 +226,55 @@ class StateCollector(Collector):
         yield ignored
 
 
-class Metrics:
-    """The app's registry: the state collector plus the standard process and Python collectors."""
+class ClusterCollector(Collector):
+    """This node's id, and on a PostgreSQL store its view of the cluster (the last lease round's)."""
 
-    def __init__(self, queue: QueueManager, helper: Helper, counters: Any, http: HttpMetrics) -> None:
+    def __init__(self, node: str, leases: RoomLeases | None) -> None:
+        self.node = node
+        self.leases = leases
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("p2pdiff_node_info", "This node's id (always 1)", labels=["node"])
+        info.add_metric([self.node], 1)
+        yield info
+        leases = self.leases
+        if leases is None:
+            return
+        yield GaugeMetricFamily(
+            "p2pdiff_cluster_nodes", "Live nodes on the store (seen within a lease)", value=len(leases.nodes)
+        )
+        yield GaugeMetricFamily(
+            "p2pdiff_cluster_rooms_held", "Helper rooms this node holds the lease of", value=len(leases.rooms)
+        )
+        for name, help_text, value in (
+            ("claimed", "Room leases this node claimed (free or lapsed)", leases.claimed),
+            ("lost", "Rooms this node left because its lease lapsed to another node", leases.lost),
+            (
+                "released",
+                "Room leases this node gave up (unwanted, or handed to a node with fewer)",
+                leases.released,
+            ),
+        ):
+            yield CounterMetricFamily(f"p2pdiff_room_leases_{name}", help_text, value=value)
+
+
+class Metrics:
+    """The app's registry: the state and cluster collectors plus the standard process and Python ones."""
+
+    def __init__(
+        self,
+        queue: QueueManager,
+        helper: Helper,
+        counters: Any,
+        http: HttpMetrics,
+        *,
+        node: str,
+        leases: RoomLeases | None = None,
+    ) -> None:
         self.http = http
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StateCollector(queue, helper, self.http, counters))
+        self.registry.register(ClusterCollector(node, leases))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)

@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from p2pdiff.appkeys import EVENTS, HELPER, QUEUE, STARTED_AT
+from p2pdiff.appkeys import CONFIG, EVENTS, HELPER, QUEUE, STARTED_AT
 from p2pdiff.errors import AppError, BadRequest, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType
-from p2pdiff.rooms.helper import WIRES, Helper
+from p2pdiff.ops.cluster import LEASES, RoomLeases
+from p2pdiff.rooms.helper import WIRES, Helper, HelperRoom, check_wire
 from p2pdiff.tasks import validate
 from p2pdiff.tasks.model import Room, Task
 from p2pdiff.tasks.queue import QueueManager
@@ -44,6 +45,11 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
 }
 
+
+# POST /api/join on several nodes waits this long for a node to take the room (it answers 202 anyway).
+SETTLE_SECONDS = 5.0
+# This node's id among the others ([cluster] node_id), read once.
+NODE = web.AppKey("node", str)
 
 # Response headers cross-origin pages may read: the request id (for bug reports), the 429 back-off.
 EXPOSED_HEADERS = "X-Request-Id, Retry-After"
@@ -198,6 +204,8 @@ async def health(request: web.Request) -> web.Response:
                 "mode": helper.mode,
                 "rooms": [room.to_json() for room in helper.rooms()],
             },
+            "node": app[NODE],
+            **({"cluster": app[LEASES].to_json()} if LEASES in app else {}),
         }
     )
 
@@ -391,6 +399,9 @@ async def join_room(request: web.Request) -> web.Response:
     if wire is not None and wire not in WIRES:
         raise BadRequest(f"wire must be one of {', '.join(WIRES)}", code="invalid_wire")
     helper, queue = request.app[HELPER], request.app[QUEUE]
+    leases = request.app.get(LEASES)
+    if leases is not None:
+        return await _join_shared(request, leases, room_id, wire, dispatch)
     queue.check_writable()  # before the helper joins: a join the store cannot remember is refused
     joined = await helper.join(room_id, wire)
     if dispatch is not None:
@@ -412,9 +423,48 @@ async def join_room(request: web.Request) -> web.Response:
     )
 
 
+async def _join_shared(
+    request: web.Request, leases: RoomLeases, room_id: str, wire: str | None, dispatch: bool | None
+) -> web.Response:
+    """Several nodes: the room is recorded as wanted and the node that takes its lease joins it
+    (p2pdiff/ops/cluster.py); the answer names that node once one holds the room."""
+    helper, queue = request.app[HELPER], request.app[QUEUE]
+    default_wire = request.app[CONFIG].p2p.wire
+    queue.check_writable()
+    async with queue.writing():
+        room = queue.get_room(room_id)
+        if room is not None and room.helper_joined:
+            check_wire(HelperRoom(room_id, wire=room.helper_wire or default_wire), wire)
+        queue.set_helper_joined(room_id, True)
+        queue.set_helper_options(room_id, wire=wire, dispatch=dispatch)  # for whichever node joins
+    await queue.flush()
+    node = await leases.settle(room_id, SETTLE_SECONDS)
+    stored = queue.get_room(room_id)
+    joined_wire = (stored.helper_wire if stored is not None else None) or default_wire
+    log.info("helper room %s wanted; held by node %s", room_id, node)
+    return json_response(
+        {
+            "success": True,
+            "message": (
+                f"room {room_id} joined by the helper of node {node} ({helper.mode})"
+                if node is not None
+                else f"room {room_id} will be joined by the first node with room for it"
+            ),
+            "roomId": room_id,
+            "mode": helper.mode,
+            "wire": joined_wire,
+            "node": node,
+        },
+        202,
+    )
+
+
 async def leave_room(request: web.Request) -> web.Response:
     room_id = validate.room_id(request.match_info["room_id"])
     helper, queue = request.app[HELPER], request.app[QUEUE]
+    leases = request.app.get(LEASES)
+    if leases is not None:
+        return await _leave_shared(request, leases, room_id)
     queue.check_writable()
     was_in = await helper.leave(room_id)
     async with queue.writing():
@@ -427,7 +477,24 @@ async def leave_room(request: web.Request) -> web.Response:
     return json_response({"success": True, "message": f"server left room {room_id}", "roomId": room_id})
 
 
+async def _leave_shared(request: web.Request, leases: RoomLeases, room_id: str) -> web.Response:
+    """Several nodes: the room is no longer wanted; the node holding it leaves at its next round,
+    which this request starts on every node."""
+    queue = request.app[QUEUE]
+    queue.check_writable()
+    async with queue.writing():
+        room = queue.get_room(room_id)
+        if not (room and room.helper_joined):
+            raise NotFound(f"the helper is not in room '{room_id}'", code="room_not_joined")
+        queue.set_helper_joined(room_id, False)
+    await queue.flush()
+    await leases.released_everywhere()
+    log.info("helper room %s no longer wanted", room_id)
+    return json_response({"success": True, "message": f"server left room {room_id}", "roomId": room_id})
+
+
 def add_routes(app: web.Application) -> None:
+    app[NODE] = app[CONFIG].cluster.node_name()
     app[LISTINGS] = ListingCache()
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/stats", stats)

@@ -212,7 +212,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "Health": {
         "type": "object",
-        "required": ["status", "p2pEnabled", "uptime", "memory", "version", "p2p"],
+        "required": ["status", "p2pEnabled", "uptime", "memory", "version", "p2p", "node"],
         "properties": {
             "status": {"const": "ok"},
             "p2pEnabled": {"type": "boolean"},
@@ -233,6 +233,28 @@ SCHEMAS: dict[str, Any] = {
                     },
                     "mode": {"type": "string", "enum": ["p2p", "api-only"]},
                     "rooms": {"type": "array", "items": ref("HelperRoom")},
+                },
+            },
+            "node": {"type": "string", "description": "this node's id ([cluster] node_id)"},
+            "cluster": {
+                "type": "object",
+                "description": "PostgreSQL store only: the live nodes and the helper rooms this node "
+                "holds the lease of, as of its last lease round",
+                "required": ["nodes", "rooms"],
+                "properties": {
+                    "nodes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["id", "seenAt", "rooms"],
+                            "properties": {
+                                "id": {"type": "string"},
+                                "seenAt": MILLIS,
+                                "rooms": {"type": "integer", "minimum": 0, "description": "rooms it holds"},
+                            },
+                        },
+                    },
+                    "rooms": {"type": "array", "items": ID},
                 },
             },
         },
@@ -306,6 +328,11 @@ SCHEMAS: dict[str, Any] = {
             "roomId": ID,
             "mode": {"type": "string"},
             "wire": WIRE,
+            "node": {
+                **nullable({"type": "string"}),
+                "description": "PostgreSQL store only: the node whose helper holds the room (null: none "
+                "took it within 5 s; one will)",
+            },
         },
     },
     "Left": {

@@ -144,6 +144,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
             # PNG, JPEG and WebP are compressed already: out of line as they are, no second try.
             "ALTER TABLE result_images ALTER COLUMN bytes SET STORAGE EXTERNAL",
+            # The helper's rooms shared out among nodes (p2pdiff/ops/cluster.py): live nodes, and
+            # which node's helper is in which room until when (the database's clock).
+            """CREATE TABLE nodes (
+                id TEXT PRIMARY KEY,
+                started_at TIMESTAMPTZ NOT NULL,
+                seen_at TIMESTAMPTZ NOT NULL,
+                instance TEXT NOT NULL
+            )""",
+            """CREATE TABLE room_leases (
+                room_id TEXT PRIMARY KEY,
+                node TEXT NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
+            )""",
         ],
     ),
 ]
