@@ -24,7 +24,12 @@ async def test_sigkill_loses_nothing(tmp_path: Path, backend: str) -> None:
             database = None
         else:
             database = stack.enter_context(PostgresServer(tmp_path / "pg"))
-            env = {"P2PDIFF_STORE_URL": await database.create_database("p2pdiff")}
+            env = {
+                "P2PDIFF_STORE_URL": await database.create_database("p2pdiff"),
+                # As deployed (deploy/compose.yaml): a node restarted under its own id takes its
+                # room leases back at once; under a new one it waits for them to lapse.
+                "P2PDIFF_CLUSTER_NODE_ID": "node-a",
+            }
         await sigkill_loses_nothing(tmp_path, env, database)
 
 

@@ -131,7 +131,10 @@ class RoomLeases:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._rounds = asyncio.get_running_loop().create_task(self._run(), name="room-leases")
+        """The first round before the node serves (a restart with the same node id is back in its
+        rooms at once, as on one node), then a round every third of a lease."""
+        wait = await self._one_round()
+        self._rounds = asyncio.get_running_loop().create_task(self._run(wait), name="room-leases")
 
     async def stop(self, leave_budget: float) -> None:
         """A graceful stop: leave the rooms (within ``leave_budget`` seconds), give the leases up
@@ -214,26 +217,30 @@ class RoomLeases:
         if waiters is None:
             self._waiting.clear()
 
-    async def _run(self) -> None:
-        period = self.lease_seconds / 3
+    async def _run(self, wait: float) -> None:
         while True:
-            self._kick.clear()
-            waiters, self._waiting = self._waiting, []
-            wait = period
-            try:
-                async with asyncio.timeout(self.lease_seconds * ROUND_SHARE):
-                    await self._listen()
-                    wait = await self._round(period)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, Unavailable) as exc:
-                log.warning("room leases: round failed (%s: %s)", type(exc).__name__, exc)
-                await self._cut_off()
-            except Exception:  # a bug in one round must not end the rounds: the leases would lapse
-                log.exception("room leases: round failed")
-                await self._cut_off()
-            finally:
-                self._wake_waiters(waiters)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), wait)
+            wait = await self._one_round()
+
+    async def _one_round(self) -> float:
+        """A round, whatever fails in it; how long to wait for the next one."""
+        period = self.lease_seconds / 3
+        self._kick.clear()
+        waiters, self._waiting = self._waiting, []
+        try:
+            async with asyncio.timeout(self.lease_seconds * ROUND_SHARE):
+                await self._listen()
+                return await self._round(period)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, Unavailable) as exc:
+            log.warning("room leases: round failed (%s: %s)", type(exc).__name__, exc)
+            await self._cut_off()
+        except Exception:  # a bug in one round must not end the rounds: the leases would lapse
+            log.exception("room leases: round failed")
+            await self._cut_off()
+        finally:
+            self._wake_waiters(waiters)
+        return period
 
     async def _cut_off(self) -> None:
         """No renewal worked for long: before the leases can have lapsed (after lease_seconds from
