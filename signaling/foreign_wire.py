@@ -20,7 +20,11 @@ WebTorrent trackers carry the same frames for both wires, so there a stranger co
 only its data channel gives it away: :func:`channel_wire` reads the first message of a new
 connection (0.25 wraps every chunk in a room or presence frame, first byte 1 or 2; 0.22 sends
 bare chunks that start with a 12-byte action name), and the session reports what it finds with
-:meth:`ForeignWireWatch.report`, which logs and counts exactly as relay screening does.
+:meth:`ForeignWireWatch.report`, which logs and counts exactly as relay screening does. A
+connection that stays silent through the handshake time is taken for a 0.22 stranger only there:
+on topic relays the offer and answer already showed the wire
+(:attr:`~signaling.signaller.RoomSignaller.signals_show_wire`), so silence there is a handshake
+timeout on our own wire (the session closes that connection and announces again).
 """
 
 from __future__ import annotations

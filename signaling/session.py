@@ -19,7 +19,10 @@ Structure (spec §2.4, §6.3, §7):
     Admission per room (§7): both sides send ``@_hsready`` once their local handshake passed (at
     once without a password; after the challenge/response with one). The peer becomes *active*
     (``on_peer_join``) when ours passed and theirs arrived, within ``handshake`` seconds or it is
-    dropped from the room. While pending, only ``@_hsready``/``@_hsdata``/``@_leave`` are accepted.
+    dropped from the room; if its channel brought nothing at all by then (a 0.25 peer sends
+    presence and ``@_hsready`` the moment it opens), the connection is closed and the room
+    announces again, so a new one is negotiated. While pending, only
+    ``@_hsready``/``@_hsdata``/``@_leave`` are accepted.
     ``@_ping`` is answered with ``@_pong``; ``@_leave`` or presence(0) = the peer left the room; the
     connection closing = the peer left every room.
 
@@ -99,7 +102,9 @@ class Binding:
 class PeerLink:
     """The one connection to one remote peer of one app id, and which of our rooms use it."""
 
-    def __init__(self, app: AppContext, peer_id: str, peer: Peer, token: str = "") -> None:
+    def __init__(
+        self, app: AppContext, peer_id: str, peer: Peer, token: str = "", *, wire_known: bool = False
+    ) -> None:
         self.app = app
         self.peer_id = peer_id
         self.peer = peer
@@ -131,6 +136,9 @@ class PeerLink:
         self.via_token = token
         #: Whether the first message was checked for the other wire's framing (strangers).
         self.screened = False
+        #: The signals this connection was negotiated with showed the peer speaks our wire
+        #: (RoomSignaller.signals_show_wire), so its silence cannot make it a stranger.
+        self.wire_known = wire_known
         self.idle_timer: asyncio.TimerHandle | None = None
         peer.on_close = self._on_close
         peer.on_message = self._on_message  # also delivers what arrived before this point
@@ -371,7 +379,9 @@ class AppContext:
             self.counters["dropped.connection_cap"] += 1
             self._close_peer(peer, "connection cap")
             return
-        link = self.links[peer_id] = PeerLink(self, peer_id, peer, room.token)
+        link = self.links[peer_id] = PeerLink(
+            self, peer_id, peer, room.token, wire_known=room.signals_show_wire
+        )
         log.info("connected to peer %s (app %s, via room %s)", peer_id, self.app_id, room.room_id)
         encode_presence = self.wire.encode_presence
         if encode_presence is not None:
@@ -658,20 +668,33 @@ class AppContext:
             return
         room = binding.room
         link = binding.link
-        if not link.screened and not link.closing:
+        timeout = room.config.timeouts.handshake
+        silent = not link.screened and not link.closing
+        if silent and not link.wire_known:
             # Not one message since the channel opened: what a Trystero 0.22 peer does (it has no
             # handshake), found on a tracker, where both wires' signals look the same.
-            timeout = room.config.timeouts.handshake
             self.drop_stranger(link, "0.22", f"its channel opened but it sent nothing in {timeout:.0f} s")
             return
         room.counters["dropped.handshake_timeout"] += 1
         log.warning(
-            "dropped peer %s from room %s: handshake timed out after %.0f s",
-            binding.link.peer_id,
+            "dropped peer %s from room %s: handshake timed out after %.0f s%s",
+            link.peer_id,
             room.room_id,
-            room.config.timeouts.handshake,
+            timeout,
+            " (its channel stayed silent)" if silent else "",
         )
-        self.unbind(binding, "handshake timed out")
+        if not silent:
+            self.unbind(binding, "handshake timed out")
+            return
+        # A peer of our wire sends presence and @_hsready the moment its channel opens, so a
+        # channel that brought nothing at all does not carry its data. Close it (the peer sees
+        # it go and forgets us) and announce again, as JS does when it loses a connection: the
+        # peer hears us and the two of us negotiate a new one.
+        rooms = {b.room for b in link.bindings.values()}
+        self.drop_link(link, f"its channel stayed silent for {timeout:.0f} s", quiet=True)
+        for lost in rooms:
+            if not lost.left:
+                lost.signaller.announce_again()
 
 
 class Session:

@@ -132,6 +132,11 @@ class RoomSignaller:
     #: message comes sooner; where strangers of the other wire can connect (trackers), their
     #: first message gives them away before they join (signaling.foreign_wire.channel_wire).
     channel_screen: float = 0.0
+    #: Whether the relay signals of this strategy show the peer's Trystero wire: on topic relays
+    #: a 0.23+ peer's offers and answers are strings with an ``offerId`` and a 0.22 peer's are
+    #: objects (spec §9.10), so a peer negotiated with here speaks this room's wire. Tracker
+    #: frames are the same for both wires; there only the data channel tells (foreign_wire).
+    signals_show_wire: bool = True
 
     def __init__(
         self,
@@ -236,6 +241,13 @@ class RoomSignaller:
             )
         relay.publish(topic, orjson.dumps(payload).decode())
         self.counters["signals_out"] += 1
+
+    def announce_again(self) -> None:
+        """Announce at once on every relay and restart the warm-up, as JS does when it loses a
+        connection to a peer (``requeueAnnounce``): the peer hears us and a new negotiation
+        starts (the smaller id offers, spec §2.2)."""
+        for wakeup in self._wakeups.values():
+            wakeup.set()
 
     # ------------------------------------------------------------------ internals
 

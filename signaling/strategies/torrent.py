@@ -382,6 +382,8 @@ class TorrentRoomSignaller(RoomSignaller):
     POLICY: TorrentPolicy = TORRENT_025
     #: Key of this wire's trackers in the session's RelayHub (one tracker client per policy).
     HUB_KEY = TORRENT
+    #: Tracker frames carry offers and answers alike for both wires.
+    signals_show_wire = False
 
     def __init__(self, **kwargs: Any) -> None:
         # Tracker clients speak as the session's selfId and announce offers, not topics, so this

@@ -9,6 +9,7 @@ exception.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -251,6 +252,47 @@ async def test_pending_peer_actions_are_dropped(
     # room 1 is unaffected, on the same connection
     assert set(room_a.peers) == {room_b.self_id} and not link_ab.closed
     assert 0 < await room_a.ping(room_b.self_id) < 2000
+    assert loop_errors == []
+
+
+async def test_silent_channel_is_a_handshake_timeout_then_a_new_connection(
+    sessions: SessionFactory,
+    config: ConfigFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    """B's first connection to A carries nothing to A (B's sends on it vanish, as on a channel
+    that works one way only), so A's handshake times out. B was negotiated with over MQTT in
+    0.25 shapes: no 0.22 stranger, but a handshake timeout on our wire. A closes the silent
+    connection and announces again; B is not shunned, and the two meet on a new connection."""
+    caplog.set_level(logging.WARNING)
+    a, b = sessions(), sessions()
+    muted: list[PeerLink] = []
+    send_nowait = PeerLink.send_nowait
+
+    def lose_b_first_link_sends(link: PeerLink, frame: bytes) -> bool:
+        if link.app.session is b and (not muted or muted[0] is link):
+            if not muted:
+                muted.append(link)
+            return True  # "sent", never arrives
+        return send_nowait(link, frame)
+
+    monkeypatch.setattr(PeerLink, "send_nowait", lose_b_first_link_sends)
+    timeouts = Timeouts(handshake=1.0)
+    room_a = a.join(config(timeouts=timeouts), "silent")
+    room_b = b.join(config(timeouts=timeouts), "silent")
+    await eventually(lambda: muted and muted[0].closed, "the silent connection to close")
+    await eventually(
+        lambda: b.self_id in room_a.peers and a.self_id in room_b.peers, "the pair to meet anew"
+    )
+    link_ab = a.links(room_a.app_id)[b.self_id]
+    assert link_ab.screened and not link_ab.closed
+    assert room_a.stats["dropped"].get("handshake_timeout") == 1
+    assert room_a.stats.get("foreign_wire_peers", 0) == 0 and b.self_id not in room_a.signaller.strangers
+    assert "foreign_wire_connection" not in room_a.stats["app"]["dropped"]
+    assert "its channel stayed silent" in caplog.text and "seems to speak" not in caplog.text
+    assert 0 < await room_a.ping(b.self_id) < 2000
     assert loop_errors == []
 
 
