@@ -268,3 +268,18 @@ async def test_a_second_process_with_the_same_node_id_is_reported(
         5,
         "the clash logged",
     )
+
+
+async def test_one_node_on_sqlite_shows_its_id_and_no_cluster(
+    make_client: ClientFactory, config: Config
+) -> None:
+    config.cluster.node_id = "solo"
+    client = await make_client(config, helper=RecordingHelper())
+    assert LEASES not in client.app
+    assert (await client.post("/api/join/r")).status == 202
+    assert helper(client).in_rooms == {"r"}  # joined by the request itself, as always
+    health = await (await client.get("/api/health")).json()
+    assert health["node"] == "solo" and "cluster" not in health
+    metrics = await (await client.get("/metrics")).text()
+    assert 'p2pdiff_node_info{node="solo"} 1.0' in metrics
+    assert "p2pdiff_cluster_nodes" not in metrics
