@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from benchmarks.http import POST_BODY, Result, median, seed, wrk
+from benchmarks.http import POST_LUA, Result, median, seed, wrk
 from tests.server_process import ServerProcess
 from tests.services import PostgresServer, ServiceNotInstalled, running
 
@@ -57,13 +57,6 @@ function setup(thread)
   thread.addr = wrk.lookup("127.0.0.1", ports[threads % #ports + 1])[1]
   threads = threads + 1
 end
-"""
-
-
-POST_SETUP = f"""
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{POST_BODY}'
 """
 
 
@@ -129,7 +122,7 @@ async def _rest(cases: list[Case]) -> tuple[list[Result], list[Result]]:
         for case in cases:
             # A fresh room each round: the rounds compare alike.
             url = f"{case.nodes[0].url}/api/queue/post{n}"
-            script = case.lua(POST_SETUP)
+            script = case.lua(POST_LUA)
             posts[case.name].append(
                 await wrk(case.name, url, case.pids, script, threads=WRK_THREADS, seconds=SECONDS)
             )

@@ -818,3 +818,14 @@ def running(service: S) -> Iterator[S]:
         yield service
     finally:
         service.cleanup()
+
+
+async def refuse_task_rows(conn: asyncpg.Connection, prompt: str = "boom") -> None:
+    """Make a database refuse every task row with ``prompt`` (as a full disk or a constraint
+    would refuse a commit): a trigger that raises."""
+    await conn.execute(
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+        f"IF NEW.prompt = '{prompt}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ "
+        "LANGUAGE plpgsql"
+    )
+    await conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION refuse()")

@@ -23,7 +23,7 @@ from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.store import STORE_CONFLICT, StoreError
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.app_room import until
-from tests.services import PostgresServer
+from tests.services import PostgresServer, refuse_task_rows
 
 
 def new(tid: str, prompt: str = "a cat") -> NewTask:
@@ -320,14 +320,7 @@ async def test_a_commit_the_database_refuses_is_undone_on_its_node_only(nodes: A
     a, b = await nodes(2)
     conn = await asyncpg.connect(pg_url)
     try:  # a database that refuses one row (as a full disk or a constraint would)
-        await conn.execute(
-            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
-            "IF NEW.prompt = 'boom' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ "
-            "LANGUAGE plpgsql"
-        )
-        await conn.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION refuse()"
-        )
+        await refuse_task_rows(conn)
     finally:
         await conn.close()
     await a.change(lambda: a.queue.add("r", new("t1")))

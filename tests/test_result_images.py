@@ -27,7 +27,7 @@ from p2pdiff.tasks.results import RESULTS, ResultStore, StoredImage
 from p2pdiff.tasks.validate import NewTask, TaskUpdate
 from tests.app_room import PNG, RoomFactory, data_url, until
 from tests.conftest import ClientFactory
-from tests.services import PostgresServer
+from tests.services import PostgresServer, refuse_task_rows
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -153,14 +153,7 @@ async def test_the_image_row_commits_in_the_transaction_of_the_change_that_refer
             "CREATE FUNCTION note() RETURNS trigger AS $$ BEGIN "
             "INSERT INTO written VALUES (TG_TABLE_NAME, txid_current()); RETURN NEW; END $$ LANGUAGE plpgsql"
         )
-        await conn.execute(
-            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
-            "IF NEW.prompt = 'boom' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ "
-            "LANGUAGE plpgsql"
-        )
-        await conn.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION refuse()"
-        )
+        await refuse_task_rows(conn)
         for table in ("tasks", "result_images"):
             await conn.execute(
                 f"CREATE TRIGGER note BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION note()"
