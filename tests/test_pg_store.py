@@ -200,7 +200,7 @@ async def test_changes_outside_a_turn_on_a_stale_node_are_refused_and_memory_cat
 async def test_a_node_that_slept_through_the_pruned_change_log_reloads(nodes: Any) -> None:
     a, b = await nodes(2)
     # b sleeps: it hears of no commit (its watcher and listener stopped, as in a long pause).
-    b.store._watcher.cancel()
+    b.store._tasks.cancel()  # the watch (and any catch-up under way)
     await b.store._listener.close()
     await a.change(lambda: a.queue.add("r", new("t1")))
     await a.change(lambda: a.queue.add("r", new("t2")))

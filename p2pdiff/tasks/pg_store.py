@@ -68,6 +68,7 @@ from p2pdiff.tasks.store import (
     StoreFault,
     StoreStats,
 )
+from signaling.background import BackgroundTasks, every
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,8 @@ class PgStore:
         self.on_remote: Callable[[Remote], None] | None = None
         self._staged = _Staged()
         self._state = IDLE
-        self._turn: asyncio.Task[None] | None = None
+        # Every task this store starts and nobody awaits: held until done, failures logged.
+        self._tasks = BackgroundTasks(log)
         self._opened: asyncio.Future[None] | None = None  # the current turn holds the lock
         self._done: asyncio.Future[None] | None = None  # the current turn ended (its fault)
         self._conn: asyncpg.Connection | None = None
@@ -277,10 +279,9 @@ class PgStore:
         self._events_known = 0
         self._delivered = 0
         self._catching_up = asyncio.Lock()
-        self._following: asyncio.Task[None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._following: asyncio.Future[None] | None = None
         self._next_sync: asyncio.Future[None] | None = None  # the catch-up new callers share
-        self._syncing: asyncio.Task[None] | None = None
+        self._syncing: asyncio.Future[None] | None = None
         self._sync_failing = False
         self._loaded = False  # load() ran: memory and the bus have a starting point
         self._follow_again = False
@@ -319,7 +320,11 @@ class PgStore:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             await self._disconnect()
             raise StoreError(f"cannot open store {self._display}: {exc}") from None
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        # Notifications are lost while the listening connection is down (the database restarts,
+        # the network drops): it is made again, and memory and events catch up every
+        # WATCH_SECONDS anyway, so a lost notification costs at most that long.
+        watch = every(WATCH_SECONDS, self._watch, "store %s: watching other nodes", self._display, logger=log)
+        self._tasks.spawn(watch, "store %s: watch", self._display)
 
     async def _listen(self) -> None:
         listener = await asyncpg.connect(self._dsn, command_timeout=COMMAND_TIMEOUT_SECONDS)
@@ -327,19 +332,15 @@ class PgStore:
         self._listener = listener
 
     async def _watch(self) -> None:
-        """Notifications are lost while the listening connection is down (the database restarts,
-        the network drops): it is made again, and every WATCH_SECONDS memory and events catch up
-        anyway, so a lost notification costs at most that long."""
-        while True:
-            await asyncio.sleep(WATCH_SECONDS)
-            if self._listener is None or self._listener.is_closed():
-                try:
-                    await self._listen()
-                    log.info("store %s: listening for other nodes' changes again", self._display)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                    self._listener = None
-                    continue  # still away; the back-off of commits says so in the log
-            self._follow()
+        """One round of the watch (see open())."""
+        if self._listener is None or self._listener.is_closed():
+            try:
+                await self._listen()
+                log.info("store %s: listening for other nodes' changes again", self._display)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                self._listener = None
+                return  # still away; the back-off of commits says so in the log
+        self._follow()
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction():
@@ -370,9 +371,7 @@ class PgStore:
                 await self.commit()
             except StoreFault as fault:
                 log.error("store %s: the last changes were not saved: %s", self._display, fault)
-        for task in (self._following, self._watcher, self._syncing):
-            if task is not None:
-                task.cancel()
+        await self._tasks.close()
         if self._next_sync is not None and not self._next_sync.done():
             self._next_sync.set_result(None)  # nobody may wait for a catch-up that will not come
         await self._disconnect()
@@ -508,7 +507,7 @@ class PgStore:
         """A commit of what is staged, unless a turn is on its way or changes outside a turn
         (whose commit takes this along) are pending."""
         if self._state == IDLE and not self._staged.rows:
-            asyncio.get_running_loop().create_task(self._commit_quietly())
+            self._commit_soon(0.0)
 
     async def _commit_quietly(self) -> None:
         with contextlib.suppress(StoreFault):  # logged by the back-off; the events wait for the next
@@ -547,7 +546,7 @@ class PgStore:
         self._state = OPENING
         self._opened = loop.create_future()
         self._done = loop.create_future()
-        self._turn = loop.create_task(self._run_turn(self._opened, self._done))
+        self._tasks.spawn(self._run_turn(self._opened, self._done), "store %s: write turn", self._display)
 
     async def _run_turn(self, opened: asyncio.Future[None], done: asyncio.Future[None]) -> None:
         fault: StoreFault | None = None
@@ -579,7 +578,7 @@ class PgStore:
             if fault is None:
                 self._follow()  # hand this turn's events (and any before) to the bus
             elif self._staged:
-                self._commit_soon()  # events published during the failed turn
+                self._commit_soon(self.backoff.wait())  # events published during the failed turn
 
     async def _open_turn(self, outside: _Staged | None) -> StoreFault | None:
         """Take the lock and catch memory up; changes made outside a turn meet the catch-up."""
@@ -725,9 +724,11 @@ class PgStore:
             return self.backoff.fail(message, STORE_BUSY)
         return self.backoff.fail(f"commit to {self._display} failed: {exc}", STORE_UNAVAILABLE)
 
-    def _commit_soon(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.backoff.wait(), lambda: loop.create_task(self._commit_quietly()))
+    def _commit_soon(self, delay: float) -> None:
+        """A commit of what is staged (events alone, say) ``delay`` seconds from now."""
+        asyncio.get_running_loop().call_later(
+            delay, lambda: self._tasks.spawn(self._commit_quietly(), "store %s: commit", self._display)
+        )
 
     def check_writable(self) -> None:
         self.backoff.check()
@@ -800,7 +801,7 @@ class PgStore:
         if self._next_sync is None:
             self._next_sync = loop.create_future()
             if self._syncing is None or self._syncing.done():
-                self._syncing = loop.create_task(self._run_syncs())
+                self._syncing = self._tasks.spawn(self._run_syncs(), "store %s: catch-up", self._display)
         await asyncio.shield(self._next_sync)
 
     async def _run_syncs(self) -> None:
@@ -849,7 +850,7 @@ class PgStore:
         if self._following is not None and not self._following.done():
             self._follow_again = True
             return
-        self._following = asyncio.get_running_loop().create_task(self._follow_changes())
+        self._following = self._tasks.spawn(self._follow_changes(), "store %s: follow", self._display)
 
     async def _follow_changes(self) -> None:
         self._follow_again = True
