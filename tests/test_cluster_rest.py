@@ -156,3 +156,12 @@ async def test_a_lease_expires_once_across_nodes(start: Starter) -> None:
     task = (await (await b.get("/api/queue/r/t")).json())["task"]
     assert (task["status"], task["requeues"]) == ("pending", 1)
     stream.resp.close()
+
+
+async def test_stats_show_where_each_node_stands(start: Starter) -> None:
+    a, b = await start()
+    assert (await a.post("/api/queue/r", json={"id": "t", "prompt": "p"})).status == 201
+    await b.get("/api/queue/r")  # b catches up
+    stores = [(await (await node.get("/api/stats")).json())["store"] for node in (a, b)]
+    assert stores[0]["appliedChange"] == stores[1]["appliedChange"] >= 1
+    assert stores[1]["rowsCaughtUp"] >= 1 and stores[0]["conflicts"] == stores[0]["eventsDropped"] == 0

@@ -22,6 +22,7 @@ from p2pdiff.ops.cluster import LEASES, RoomLeases
 from p2pdiff.rooms.helper import WIRES, Helper, HelperRoom, check_wire
 from p2pdiff.tasks import validate
 from p2pdiff.tasks.model import Room, Task
+from p2pdiff.tasks.pg_store import PgStore
 from p2pdiff.tasks.queue import QueueManager
 from signaling.bounded import LruDict
 
@@ -219,6 +220,12 @@ def _room_stats(room: Room, helper: Helper) -> dict[str, Any]:
     return data
 
 
+def _shared_store_stats(queue: QueueManager) -> dict[str, Any]:
+    """Several nodes: how this node keeps up with the others (PgStore.cluster_stats)."""
+    store = queue.store
+    return store.cluster_stats() if isinstance(store, PgStore) else {}
+
+
 async def stats(request: web.Request) -> web.Response:
     queue, helper = request.app[QUEUE], request.app[HELPER]
     await queue.sync()
@@ -236,7 +243,7 @@ async def stats(request: web.Request) -> web.Response:
             "waitSeconds": totals["waitSeconds"],
             "runSeconds": totals["runSeconds"],
             "events": request.app[EVENTS].stats(),
-            "store": {**queue.store.stats(), "rollbacks": queue.rollbacks},
+            "store": {**queue.store.stats(), "rollbacks": queue.rollbacks, **_shared_store_stats(queue)},
         }
     )
 

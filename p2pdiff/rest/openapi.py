@@ -288,7 +288,8 @@ SCHEMAS: dict[str, Any] = {
             "store": {
                 "type": "object",
                 "description": "commits, failures by code, refused, rollbacks, failing (a code or null), "
-                "retryAfter, busyRetries",
+                "retryAfter, busyRetries; on PostgreSQL also appliedChange, deliveredEvent, conflicts, "
+                "rowsCaughtUp, eventsDropped",
             },
         },
     },
