@@ -130,7 +130,8 @@ class QueueConfig:
 class P2PConfig:
     enabled: bool = True
     # Trystero strategy: "nostr" (the app's default; its public relays are picked per app id),
-    # "mqtt" or "torrent". Empty relay_urls = the strategy's public defaults for this app id.
+    # "mqtt", "torrent" or "ws-relay" (Trystero's self-hosted relay, wire 0.25 only). Empty
+    # relay_urls = the strategy's public defaults for this app id; ws-relay has none, so it needs them.
     strategy: str = "nostr"
     app_id: str = "p2p-webgpu-diffusion-v1"
     relay_urls: list[str] = field(default_factory=list)
@@ -303,6 +304,17 @@ def _validate(config: Config) -> None:
         raise ConfigError("[cluster] lease_seconds: must be from 1 to 3600")
     if not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", config.cluster.node_id):
         raise ConfigError("[cluster] node_id: at most 64 letters, digits, '.', '_' or '-'")
+    strategy = strategies.get(config.p2p.strategy)
+    if config.p2p.wire not in strategy.wires:
+        wires = ", ".join(strategy.wires)
+        raise ConfigError(f"[p2p] wire: strategy {strategy.name!r} supports {wires}, not {config.p2p.wire}")
+    if config.p2p.enabled and not config.p2p.relay_urls and not strategy.default_relays(
+        config.p2p.app_id, config.p2p.wire
+    ):
+        raise ConfigError(
+            f"[p2p] relay_urls: strategy {strategy.name!r} has no public relays; list the ones the app uses, "
+            'e.g. relay_urls = ["wss://your.host/ws-relay"]'
+        )
     if not 0 < config.p2p.max_result_bytes <= MAX_RESULT_BYTES_LIMIT:
         raise ConfigError(f"[p2p] max_result_bytes: must be > 0 and <= {MAX_RESULT_BYTES_LIMIT}")
     for key in (

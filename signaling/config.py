@@ -42,7 +42,8 @@ DEFAULT_ICE_SERVERS: tuple[str, ...] = ("stun:stun.l.google.com:19302",)
 class RoomConfig:
     """How to join a room (Trystero's config map). Validated on creation.
 
-    ``relay_urls`` empty means the strategy's defaults (Trystero's public brokers).
+    ``relay_urls`` empty means the strategy's defaults (Trystero's public brokers); a strategy
+    without defaults (ws-relay) needs them.
     ``ice_servers``: ``None`` means :data:`DEFAULT_ICE_SERVERS`, ``[]`` means none (LAN/loopback
     only); entries are URLs or ``{"urls", "username", "credential"}`` dicts.
     ``ice_host_addresses``: ``None`` lets aioice pick interfaces (it skips loopback); a list
@@ -75,6 +76,9 @@ class RoomConfig:
         if isinstance(self.relay_urls, str):
             raise TypeError("relay_urls must be a list of URLs, not a string")
         self.relay_urls = tuple(dict.fromkeys(self.relay_urls))
+        if not self.relay_urls and not strategy.default_relays(self.app_id, self.wire):
+            # e.g. ws-relay: self-hosted only, so nothing to fall back on (JS requires the URLs too)
+            raise ValueError(f"strategy {self.strategy!r} has no default relays: relay_urls must name one")
         self.password = self.password or ""
         if self.ice_host_addresses is not None:
             if isinstance(self.ice_host_addresses, str):

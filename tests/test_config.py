@@ -226,3 +226,23 @@ def test_cluster_section_names_the_node_and_its_lease(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(write(tmp_path, f"[cluster]\n{text}\n"), environ={})
+
+
+def test_ws_relay_strategy_needs_its_relays_and_wire_0_25(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, '[p2p]\nstrategy = "ws-relay"\nrelay_urls = ["wss://relay.example/ws-relay"]\n'),
+        environ={},
+    )
+    assert (cfg.p2p.strategy, cfg.p2p.relay_urls) == ("ws-relay", ["wss://relay.example/ws-relay"])
+    for text, message in [
+        ('strategy = "ws-relay"', r'\[p2p\] relay_urls: strategy .ws-relay. has no public relays.*"wss://'),
+        (
+            'strategy = "ws-relay"\nrelay_urls = ["ws://h/"]\nwire = "0.22"',
+            r"\[p2p\] wire: .* supports 0\.25, not 0\.22",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, f"[p2p]\n{text}\n"), environ={})
+    # The helper is off: nothing joins, so nothing needs a relay.
+    off = load_config(write(tmp_path, '[p2p]\nenabled = false\nstrategy = "ws-relay"\n'), environ={})
+    assert off.p2p.relay_urls == []

@@ -3,6 +3,7 @@
 from .base import Backoff, MessageCallback, Relay, RelayState, StateCallback
 from .mqtt import BrokerAddress, MqttRelay, parse_broker_url
 from .nostr import NostrKeys, NostrRelay
+from .wsrelay import WsRelay
 
 __all__ = [
     "Backoff",
@@ -14,5 +15,6 @@ __all__ = [
     "Relay",
     "RelayState",
     "StateCallback",
+    "WsRelay",
     "parse_broker_url",
 ]

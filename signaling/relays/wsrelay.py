@@ -1,0 +1,222 @@
+"""Trystero's self-hosted ws-relay: one WebSocket connection (aiohttp client) to a relay that
+forwards JSON messages between topics, spoken as ``@trystero-p2p/ws-relay`` 0.25 speaks it.
+
+Wire (JSON text frames, compact, keys in this order)
+----------------------------------------------------
+* ``{"type":"subscribe","topic":T}`` / ``{"type":"unsubscribe","topic":T}``: one frame per topic.
+* ``{"type":"publish","topic":T,"payload":P}``: ``P`` is the message text as a JSON string (the
+  topic strategy above hands us text, as Trystero's topic strategy hands its adapter).
+* Relay -> us: ``{"topic":T,"payload":P}`` for every publish on a topic we subscribed to, our own
+  included. ``P`` may be a JSON string or a JSON object (Trystero treats an object as the
+  message itself); an object is delivered as its compact JSON text.
+
+The protocol has no acknowledgement and no error message. A subscription counts as acknowledged
+once its frame is queued on the socket: the socket keeps order, so the relay has it before
+anything we publish afterwards. A relay that refuses us can only close the connection.
+
+Receiving (Trystero drops anything that is not ``{topic: string, payload: string|object}``; we
+drop it too and count why, see ``counters``): ``malformed`` (not JSON, not that shape, a binary
+frame) -> ``unsubscribed`` (a topic we are not, or no longer, subscribed to) -> delivered as
+``on_message(topic, text)``.
+
+Reconnects and liveness
+-----------------------
+Trystero's ``makeSocket`` retries after ``random(0..p)``, p = 3.333 s doubling to 60 s (the same
+socket as its nostr strategy: :data:`~signaling.relays.nostr.NOSTR_BACKOFF`), and never sends its
+subscriptions again after a reconnect: a JS peer stays deaf on that relay until it rejoins. We
+re-send ours on every connection (base class). aiohttp's WebSocket heartbeat finds a hung relay
+or a dead path (the protocol itself has nothing to wait an answer for).
+
+Bounded
+-------
+The send queue (base class), the outbox (high-water mark, then the base queue holds messages),
+incoming messages (``MAX_MESSAGE_BYTES``; a larger one drops the connection), topics
+(``max_topics``; beyond it ``subscribe`` raises), topic length, and the counters (fixed keys).
+The link's reader yields to the loop every few dozen frames, so a flooding relay cannot starve
+the loop; a relay sending garbage costs one parse per frame and is logged once per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import ssl
+from typing import Any
+
+import orjson
+
+from .base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_QUEUE_LIMIT,
+    Backoff,
+    Relay,
+    WebSocketLink,
+    check_websocket_url,
+)
+from .nostr import NOSTR_BACKOFF
+
+__all__ = ["MAX_TOPIC_LENGTH", "WsRelay", "publish_frame", "subscription_frame"]
+
+log = logging.getLogger(__name__)
+
+# Trystero's topics are ~40-char hashes; anything much longer is a caller bug.
+MAX_TOPIC_LENGTH = 256
+# A room needs two topics; 4000 is 2000 rooms on one relay, far beyond what one helper joins.
+DEFAULT_MAX_TOPICS = 4000
+DEFAULT_HEARTBEAT_S = 30.0
+# A signal (an encrypted SDP) is a few KiB. Larger frames are abuse.
+MAX_MESSAGE_BYTES = 1024 * 1024
+# Characters handed to the socket but not yet written; above this, publishes wait in the base
+# class's bounded queue (only a stalled link gets there).
+_OUTBOX_HIGH_WATER = 1024 * 1024
+
+
+def subscription_frame(kind: str, topic: str) -> str:
+    """``{"type":kind,"topic":topic}`` for ``kind`` ``"subscribe"`` or ``"unsubscribe"``."""
+    return orjson.dumps({"type": kind, "topic": topic}).decode()
+
+
+def publish_frame(topic: str, text: str) -> str:
+    """``{"type":"publish","topic":topic,"payload":text}`` as ``JSON.stringify`` writes it."""
+    return orjson.dumps({"type": "publish", "topic": topic, "payload": text}).decode()
+
+
+class WsRelay(Relay):
+    """A Trystero-compatible connection to one ws-relay (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat: float | None = DEFAULT_HEARTBEAT_S,
+        max_topics: int = DEFAULT_MAX_TOPICS,
+        ssl_context: ssl.SSLContext | None = None,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        backoff: Backoff | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        check_websocket_url(url, "ws-relay")
+        if max_topics < 1:
+            raise ValueError("max_topics must be >= 1")
+        super().__init__(
+            url, queue_limit=queue_limit, backoff=backoff or NOSTR_BACKOFF, connect_timeout=connect_timeout
+        )
+        self._max_topics = max_topics
+        # Its outbox is bounded by _OUTBOX_HIGH_WATER via _ready_to_send (subscription frames
+        # bypass the check but are bounded by max_topics).
+        self._link = WebSocketLink(
+            url,
+            label="ws-relay",
+            peer="relay",
+            logger=log,
+            heartbeat=heartbeat,
+            max_msg_size=MAX_MESSAGE_BYTES,
+            ssl_context=ssl_context,
+            on_text=self._on_text,
+            on_binary=functools.partial(self._drop, "malformed", "binary frame"),
+            on_lost=self._abort_connection,
+            on_drained=self._on_outbox_drained,
+        )
+        # Fixed names only; nothing keyed by remote input.
+        self._counters: collections.Counter[str] = collections.Counter()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """What happened so far: ``published``, ``subscribed``, ``received``, ``delivered``,
+        ``dropped:<reason>``."""
+        return dict(self._counters)
+
+    # -------------------------------------------------------------- transport hooks
+
+    async def _open(self) -> None:
+        await self._link.open()
+
+    def _request_subscribe(self, topics: list[str]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._link.connected:
+            fut.set_exception(ConnectionError(f"{self.name}: not connected"))
+            return fut
+        for topic in topics:
+            self._link.send(subscription_frame("subscribe", topic))
+        self._counters["subscribed"] += len(topics)
+        fut.set_result(None)  # no acknowledgement in this protocol: queued in order is enough
+        return fut
+
+    def _request_unsubscribe(self, topic: str) -> None:
+        if self._link.connected:
+            self._link.send(subscription_frame("unsubscribe", topic))
+
+    def _send(self, topic: str, text: str) -> bool:
+        if not self._link.connected:
+            return False
+        self._link.send(publish_frame(topic, text))
+        self._counters["published"] += 1
+        return True
+
+    def _ready_to_send(self) -> bool:
+        return self._link.backlog < _OUTBOX_HIGH_WATER
+
+    async def _wait_disconnected(self) -> None:
+        await self._link.wait_closed()
+
+    def _abort_connection(self) -> None:
+        self._link.drop()
+
+    async def _disconnect(self) -> None:
+        if not await self._link.drain():  # what close() flushed goes out first
+            log.info("%s: relay did not take our last messages in time; closing anyway", self.name)
+        self._link.drop()  # the goodbye (a WebSocket close frame) goes out in the background
+        await self._link.release()
+
+    def _validate_topic(self, topic: str, *, is_filter: bool) -> None:
+        if not isinstance(topic, str) or not topic:
+            raise ValueError("ws-relay topic must be a non-empty string")
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise ValueError(f"ws-relay topic longer than {MAX_TOPIC_LENGTH} characters")
+        if is_filter and topic not in self._topics and len(self._topics) >= self._max_topics:
+            raise ValueError(f"{self.name}: already subscribed to {self._max_topics} topics")
+
+    # -------------------------------------------------------------- connection internals
+
+    def _on_outbox_drained(self) -> None:
+        if self._queue and self.state == "connected":
+            self._flush_queue()  # the base queue held messages while we were backed up
+
+    def _on_text(self, data: str) -> None:
+        self._counters["received"] += 1
+        try:
+            msg: Any = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._drop("malformed", "not JSON")
+            return
+        if not isinstance(msg, dict):
+            self._drop("malformed", "not an object")
+            return
+        topic, payload = msg.get("topic"), msg.get("payload")
+        if not isinstance(topic, str):
+            self._drop("malformed", "no topic")
+            return
+        if not isinstance(payload, str | dict):
+            self._drop("malformed", "payload is neither a string nor an object")
+            return
+        if topic not in self._topics:
+            self._drop("unsubscribed", topic[:MAX_TOPIC_LENGTH])  # e.g. just after an unsubscribe
+            return
+        if isinstance(payload, str):
+            text = payload
+        else:
+            try:
+                text = orjson.dumps(payload).decode()
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes
+                self._drop("malformed", "payload nested too deeply")
+                return
+        self._counters["delivered"] += 1
+        self._deliver(topic, text.encode())  # orjson refused lone surrogates: always UTF-8
+
+    def _drop(self, reason: str, detail: str = "") -> None:
+        self._counters[f"dropped:{reason}"] += 1
+        self._link.warn_once(
+            f"dropped:{reason}", "%s: dropped an incoming message (%s) %.200s", self.name, reason, detail
+        )
