@@ -24,7 +24,10 @@ export const start = (strategies, wire) => {
     emit: ev => { void window.peerEmit(ev) },
     wire,
     selfId,
-    loadStrategy: async name => strategies[name],
+    loadStrategy: async name => {
+      if (!strategies[name]) throw new Error(`strategy ${name} does not exist for Trystero ${wire}`)
+      return strategies[name]
+    },
     rtcPolyfill: LoopbackPC,
     holdRelays: relayGate.hold,
     exit: code => { void window.peerExit(code) }

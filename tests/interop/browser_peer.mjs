@@ -27,6 +27,7 @@ import readline from 'node:readline'
 import {fileURLToPath} from 'node:url'
 import * as esbuild from 'esbuild'
 import {chromium} from 'playwright-core'
+import {STRATEGIES, strategyModule} from './peer_core.mjs'
 
 const HERE = path.dirname(fileURLToPath(import.meta.url))
 const argv = process.argv.slice(2)
@@ -53,16 +54,15 @@ if (external.length) {
 
 // 1. Bundle the page in memory. The entry is generated so that only the chosen Trystero
 //    version's strategy modules end up in it.
-const PACKAGES = {'0.25': s => `@trystero-p2p/${s}`, '0.22': s => `trystero022/${s}`}
-if (!PACKAGES[wire]) {
+if (!['0.25', '0.22'].includes(wire)) {
   note(`bad --wire ${wire}`)
   process.exit(2)
 }
-const strategies = ['mqtt', 'torrent', 'nostr']
+const strategies = STRATEGIES.filter(s => strategyModule(wire, s))
 const entry = [
   "import {start} from './browser_page.js'",
-  ...strategies.map(s => `import * as ${s} from '${PACKAGES[wire](s)}'`),
-  `start({${strategies.join(', ')}}, ${JSON.stringify(wire)})`
+  ...strategies.map((s, i) => `import * as s${i} from '${strategyModule(wire, s)}'`),
+  `start({${strategies.map((s, i) => `${JSON.stringify(s)}: s${i}`).join(', ')}}, ${JSON.stringify(wire)})`
 ].join('\n')
 const bundle = await esbuild.build({
   stdin: {contents: entry, resolveDir: HERE, sourcefile: 'peer-entry.js'},

@@ -10,7 +10,8 @@
 Control protocol (one JSON object per line; the peer writes diagnostics to stderr only).
 Commands on stdin, each with an optional ``req`` that is echoed in its reply:
 
-    join        {room, appId, relayUrls: [ws://127.0.0.1:...], password?, strategy?: mqtt|torrent|nostr,
+    join        {room, appId, relayUrls: [ws://127.0.0.1:...], password?,
+                 strategy?: mqtt|torrent|nostr|ws-relay (0.25 only),
                  trickleIce?}                                   -> joined {room, strategy, selfId}
     leave       {room}                                          -> left {room}
     makeAction  {room, name}                                    -> action-made {room, name}

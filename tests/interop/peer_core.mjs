@@ -8,7 +8,16 @@ import {appCommands} from './app_peer.mjs'
 // Values, base64 binaries and metadata bigger than this are reported as length + sha256 only,
 // so one event line stays well below the driver's line limit.
 export const INLINE_LIMIT = 64 * 1024
-export const STRATEGIES = ['mqtt', 'torrent', 'nostr']
+export const STRATEGIES = ['mqtt', 'torrent', 'nostr', 'ws-relay']
+// The module of each strategy per wire. ws-relay exists for 0.23+ only and its npm package is not
+// published: ws_relay_strategy.mjs is our own, on the published @trystero-p2p/core.
+const STRATEGY_MODULES = {
+  '0.25': s => (s === 'ws-relay' ? './ws_relay_strategy.mjs' : `@trystero-p2p/${s}`),
+  '0.22': s => (s === 'ws-relay' ? null : `trystero022/${s}`)
+}
+/** The import specifier of `strategy`'s module on `wire` (relative ones: to this directory), or
+ * null if that wire has no such strategy. */
+export const strategyModule = (wire, strategy) => STRATEGY_MODULES[wire]?.(strategy) ?? null
 const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]', '::1'])
 const enc = new TextEncoder()
 const dec = new TextDecoder()

@@ -7,14 +7,15 @@
 // Options:
 //   --wire 0.25|0.22      Trystero API/wire: @trystero-p2p/* 0.25.4 (default) or the npm alias
 //                         trystero022 (= trystero@0.22.0, old wire protocol)
-//   --strategy NAME       default strategy for 'join' without one: mqtt (default) | torrent | nostr
+//   --strategy NAME       default strategy for 'join' without one: mqtt (default) | torrent | nostr |
+//                         ws-relay (0.25 only: our ws_relay_strategy.mjs, the package is not on npm)
 //   --bind ADDR           node-datachannel bindAddress (default 127.0.0.1: loopback only)
 //   --name LABEL          prefix for stderr lines (default node)
 // stdin EOF counts as 'quit', so the peer never outlives its driver.
 import readline from 'node:readline'
 import {RTCPeerConnection as NdcPC} from 'node-datachannel/polyfill'
 import WebSocket from 'ws'
-import {createController, STRATEGIES} from './peer_core.mjs'
+import {createController, STRATEGIES, strategyModule} from './peer_core.mjs'
 
 const argv = process.argv.slice(2)
 const opt = (name, dflt) => {
@@ -64,8 +65,11 @@ class LoopbackPC extends NdcPC {
   }
 }
 
-const loadStrategy = strategy =>
-  import(wire === '0.22' ? `trystero022/${strategy}` : `@trystero-p2p/${strategy}`)
+const loadStrategy = async strategy => {
+  const specifier = strategyModule(wire, strategy)
+  if (!specifier) throw new Error(`strategy ${strategy} does not exist for Trystero ${wire}`)
+  return import(specifier)
+}
 
 // selfId is per process and shared by all strategies of one Trystero version.
 const {selfId} = await loadStrategy(defaultStrategy)
