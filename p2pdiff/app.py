@@ -15,6 +15,7 @@ from p2pdiff.errors import Unavailable
 from p2pdiff.ops import logs, metrics
 from p2pdiff.ops.cluster import LEASES, RoomLeases
 from p2pdiff.ops.shutdown import Shutdown
+from p2pdiff.relay import RELAY, RelayServer
 from p2pdiff.rest import api, appfiles, dashboard, middleware, openapi, result_files, security, sse
 from p2pdiff.rooms.helper import Helper, make_helper
 from p2pdiff.tasks import results
@@ -202,9 +203,14 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     app[HELPER].connect(app[QUEUE], result_store)
     bus.add_listener(app[HELPER].on_event)
     app[STARTED_AT] = time.time()
-    # Cleanup runs in reverse: background work stops, the helper leaves, the store closes, and the
-    # shutdown's cut timer goes last.
-    app.cleanup_ctx.extend([shutdown.ctx, _store_ctx, _helper_ctx])
+    # Cleanup runs in reverse: background work stops, the helper leaves, the room relay closes, the
+    # store closes, and the shutdown's cut timer goes last.
+    app.cleanup_ctx.extend([shutdown.ctx, _store_ctx])
+    if config.relay.enabled:
+        app[RELAY] = RelayServer(config.relay, proxy_header=config.server.trusted_proxy_header)
+        app.cleanup_ctx.append(app[RELAY].ctx)  # up before the helper joins, down after it left
+        app[RELAY].add_routes(app)
+    app.cleanup_ctx.append(_helper_ctx)
     if isinstance(store, PgStore):
         app[LEASES] = RoomLeases(
             store,
@@ -228,12 +234,12 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     sse.setup(app)
     dashboard.setup(app)
     openapi.add_routes(app)
-    metrics.add_routes(
-        app,
-        metrics.Metrics(
-            app[QUEUE], app[HELPER], guard, http_metrics, node=app[api.NODE], leases=app.get(LEASES)
-        ),
+    app_metrics = metrics.Metrics(
+        app[QUEUE], app[HELPER], guard, http_metrics, node=app[api.NODE], leases=app.get(LEASES)
     )
+    if RELAY in app:
+        app_metrics.registry.register(app[RELAY].metrics)
+    metrics.add_routes(app, app_metrics)
     appfiles.setup(app, config.server)  # last: under its own prefix, and it shadows nothing above
     app.on_shutdown.append(_log_shutdown)
     return app

@@ -166,12 +166,37 @@ class ClusterConfig:
 
 
 @dataclass(slots=True)
+class RelayConfig:
+    """The room relay this server hosts (p2pdiff.relay); config.toml gives each limit's reason."""
+
+    enabled: bool = False
+    # Where browsers connect: the Nostr relay (NIP-01) and Trystero's ws-relay protocol ("" = off).
+    path: str = "/nostr"
+    ws_relay_path: str = "/ws-relay"
+    # The URLs browsers use to reach this relay (e.g. "wss://your.host/nostr"): a [p2p] relay_urls
+    # entry naming one of them is this server's own relay, which the helper joins in-process.
+    public_urls: list[str] = field(default_factory=list)
+    max_connections: int = 2048
+    max_connections_per_address: int = 64
+    max_subscriptions: int = 128
+    max_filters: int = 10
+    max_filter_values: int = 1000
+    events_per_second: float = 50.0
+    events_burst: int = 500
+    max_event_bytes: int = 128 * 1024
+    max_message_bytes: int = 256 * 1024
+    idle_seconds: float = 600.0
+    outbox_bytes: int = 512 * 1024
+
+
+@dataclass(slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     p2p: P2PConfig = field(default_factory=P2PConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -328,6 +353,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"[server] {key}: must be > 0")
     _validate_security(config)
     _validate_static(config.server)
+    _validate_relay(config.relay, config.server)
     store_location(config.store)
     if not config.server.cors_origins:
         raise ConfigError('[server] cors_origins: must list at least one origin (use "*" for any)')
@@ -398,6 +424,71 @@ def _validate_static(server: ServerConfig) -> None:
         raise ConfigError(f"{where}: not a directory")
     if not os.access(server.static_dir, os.R_OK | os.X_OK):
         raise ConfigError(f"{where}: not readable by this user")
+
+
+# Trystero 0.25 puts up to 250 topics into one REQ ("#x" values): fewer would refuse real browsers.
+MIN_RELAY_FILTER_VALUES = 250
+# Room around the largest event in a message: ["EVENT", ...] and a subscription id.
+RELAY_ENVELOPE_BYTES = 1024
+_WEBSOCKET_URL_RE = re.compile(r"wss?://[^\s/?#]+(/[^\s?#]*)?", re.IGNORECASE)
+
+
+def _validate_relay(relay: RelayConfig, server: ServerConfig) -> None:
+    for key in (
+        "max_connections",
+        "max_connections_per_address",
+        "max_subscriptions",
+        "max_filters",
+        "events_per_second",
+        "events_burst",
+        "max_event_bytes",
+        "idle_seconds",
+        "outbox_bytes",
+    ):
+        if getattr(relay, key) <= 0:
+            raise ConfigError(f"[relay] {key}: must be > 0")
+    if relay.max_connections_per_address > relay.max_connections:
+        raise ConfigError("[relay] max_connections_per_address: must be <= max_connections")
+    if relay.max_filter_values < MIN_RELAY_FILTER_VALUES:
+        raise ConfigError(
+            f"[relay] max_filter_values: must be >= {MIN_RELAY_FILTER_VALUES} "
+            "(Trystero 0.25 sends up to 250 topics in one subscription)"
+        )
+    if relay.max_message_bytes < relay.max_event_bytes + RELAY_ENVELOPE_BYTES:
+        raise ConfigError(
+            f"[relay] max_message_bytes: must be >= max_event_bytes + {RELAY_ENVELOPE_BYTES} "
+            "(a message carries one event and its envelope)"
+        )
+    if relay.outbox_bytes < relay.max_message_bytes:
+        raise ConfigError("[relay] outbox_bytes: must be >= max_message_bytes (one event must fit)")
+    _check_relay_path("path", relay.path, server)
+    if relay.ws_relay_path:
+        _check_relay_path("ws_relay_path", relay.ws_relay_path, server)
+        if relay.ws_relay_path == relay.path:
+            raise ConfigError("[relay] ws_relay_path: must differ from path")
+    for i, url in enumerate(relay.public_urls):
+        if not _WEBSOCKET_URL_RE.fullmatch(url):
+            raise ConfigError(
+                f"[relay] public_urls[{i}]: {_describe(url)} is not a ws:// or wss:// URL "
+                '(e.g. "wss://your.host/nostr")'
+            )
+
+
+# One or more plain segments, no trailing slash: the relay is one WebSocket route.
+_RELAY_PATH_RE = re.compile(r"(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+")
+
+
+def _check_relay_path(key: str, path: str, server: ServerConfig) -> None:
+    if not _RELAY_PATH_RE.fullmatch(path):
+        raise ConfigError(
+            f"[relay] {key}: {_describe(path)} must start with '/' and name plain segments (letters, "
+            'digits, "._~-"; not starting with "."), no trailing slash, e.g. "/nostr"'
+        )
+    clash = next((root for root in RESERVED_PATHS if (path + "/").startswith(root)), None)
+    if clash is not None:
+        raise ConfigError(f"[relay] {key}: {path!r} is under {clash}, the server's own routes")
+    if server.static_dir and (path + "/").startswith(server.static_path):
+        raise ConfigError(f"[relay] {key}: {path!r} is under [server] static_path {server.static_path!r}")
 
 
 SQLITE_URL_PREFIX = "sqlite:///"

@@ -22,6 +22,7 @@ from aiohttp import web
 from p2pdiff.appkeys import CONFIG
 from p2pdiff.config import Config
 from p2pdiff.errors import NotFound
+from p2pdiff.relay import RELAY
 from p2pdiff.rest import appfiles, dashboard, security
 from p2pdiff.rest.api import MAX_BODY_BYTES, VERSION
 from p2pdiff.tasks import validate
@@ -658,13 +659,16 @@ def registered_operations(app: web.Application) -> set[tuple[str, str]]:
     """(method, route template) of every API route the app answers, HEAD folded into GET.
 
     The browser app's files (``[server] static_dir``) are left out: they are the deployer's pages,
-    not this server's API, and their paths hold slashes that an OpenAPI path parameter cannot.
+    not this server's API, and their paths hold slashes that an OpenAPI path parameter cannot. So
+    is the room relay (``[relay]``): WebSocket endpoints, which OpenAPI does not describe.
     """
     found = set()
     server = app[CONFIG].server
     for route in app.router.routes():
         resource = route.resource
         if resource is None or appfiles.owns(server, resource.canonical):
+            continue
+        if RELAY in app and app[RELAY].owns(resource.canonical):  # WebSocket endpoints, not the API
             continue
         method = IMPLIED_METHODS.get(route.method, route.method)
         found.add((method.lower(), resource.canonical))

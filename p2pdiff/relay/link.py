@@ -1,0 +1,221 @@
+"""One client of the relay, whatever protocol it speaks: where its frames go, and how much may wait.
+
+Every link has a bounded outbox: :meth:`ClientLink.send` never blocks and never buffers more than
+``outbox_bytes`` (counted in characters: the frames are JSON, ASCII apart from content a client put
+in). A frame that would pass the bound drops the link as a slow reader instead; the hub's fan-out
+therefore costs a publisher the same whether a subscriber reads or not.
+
+:class:`WebSocketClientLink` writes through one writer task per socket (the frames a fan-out queued
+go out in order, and aiohttp's flow control pauses only that task). :class:`LocalClientLink` is a
+client in this process (the helper): frames reach its callback through ``loop.call_soon``, so a
+delivery never runs inside the publisher's call, and the same bound applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from aiohttp import WSCloseCode, web
+
+from p2pdiff.relay.metrics import RelayMetrics
+from signaling.background import BackgroundTasks
+
+__all__ = [
+    "LOCAL_ADDRESS",
+    "ClientLink",
+    "LocalClientLink",
+    "LocalConnection",
+    "Session",
+    "WebSocketClientLink",
+]
+
+log = logging.getLogger(__name__)
+
+#: The address of in-process clients (exempt from the per-address limits and the idle check).
+LOCAL_ADDRESS = "local"
+# How long a closing socket gets to exchange close frames before its TCP connection is cut.
+CLOSE_SECONDS = 2.0
+
+
+class ClientLink(ABC):
+    """One client connection (see the module docstring)."""
+
+    def __init__(self, address: str, protocol: str, outbox_bytes: int, metrics: RelayMetrics) -> None:
+        #: The client's address (``[server] trusted_proxy_header`` applied), or "local".
+        self.address = address
+        self.protocol = protocol
+        self.closed = False
+        #: Called once (soon, never inside :meth:`close`) when the link closes, for whichever reason.
+        self.on_closed: Callable[[], None] | None = None
+        self._outbox_limit = outbox_bytes
+        self._metrics = metrics
+        #: Characters handed to :meth:`send` and not yet written (or delivered).
+        self.backlog = 0
+        #: Loop time of the client's last frame (the idle check reads it).
+        self.last_heard = asyncio.get_running_loop().time()
+
+    def send(self, frame: str) -> bool:
+        """Queue ``frame`` for the client; False if the link is closed or was just dropped for it."""
+        if self.closed:
+            return False
+        size = len(frame)
+        if self.backlog + size > self._outbox_limit:
+            self.drop("slow_reader", WSCloseCode.POLICY_VIOLATION, "slow reader: too many frames unread")
+            return False
+        self.backlog += size
+        self._enqueue(frame)
+        return True
+
+    def drop(self, reason: str, code: int, text: str) -> None:
+        """Close the link on the relay's initiative, counted under ``reason``."""
+        if self.closed:
+            return
+        self._metrics.dropped[self.protocol, reason] += 1
+        self.close(code, text)
+
+    def close(self, code: int = WSCloseCode.OK, reason: str = "") -> None:
+        """Stop sending (what waits is discarded) and close the connection. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.backlog = 0
+        self._shut(code, reason)
+        if self.on_closed is not None:
+            asyncio.get_running_loop().call_soon(self.on_closed)
+
+    @abstractmethod
+    def _enqueue(self, frame: str) -> None:
+        """Hand one frame on towards the client."""
+
+    @abstractmethod
+    def _shut(self, code: int, reason: str) -> None:
+        """Close the underlying connection (without waiting for it)."""
+
+
+class WebSocketClientLink(ClientLink):
+    """A client on an aiohttp WebSocket, written by one writer task."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        address: str,
+        protocol: str,
+        outbox_bytes: int,
+        metrics: RelayMetrics,
+        tasks: BackgroundTasks,
+    ) -> None:
+        super().__init__(address, protocol, outbox_bytes, metrics)
+        self._request = request
+        self._ws = ws
+        self._tasks = tasks
+        self._frames: deque[str] = deque()
+        self._wakeup = asyncio.Event()
+        self._writer = tasks.spawn(self._write(), "relay: writing to %s", address)
+
+    def _enqueue(self, frame: str) -> None:
+        self._frames.append(frame)
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    async def _write(self) -> None:
+        frames, ws = self._frames, self._ws
+        try:
+            while True:
+                while frames:
+                    frame = frames.popleft()
+                    await ws.send_str(frame)  # waits only when the socket's buffer is full
+                    self.backlog -= len(frame)
+                self._wakeup.clear()
+                await self._wakeup.wait()
+        except ConnectionError:  # the client went away; the reader sees it too
+            self.close(WSCloseCode.ABNORMAL_CLOSURE)
+
+    def _shut(self, code: int, reason: str) -> None:
+        self._frames.clear()
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        self._tasks.spawn(self._close_socket(code, reason), "relay: closing %s", self.address)
+
+    async def _close_socket(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await self._ws.close(code=code, message=reason.encode()[:120])
+        except (TimeoutError, ConnectionError):
+            pass
+        transport = self._request.transport
+        if transport is not None and not self._ws.closed:
+            transport.abort()  # a client that reads nothing never takes the close frame
+
+
+class Session(Protocol):
+    """A protocol session of one client: what a :class:`LocalConnection` feeds frames to."""
+
+    def handle(self, text: str) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class LocalClientLink(ClientLink):
+    """A client in this process: frames go to ``on_text`` via ``loop.call_soon``; ``on_lost`` is
+    called once if the relay closes the link (a drop, a shutdown), not when the client closes it."""
+
+    def __init__(
+        self,
+        on_text: Callable[[str], None],
+        on_lost: Callable[[], None],
+        protocol: str,
+        outbox_bytes: int,
+        metrics: RelayMetrics,
+    ) -> None:
+        super().__init__(LOCAL_ADDRESS, protocol, outbox_bytes, metrics)
+        self._on_text = on_text
+        self._on_lost: Callable[[], None] | None = on_lost
+        self._loop = asyncio.get_running_loop()
+
+    def _enqueue(self, frame: str) -> None:
+        self._loop.call_soon(self._deliver, frame)
+
+    def _deliver(self, frame: str) -> None:
+        if self.closed:
+            return
+        self.backlog -= len(frame)
+        try:
+            self._on_text(frame)
+        except Exception:  # the client's bug must not end the relay's turn
+            log.exception("relay: the in-process client failed to take a frame")
+
+    def _shut(self, code: int, reason: str) -> None:
+        lost, self._on_lost = self._on_lost, None
+        if lost is not None:
+            self._loop.call_soon(lost)
+
+    def close_by_client(self) -> None:
+        """The client itself closes: it is not told it lost the link."""
+        self._on_lost = None
+        self.close()
+
+
+class LocalConnection:
+    """What :meth:`p2pdiff.relay.RelayServer.connect_local` returns: the client's end."""
+
+    def __init__(self, link: LocalClientLink, session: Session) -> None:
+        self._link = link
+        self._session = session
+
+    @property
+    def closed(self) -> bool:
+        return self._link.closed
+
+    def receive(self, frame: str) -> None:
+        """A frame from the client, handled at once (answers arrive later, via ``on_text``)."""
+        if not self._link.closed:
+            self._session.handle(frame)
+
+    def close(self) -> None:
+        self._link.close_by_client()
