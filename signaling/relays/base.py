@@ -17,9 +17,11 @@ Everything that does not depend on one protocol is written once, here:
   * decoding inbound payloads as UTF-8 and shielding the transport from callback errors.
 
   A subclass implements a handful of small transport hooks (see "Transport hooks" below).
-* :class:`WebSocketLink`, the aiohttp WebSocket client under the nostr relay and the tracker
-  client: one socket at a time, a writer task fed from an outbox, a reader task, the heartbeat,
-  and closing in the background. Its owner keeps only its protocol.
+* :class:`Link`, the connection under the nostr relay and the tracker client, which keep only
+  their protocol: :class:`WebSocketLink`, the aiohttp WebSocket client (one socket at a time, a
+  writer task fed from an outbox, a reader task, the heartbeat, closing in the background), or
+  :class:`~signaling.relays.local.LocalLink` to a server in this process (no socket at all);
+  :func:`~signaling.relays.local.make_link` picks one by URL.
 """
 
 from __future__ import annotations
@@ -485,19 +487,119 @@ class Relay(ConnectionLifecycle):
         self._queue.append((topic, text))
 
 
-class WebSocketLink:
-    """The aiohttp WebSocket client of a lifecycle whose protocol speaks JSON text frames (the
-    nostr relay, the tracker client). One connection at a time; the owner's lifecycle hooks
-    drive it: ``open`` in ``_connect``, ``wait_closed`` in ``_wait_disconnected``, ``drop`` in
-    its teardown, ``drain`` + ``drop`` + ``release`` in ``_shutdown``.
+class Link(ABC):
+    """One connection at a time of a lifecycle whose protocol speaks JSON text frames (the nostr
+    relay, the tracker client), to a server behind a socket (:class:`WebSocketLink`) or in this
+    process (:class:`~signaling.relays.local.LocalLink`). The owner's lifecycle hooks drive it:
+    ``open`` in ``_connect``, ``wait_closed`` in ``_wait_disconnected``, ``drop`` in its teardown,
+    ``drain`` + ``drop`` + ``release`` in ``_shutdown``; it is typed against this class only.
 
-    ``send`` never blocks: frames wait in an outbox that a writer task empties; ``backlog`` lets
-    the owner bound it. A reader task hands text frames to ``on_text`` and binary ones to
-    ``on_binary``, yielding to the loop every ``_READ_YIELD_EVERY`` frames so a flooding server
-    cannot starve it; frames over ``max_msg_size`` drop the connection. aiohttp's heartbeat
-    (ping every ``heartbeat`` s, pong due in half of it) catches a hung server or a dead path.
-    When the server closes, or sending or reading fails, ``on_lost`` is called: the owner forgets
-    what belonged to the connection and calls ``drop``. Lines go to ``logger``, naming the
+    ``send`` never blocks: frames wait in an outbox that the link writes out in the background;
+    ``backlog`` lets the owner bound it. Inbound text frames go to the owner's ``on_text``, never
+    from inside one of its own calls. When the server closes, or the connection fails, the owner's
+    ``on_lost`` is called: it forgets what belonged to the connection and calls ``drop``. The
+    outbox's bookkeeping and the warnings are the same for every kind of link and live here.
+    """
+
+    def __init__(self, url: str, *, logger: logging.Logger) -> None:
+        self._url = url
+        self._name = redact_url(url)
+        self._log = logger
+        self._closed = asyncio.Event()
+        self._closed.set()  # no connection yet
+        self._outbox: deque[str] = deque()
+        self._outbox_chars = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Keys already logged at WARNING on this connection; owners use fixed keys, so it stays small.
+        self._warned: set[str] = set()
+
+    @property
+    @abstractmethod
+    def connected(self) -> bool:
+        """Whether a connection is open (from ``open`` until ``drop``)."""
+
+    @property
+    def backlog(self) -> int:
+        """Characters handed to ``send`` and not yet written to the server."""
+        return self._outbox_chars
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect; raises ``OSError`` (or ``TimeoutError``) when the server cannot be reached."""
+
+    def send(self, frame: str) -> None:
+        """Queue one text frame for the writer (while connected; ``drop`` discards it)."""
+        self._outbox.append(frame)
+        self._outbox_chars += len(frame)
+        self._idle.clear()
+        self._wake_writer()
+
+    async def wait_closed(self) -> None:
+        """Return once no connection is open."""
+        await self._closed.wait()
+
+    async def drain(self) -> bool:
+        """Wait until the writer has sent everything queued; False if that took longer than
+        ``GOODBYE_TIMEOUT_S``."""
+        if not self.connected or self._idle.is_set():
+            return True
+        try:
+            async with asyncio.timeout(GOODBYE_TIMEOUT_S):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    @abstractmethod
+    def drop(self) -> bool:
+        """Forget the connection at once: discard unsent frames and close it (in the background
+        if that takes time). Returns whether a connection was open. Idempotent."""
+
+    @abstractmethod
+    async def release(self) -> None:
+        """After ``drop``: wait for what closes in the background, free what the link holds."""
+
+    def warn_once(self, key: str, message: str, *args: object) -> None:
+        # First occurrence per connection at WARNING, the rest at DEBUG: a hostile or broken
+        # server must not flood the log.
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        self._log.log(level, message, *args)
+
+    @abstractmethod
+    def _wake_writer(self) -> None:
+        """The outbox got a frame: have the writer take it."""
+
+    def _take(self) -> str:
+        """The outbox's oldest frame, for the writer."""
+        frame = self._outbox.popleft()
+        self._outbox_chars -= len(frame)
+        return frame
+
+    def _connection_opened(self) -> None:
+        self._closed.clear()
+        self._forget_outbox()
+        self._warned.clear()
+
+    def _connection_dropped(self) -> None:
+        self._forget_outbox()
+        self._closed.set()
+
+    def _forget_outbox(self) -> None:
+        self._outbox.clear()
+        self._outbox_chars = 0
+        self._idle.set()
+
+
+class WebSocketLink(Link):
+    """The aiohttp WebSocket :class:`Link`: a writer task fed from the outbox, a reader task, the
+    heartbeat, and closing in the background.
+
+    The reader hands text frames to ``on_text`` and binary ones to ``on_binary``, yielding to the
+    loop every ``_READ_YIELD_EVERY`` frames so a flooding server cannot starve it; frames over
+    ``max_msg_size`` drop the connection. aiohttp's heartbeat (ping every ``heartbeat`` s, pong
+    due in half of it) catches a hung server or a dead path. Lines go to ``logger``, naming the
     server as ``peer`` ("relay", "tracker").
     """
 
@@ -516,11 +618,9 @@ class WebSocketLink:
         on_lost: Callable[[], None],
         on_drained: Callable[[], None] | None = None,
     ) -> None:
-        self._url = url
-        self._name = redact_url(url)
+        super().__init__(url, logger=logger)
         self._label = label  # first word of the task names
         self._peer = peer
-        self._log = logger
         self._heartbeat = heartbeat
         self._max_msg_size = max_msg_size
         self._ssl_context = ssl_context
@@ -534,25 +634,11 @@ class WebSocketLink:
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closers = BackgroundTasks(logger)
-        self._closed = asyncio.Event()
-        self._closed.set()  # no connection yet
-        self._outbox: deque[str] = deque()
-        self._outbox_chars = 0
         self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        # Keys already logged at WARNING on this connection; owners use fixed keys, so it stays small.
-        self._warned: set[str] = set()
 
     @property
     def connected(self) -> bool:
-        """Whether a connection is open (from ``open`` until ``drop``)."""
         return self._ws is not None
-
-    @property
-    def backlog(self) -> int:
-        """Characters handed to ``send`` and not yet written to the socket."""
-        return self._outbox_chars
 
     async def open(self) -> None:
         """Connect and start the reader and writer; raises what ``ws_connect`` raises."""
@@ -568,51 +654,23 @@ class WebSocketLink:
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=GOODBYE_TIMEOUT_S),
         )
         self._ws = ws
-        self._closed.clear()
-        self._outbox.clear()
-        self._outbox_chars = 0
-        self._idle.set()
-        self._warned.clear()
+        self._connection_opened()
         self._reader = asyncio.create_task(self._read_loop(ws), name=f"{self._label} read {self._name}")
         self._writer = asyncio.create_task(self._write_loop(ws), name=f"{self._label} write {self._name}")
 
-    def send(self, frame: str) -> None:
-        """Queue one text frame for the writer (while connected; ``drop`` discards it)."""
-        self._outbox.append(frame)
-        self._outbox_chars += len(frame)
-        self._idle.clear()
+    def _wake_writer(self) -> None:
         self._wakeup.set()
 
-    async def wait_closed(self) -> None:
-        """Return once no connection is open."""
-        await self._closed.wait()
-
-    async def drain(self) -> bool:
-        """Wait until the writer has sent everything queued; False if that took longer than
-        ``GOODBYE_TIMEOUT_S``."""
-        if self._ws is None or self._idle.is_set():
-            return True
-        try:
-            async with asyncio.timeout(GOODBYE_TIMEOUT_S):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
     def drop(self) -> bool:
-        """Forget the connection at once: stop its reader and writer, discard unsent frames and
-        close the socket in the background (the close frame is our goodbye). Returns whether a
-        connection was open. Idempotent."""
+        """Stop the reader and writer, discard unsent frames and close the socket in the
+        background (the close frame is our goodbye)."""
         ws, self._ws = self._ws, None
         current = asyncio.current_task()
         for task in (self._reader, self._writer):
             if task is not None and task is not current and not task.done():
                 task.cancel()
         self._reader = self._writer = None
-        self._outbox.clear()
-        self._outbox_chars = 0
-        self._idle.set()
-        self._closed.set()
+        self._connection_dropped()
         if ws is not None and not ws.closed:
             self._closers.spawn(
                 self._close_quietly(ws),
@@ -623,26 +681,17 @@ class WebSocketLink:
         return ws is not None
 
     async def release(self) -> None:
-        """After ``drop``: wait for the sockets closing in the background, close the session."""
+        """Wait for the sockets closing in the background, close the session."""
         await self._closers.wait()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    def warn_once(self, key: str, message: str, *args: object) -> None:
-        # First occurrence per connection at WARNING, the rest at DEBUG: a hostile or broken
-        # server must not flood the log.
-        level = logging.DEBUG if key in self._warned else logging.WARNING
-        self._warned.add(key)
-        self._log.log(level, message, *args)
-
     async def _write_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
             while True:
                 while self._outbox:
-                    frame = self._outbox.popleft()
-                    self._outbox_chars -= len(frame)
-                    await ws.send_str(frame)
+                    await ws.send_str(self._take())
                 if self._on_drained is not None:
                     self._on_drained()
                     if self._outbox:

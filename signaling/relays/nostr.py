@@ -65,7 +65,8 @@ The base class supervises: reconnect with exponential backoff and jitter (defaul
 lengthens the next delay. The socket is a :class:`~signaling.relays.base.WebSocketLink` (shared
 with the tracker client): aiohttp's WebSocket heartbeat (ping every ``heartbeat`` s, pong due in
 half of it) detects a hung relay or a dead path; an accepted socket that never completes the
-upgrade, or a relay that never sends EOSE, runs into ``connect_timeout``.
+upgrade, or a relay that never sends EOSE, runs into ``connect_timeout``. A relay hosted in this
+process is reached without a socket (:mod:`signaling.relays.local`), and behaves the same.
 
 Bounded
 -------
@@ -113,9 +114,9 @@ from .base import (
     DEFAULT_QUEUE_LIMIT,
     Backoff,
     Relay,
-    WebSocketLink,
     check_websocket_url,
 )
+from .local import make_link
 
 __all__ = [
     "MAX_SAFE_INTEGER",
@@ -397,7 +398,7 @@ class NostrRelay(Relay):
 
         # Its outbox is bounded by _OUTBOX_HIGH_WATER via _ready_to_send (REQ and CLOSE frames
         # bypass the check but are few: one per 250 topics).
-        self._link = WebSocketLink(
+        self._link = make_link(
             url,
             label="nostr",
             peer="relay",

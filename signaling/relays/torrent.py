@@ -8,7 +8,8 @@ small API shaped for the strategy that drives it. What does not depend on the tr
 comes from :mod:`signaling.relays.base`, as for the relays: the lifecycle and reconnects from
 :class:`~signaling.relays.base.ConnectionLifecycle` (same states, ``on_state``, ``Backoff`` and
 supervisor as :class:`~signaling.relays.base.Relay`), the socket from
-:class:`~signaling.relays.base.WebSocketLink` (shared with the nostr relay). SDPs are opaque
+:class:`~signaling.relays.base.WebSocketLink` (shared with the nostr relay; none for a tracker
+in this process, :mod:`signaling.relays.local`). SDPs are opaque
 strings here: the strategy seals and opens them (AES-GCM, spec §1).
 
 Public API
@@ -155,10 +156,10 @@ from .base import (
     DEFAULT_CONNECT_TIMEOUT,
     Backoff,
     ConnectionLifecycle,
-    WebSocketLink,
     check_websocket_url,
     describe,
 )
+from .local import make_link
 
 __all__ = [
     "ANNOUNCE_NOW_MIN_GAP_S",
@@ -442,7 +443,7 @@ class TorrentRelay(ConnectionLifecycle):
 
         self._rooms: dict[str, _Room] = {}
         # Its outbox is bounded by _OUTBOX_HIGH_WATER characters (_send_frame).
-        self._link = WebSocketLink(
+        self._link = make_link(
             url,
             label="torrent",
             peer="tracker",
