@@ -25,7 +25,8 @@ Trystero's ``makeSocket`` retries after ``random(0..p)``, p = 3.333 s doubling t
 socket as its nostr strategy: :data:`~signaling.relays.nostr.NOSTR_BACKOFF`), and never sends its
 subscriptions again after a reconnect: a JS peer stays deaf on that relay until it rejoins. We
 re-send ours on every connection (base class). aiohttp's WebSocket heartbeat finds a hung relay
-or a dead path (the protocol itself has nothing to wait an answer for).
+or a dead path (the protocol itself has nothing to wait an answer for). A relay hosted in this
+process is reached without a socket (:mod:`signaling.relays.local`), and behaves the same.
 
 Bounded
 -------
@@ -52,9 +53,9 @@ from .base import (
     DEFAULT_QUEUE_LIMIT,
     Backoff,
     Relay,
-    WebSocketLink,
     check_websocket_url,
 )
+from .local import make_link
 from .nostr import NOSTR_BACKOFF
 
 __all__ = ["MAX_TOPIC_LENGTH", "WsRelay", "publish_frame", "subscription_frame"]
@@ -106,7 +107,7 @@ class WsRelay(Relay):
         self._max_topics = max_topics
         # Its outbox is bounded by _OUTBOX_HIGH_WATER via _ready_to_send (subscription frames
         # bypass the check but are bounded by max_topics).
-        self._link = WebSocketLink(
+        self._link = make_link(
             url,
             label="ws-relay",
             peer="relay",

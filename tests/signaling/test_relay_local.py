@@ -27,6 +27,7 @@ from signaling.relays.local import (
 )
 from signaling.relays.nostr import event_topic
 from signaling.relays.torrent import TorrentOffer, TorrentRelay
+from signaling.relays.wsrelay import WsRelay
 
 from .relay_helpers import FAST, Inbox, relays_closed_after, until, wait_state
 
@@ -110,6 +111,22 @@ class FakeNostrRelay(FakeServer):
             for (other, sub_id), topics in self.subs.items():
                 if topic in topics and not other.closed:
                     other.send(["EVENT", sub_id, event])
+
+
+class FakeWsRelay(FakeServer):
+    """Trystero's ws-relay protocol: publish goes to every subscriber of the topic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.topics: dict[str, set[FakeConnection]] = {}
+
+    def answer(self, conn: FakeConnection, frame: str) -> None:
+        msg = orjson.loads(frame)
+        if msg["type"] == "subscribe":
+            self.topics.setdefault(msg["topic"], set()).add(conn)
+        elif msg["type"] == "publish":
+            for other in self.topics.get(msg["topic"], ()):
+                other.send({"topic": msg["topic"], "payload": msg["payload"]})
 
 
 class FakeTracker(FakeServer):
@@ -370,3 +387,18 @@ async def test_a_tracker_in_process(served: Callable[[FakeServer, str], FakeServ
     finally:
         await relay.close()
     assert server.connections[0].closed
+
+
+async def test_a_ws_relay_in_process(served: Callable[[FakeServer, str], FakeServer]) -> None:
+    server = served(FakeWsRelay(), "ws://relay.invalid/ws-relay")
+    async with relays_closed_after(WsRelay) as make:
+        a, b = make("ws://relay.invalid/ws-relay"), make("ws://relay.invalid:80/ws-relay/")
+        inbox = Inbox()
+        b.on_message = inbox
+        b.subscribe("t")
+        await a.start()
+        await b.start()
+        await asyncio.gather(a.wait_connected(), b.wait_connected())
+        a.publish("t", "hi")
+        assert await inbox.wait_for(1) == ["hi"]
+        assert len(server.open_connections) == 2
