@@ -7,6 +7,8 @@ Layout
     ``nip01``               pure NIP-01: client frames, event checks, filters
     ``nostr_hub``           subscriptions indexed by topic, fan-out, dedupe by event id
     ``nostr_endpoint``      one client's Nostr session: its REQs, its event rate, the answers
+    ``ws_relay``            Trystero's own relay protocol at ``[relay] ws_relay_path``: topic hub,
+                            session, frame parser (no answers: refusals are only counted)
     ``link``                one client whatever its protocol: bounded outbox, WebSocket or in-process
     ``limits``              ``[relay]``'s limits and the per-address connection book
     ``bus``                 the other nodes of a cluster (``LocalBus``: none)
@@ -43,6 +45,7 @@ from p2pdiff.relay.link import (
 from p2pdiff.relay.metrics import RelayMetrics
 from p2pdiff.relay.nostr_endpoint import NostrSession, relay_information
 from p2pdiff.relay.nostr_hub import NOSTR, NostrHub
+from p2pdiff.relay.ws_relay import WS_RELAY, WsRelayHub, WsRelaySession
 from p2pdiff.rest.security import client_key
 from signaling.background import BackgroundTasks, every
 
@@ -67,10 +70,13 @@ class RelayServer:
         self.book = ConnectionBook(self.limits)
         self.bus = bus if bus is not None else LocalBus()
         self.nostr = NostrHub(self.metrics, self.bus)
+        self.ws_relay = WsRelayHub(self.metrics, self.bus)
         self.tasks = BackgroundTasks(log, level=logging.DEBUG)
         self._proxy_header = proxy_header
         self._links: dict[str, dict[ClientLink, None]] = {}
         self.add_protocol(NOSTR)
+        if config.ws_relay_path:
+            self.add_protocol(WS_RELAY)
         self.bus.on_remote = self._on_remote
 
     def add_protocol(self, protocol: str) -> None:
@@ -86,8 +92,11 @@ class RelayServer:
     # -------------------------------------------------------------- wiring
 
     def add_routes(self, app: web.Application) -> None:
-        """The endpoint at ``[relay] path``; sockets close (going away) when the app shuts down."""
+        """The endpoints at ``[relay] path`` and ``ws_relay_path``; sockets close (going away) when
+        the app shuts down."""
         app.router.add_get(self.config.path, self._nostr_handler)
+        if self.config.ws_relay_path:
+            app.router.add_get(self.config.ws_relay_path, self._ws_relay_handler)
         app.on_shutdown.append(self._on_shutdown)
 
     def owns(self, path: str) -> bool:
@@ -131,6 +140,8 @@ class RelayServer:
     def _on_remote(self, channel: str, text: str) -> None:
         if channel == NOSTR:
             self.nostr.on_remote(text)
+        elif channel == WS_RELAY:
+            self.ws_relay.on_remote(text)
 
     # -------------------------------------------------------------- clients
 
@@ -165,13 +176,30 @@ class RelayServer:
                 )
             return web.Response(status=426, text="a Nostr relay: connect with a WebSocket\n")
         return await self.serve_websocket(
-            request, NOSTR, lambda link: NostrSession(self.nostr, link, self.limits, self.metrics)
+            request,
+            NOSTR,
+            lambda link: NostrSession(self.nostr, link, self.limits, self.metrics),
+            refusal_frame=_notice,
+        )
+
+    async def _ws_relay_handler(self, request: web.Request) -> web.StreamResponse:
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return web.Response(status=426, text="a Trystero ws-relay: connect with a WebSocket\n")
+        return await self.serve_websocket(
+            request, WS_RELAY, lambda link: WsRelaySession(self.ws_relay, link, self.limits, self.metrics)
         )
 
     async def serve_websocket(
-        self, request: web.Request, protocol: str, make_session: Callable[[ClientLink], Session]
+        self,
+        request: web.Request,
+        protocol: str,
+        make_session: Callable[[ClientLink], Session],
+        *,
+        refusal_frame: Callable[[str], str] | None = None,
     ) -> web.StreamResponse:
-        """Serve one WebSocket client of ``protocol`` until it or the relay closes the socket."""
+        """Serve one WebSocket client of ``protocol`` until it or the relay closes the socket.
+        A client refused for the connection limits gets ``refusal_frame(why)`` first, if the
+        protocol has a way to say it (ws-relay has none)."""
         address = client_key(request, self._proxy_header)
         ws = web.WebSocketResponse(
             heartbeat=HEARTBEAT_SECONDS, max_msg_size=self.limits.max_message_bytes, compress=False
@@ -181,7 +209,8 @@ class RelayServer:
         if refusal is not None:
             reason, text = refusal
             self.metrics.refused[protocol, reason] += 1
-            await ws.send_str(_notice(text))
+            if refusal_frame is not None:
+                await ws.send_str(refusal_frame(text))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many connections")
             return ws
         link = WebSocketClientLink(
@@ -206,8 +235,7 @@ class RelayServer:
             if message.type is WSMsgType.TEXT:
                 session.handle(message.data)
             elif message.type is WSMsgType.BINARY:
-                self.metrics.refused[link.protocol, "binary"] += 1
-                link.send(_notice("error: this relay takes text frames only"))
+                session.binary()
             elif message.type is WSMsgType.ERROR:  # aiohttp closed the socket already
                 too_large = getattr(message.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
                 self.metrics.dropped[link.protocol, "too_large" if too_large else "protocol_error"] += 1

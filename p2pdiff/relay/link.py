@@ -158,6 +158,9 @@ class Session(Protocol):
 
     def handle(self, text: str) -> None: ...
 
+    def binary(self) -> None:
+        """A binary frame from the client (every protocol of the relay speaks text)."""
+
     def end(self) -> None: ...
 
 

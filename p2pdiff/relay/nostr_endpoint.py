@@ -97,6 +97,10 @@ class NostrSession:
         else:
             self._close(message)
 
+    def binary(self) -> None:
+        """A binary frame: refused with a NOTICE."""
+        self._refuse("binary", "error: this relay takes text frames only")
+
     def end(self) -> None:
         """The client is gone: its subscriptions end. Idempotent."""
         for sub in self._subs.values():
