@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 
 import orjson
@@ -49,7 +50,7 @@ from p2pdiff.relay.ws_relay import WS_RELAY, WsRelayHub, WsRelaySession
 from p2pdiff.rest.security import client_key
 from signaling.background import BackgroundTasks, every
 
-__all__ = ["RELAY", "RelayServer"]
+__all__ = ["RELAY", "LocalEndpoint", "RelayServer"]
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,25 @@ class RelayServer:
         links = self._links.setdefault(protocol, {})
         self.metrics.connections[protocol] = links.__len__
 
-    def local_urls(self, port: int) -> list[str]:
-        """The URLs that name this relay's Nostr endpoint: ``public_urls`` and this server's own."""
-        path = self.config.path
-        return [*self.config.public_urls, f"ws://127.0.0.1:{port}{path}", f"ws://localhost:{port}{path}"]
+    def local_urls(self, port: int, protocol: str = NOSTR) -> list[str]:
+        """The URLs that name this relay's endpoint of ``protocol``: ``public_urls`` (those whose
+        path is ``ws_relay_path`` name the ws-relay endpoint, the others the Nostr one) and this
+        server's own."""
+        path = self.config.ws_relay_path if protocol == WS_RELAY else self.config.path
+        if not path:
+            return []
+        public = [
+            url
+            for url in self.config.public_urls
+            if (urllib.parse.urlsplit(url).path.rstrip("/") == self.config.ws_relay_path)
+            == (protocol == WS_RELAY)
+        ]
+        return [*public, f"ws://127.0.0.1:{port}{path}", f"ws://localhost:{port}{path}"]
+
+    def endpoint(self, protocol: str) -> LocalEndpoint:
+        """The endpoint of ``protocol`` for in-process clients (a ``signaling.relays.local``
+        server): what the in-process registry holds under :meth:`local_urls`."""
+        return LocalEndpoint(self, protocol)
 
     # -------------------------------------------------------------- wiring
 
@@ -145,16 +161,25 @@ class RelayServer:
 
     # -------------------------------------------------------------- clients
 
-    def connect_local(self, on_text: Callable[[str], None], on_lost: Callable[[], None]) -> LocalConnection:
-        """An in-process Nostr client (the helper): like any socket, without the per-address limits.
+    def connect_local(
+        self, on_text: Callable[[str], None], on_lost: Callable[[], None], protocol: str = NOSTR
+    ) -> LocalConnection:
+        """An in-process client (the helper) of ``protocol``: like any socket, without the
+        per-address limits.
 
         ``on_text(frame)`` gets the relay's frames (never inside a call of ``receive``); ``on_lost()``
         is called once if the relay drops the connection (a slow reader, a shutdown).
         """
-        link = LocalClientLink(on_text, on_lost, NOSTR, self.limits.outbox_bytes, self.metrics)
-        session = NostrSession(self.nostr, link, self.limits, self.metrics)
+        link = LocalClientLink(on_text, on_lost, protocol, self.limits.outbox_bytes, self.metrics)
+        session = self._session(link)
         self._track(link, session)
         return LocalConnection(link, session)
+
+    def _session(self, link: ClientLink) -> Session:
+        """A new session of ``link.protocol`` for ``link``."""
+        if link.protocol == WS_RELAY:
+            return WsRelaySession(self.ws_relay, link, self.limits, self.metrics)
+        return NostrSession(self.nostr, link, self.limits, self.metrics)
 
     def _track(self, link: ClientLink, session: Session) -> None:
         links = self._links[link.protocol]
@@ -175,25 +200,17 @@ class RelayServer:
                     headers={"Access-Control-Allow-Origin": "*"},
                 )
             return web.Response(status=426, text="a Nostr relay: connect with a WebSocket\n")
-        return await self.serve_websocket(
-            request,
-            NOSTR,
-            lambda link: NostrSession(self.nostr, link, self.limits, self.metrics),
-            refusal_frame=_notice,
-        )
+        return await self.serve_websocket(request, NOSTR, refusal_frame=_notice)
 
     async def _ws_relay_handler(self, request: web.Request) -> web.StreamResponse:
         if "websocket" not in request.headers.get("Upgrade", "").lower():
             return web.Response(status=426, text="a Trystero ws-relay: connect with a WebSocket\n")
-        return await self.serve_websocket(
-            request, WS_RELAY, lambda link: WsRelaySession(self.ws_relay, link, self.limits, self.metrics)
-        )
+        return await self.serve_websocket(request, WS_RELAY)
 
     async def serve_websocket(
         self,
         request: web.Request,
         protocol: str,
-        make_session: Callable[[ClientLink], Session],
         *,
         refusal_frame: Callable[[str], str] | None = None,
     ) -> web.StreamResponse:
@@ -216,7 +233,7 @@ class RelayServer:
         link = WebSocketClientLink(
             request, ws, address, protocol, self.limits.outbox_bytes, self.metrics, self.tasks
         )
-        session = make_session(link)
+        session = self._session(link)
         self._track(link, session)
         try:
             await self._read(ws, link, session)
@@ -243,6 +260,17 @@ class RelayServer:
             frames += 1
             if frames % READ_YIELD_EVERY == 0:
                 await asyncio.sleep(0)
+
+
+class LocalEndpoint:
+    """One protocol's endpoint of a :class:`RelayServer`, for in-process clients."""
+
+    def __init__(self, relay: RelayServer, protocol: str) -> None:
+        self.relay = relay
+        self.protocol = protocol
+
+    def connect_local(self, on_text: Callable[[str], None], on_lost: Callable[[], None]) -> LocalConnection:
+        return self.relay.connect_local(on_text, on_lost, self.protocol)
 
 
 def _notice(text: str) -> str:

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pdiff.config import Config
+from p2pdiff.relay import RELAY
 from p2pdiff.relay.bus import RelayBus
 from p2pdiff.relay.limits import RelayLimits
 from p2pdiff.relay.link import LocalClientLink
@@ -34,6 +35,7 @@ from p2pdiff.relay.ws_relay import (
     parse_frame,
     relay_frame,
 )
+from signaling.relays import local as local_relays
 from signaling.relays.wsrelay import WsRelay, publish_frame, subscription_frame
 from tests.conftest import ClientFactory
 from tests.relay.conftest import metric
@@ -413,3 +415,39 @@ async def test_plain_get_and_the_endpoint_turned_off(relay_app: Callable[..., An
     off = await relay_app(ws_relay_path="")
     assert (await off.get("/ws-relay")).status == 404
     assert 'protocol="ws-relay"' not in await metrics_of(off)
+
+
+async def test_in_process_client_without_a_socket(
+    relay_client: TestClient, ws_relays: Callable[..., WsRelay]
+) -> None:
+    """The helper on its own server's ws-relay: a WsRelay whose URL is registered in process
+    talks to the endpoint without a socket, and meets socket clients."""
+    relay = relay_client.app[RELAY]
+    port = relay_client.port
+    assert relay.local_urls(port, WS_RELAY) == [
+        f"ws://127.0.0.1:{port}/ws-relay",
+        f"ws://localhost:{port}/ws-relay",
+    ]
+    url = f"ws://localhost:{port}/ws-relay"
+    endpoint = relay.endpoint(WS_RELAY)
+    local_relays.register(url, endpoint)
+    try:
+        helper = ws_relays(url)
+        inbox = Inbox()
+        helper.on_message = inbox
+        helper.subscribe("root")
+        await helper.start()
+        await helper.wait_connected()
+        text = await metrics_of(relay_client)
+        assert metric(text, "p2pdiff_relay_connections", protocol=WS_RELAY) == 1
+        browser = await WsClient.connect(relay_client)
+        await browser.subscribe("root")
+        await asyncio.sleep(0.05)
+        await browser.publish("root", '{"peerId":"browser"}')
+        assert await inbox.wait_for(1) == ['{"peerId":"browser"}']
+        helper.publish("root", '{"peerId":"helper"}')
+        assert await browser.recv() == {"topic": "root", "payload": '{"peerId":"browser"}'}
+        assert await browser.recv() == {"topic": "root", "payload": '{"peerId":"helper"}'}
+        await inbox.wait_for(2)  # the helper hears itself, as on a socket
+    finally:
+        local_relays.unregister(url, endpoint)
