@@ -158,6 +158,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 node TEXT NOT NULL,
                 expires_at TIMESTAMPTZ NOT NULL
             )""",
+            # The room relay's texts too long for a NOTIFY (p2pdiff/relay/pg_bus.py): the other
+            # nodes read them once, within seconds; unlogged (a crash may lose them: they are
+            # signaling, stale within a minute) and pruned by age.
+            """CREATE UNLOGGED TABLE relay_texts (
+                key TEXT PRIMARY KEY,
+                at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                text TEXT NOT NULL
+            )""",
+            "CREATE INDEX relay_texts_by_age ON relay_texts (at)",
         ],
     ),
 ]
@@ -263,6 +272,8 @@ class PgStore:
         self.bus = bus
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
+        # Other channels heard on the listening connection (listen()): channel -> asyncpg callback.
+        self._channels: dict[str, Callable[..., None]] = {}
         self.on_commit: Callable[[], None] | None = None
         self.on_rollback: Callable[[StoreFault], None] | None = None
         self.on_remote: Callable[[Remote], None] | None = None
@@ -329,7 +340,34 @@ class PgStore:
     async def _listen(self) -> None:
         listener = await asyncpg.connect(self._dsn, command_timeout=COMMAND_TIMEOUT_SECONDS)
         await listener.add_listener(CHANNEL, self._notified)
+        for channel, callback in self._channels.items():
+            await listener.add_listener(channel, callback)
         self._listener = listener
+
+    async def listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
+        """Hear NOTIFYs on ``channel`` (``on_payload(payload)``) on the store's listening
+        connection, also after the watch made it again; what is notified while it is down is
+        lost (once the store is open, no exception: the watch connects it again)."""
+
+        def callback(conn: object, pid: int, channel: str, payload: str) -> None:
+            on_payload(payload)
+
+        self._channels[channel] = callback
+        listener = self._listener
+        if listener is not None and not listener.is_closed():
+            try:
+                await listener.add_listener(channel, callback)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("store %s: cannot listen on %s yet: %s", self._display, channel, exc)
+                listener.terminate()  # the watch makes it again, listening to every channel
+
+    async def unlisten(self, channel: str) -> None:
+        """Stop hearing ``channel`` (see ``listen``)."""
+        callback = self._channels.pop(channel, None)
+        listener = self._listener
+        if callback is not None and listener is not None and not listener.is_closed():
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                await listener.remove_listener(channel, callback)
 
     async def _watch(self) -> None:
         """One round of the watch (see open())."""
