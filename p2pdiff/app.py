@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from p2pdiff.appkeys import CONFIG, EVENTS, HELPER, QUEUE, SHUTDOWN, STARTED_AT, STORE
-from p2pdiff.config import Config
+from p2pdiff.config import Config, mask_url
 from p2pdiff.errors import Unavailable
 from p2pdiff.ops import logs, metrics
 from p2pdiff.ops.cluster import LEASES, RoomLeases
 from p2pdiff.ops.shutdown import Shutdown
 from p2pdiff.relay import RELAY, RelayServer
+from p2pdiff.relay.pg_bus import PgRelayBus
 from p2pdiff.rest import api, appfiles, dashboard, middleware, openapi, result_files, security, sse
 from p2pdiff.rooms.helper import Helper, make_helper
 from p2pdiff.tasks import results
@@ -25,6 +26,7 @@ from p2pdiff.tasks.queue import QueueManager
 from p2pdiff.tasks.sqlite_store import SqliteStore
 from p2pdiff.tasks.store import TaskStore
 from signaling.background import BackgroundTasks, every
+from signaling.relays import local as local_relays
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,31 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
             await app[HELPER].close()
     except TimeoutError:
         log.warning("leaving the rooms took over %.1f s: exiting without the remaining goodbyes", budget)
+
+
+async def _relay_in_process_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The room relay under the URLs that name it ([relay] public_urls, and this server's own), for
+    this process's clients (signaling.relays.local): the helper, in a room whose [p2p] relay_urls
+    name this relay, takes part without a socket to itself. Registered before the helper joins,
+    unregistered after it left."""
+    config, relay = app[CONFIG], app[RELAY]
+    registered = []
+    for url in relay.local_urls(config.server.port):
+        try:
+            local_relays.register(url, relay)
+        except ValueError as exc:  # another app of this process holds it (tests run several)
+            log.warning("relay: %s", exc)
+            continue
+        registered.append(url)
+    own = [url for url in config.p2p.relay_urls if local_relays.lookup(url) is relay]
+    if config.p2p.enabled and own:
+        log.info(
+            "helper: uses this server's relay in process, without a socket (%s)",
+            ", ".join(map(mask_url, own)),
+        )
+    yield
+    for url in registered:
+        local_relays.unregister(url, relay)
 
 
 async def _join_at_start(app: web.Application) -> None:
@@ -206,9 +233,12 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     # Cleanup runs in reverse: background work stops, the helper leaves, the room relay closes, the
     # store closes, and the shutdown's cut timer goes last.
     app.cleanup_ctx.extend([shutdown.ctx, _store_ctx])
+    # Several nodes: what a client sends to this node's relay reaches the others' clients too.
+    relay_bus = PgRelayBus(store) if config.relay.enabled and isinstance(store, PgStore) else None
     if config.relay.enabled:
-        app[RELAY] = RelayServer(config.relay, proxy_header=config.server.trusted_proxy_header)
-        app.cleanup_ctx.append(app[RELAY].ctx)  # up before the helper joins, down after it left
+        app[RELAY] = RelayServer(config.relay, proxy_header=config.server.trusted_proxy_header, bus=relay_bus)
+        # Up before the helper joins, down after it left; the helper reaches it in process.
+        app.cleanup_ctx.extend([app[RELAY].ctx, _relay_in_process_ctx])
         app[RELAY].add_routes(app)
     app.cleanup_ctx.append(_helper_ctx)
     if isinstance(store, PgStore):
@@ -239,6 +269,8 @@ def create_app(config: Config, *, helper: Helper | None = None) -> web.Applicati
     )
     if RELAY in app:
         app_metrics.registry.register(app[RELAY].metrics)
+    if relay_bus is not None:
+        app_metrics.registry.register(relay_bus)
     metrics.add_routes(app, app_metrics)
     appfiles.setup(app, config.server)  # last: under its own prefix, and it shadows nothing above
     app.on_shutdown.append(_log_shutdown)

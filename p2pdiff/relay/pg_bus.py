@@ -37,10 +37,13 @@ import collections
 import logging
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from typing import Final
 
 import asyncpg
 import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from p2pdiff.relay.bus import RelayBus
 from p2pdiff.tasks.pg_store import PgStore
@@ -86,8 +89,9 @@ _SEND = (
 )
 
 
-class PgRelayBus(RelayBus):
-    """Relay traffic between the nodes of one PostgreSQL database (see the module docstring)."""
+class PgRelayBus(RelayBus, Collector):
+    """Relay traffic between the nodes of one PostgreSQL database (see the module docstring); its
+    counters and backlog in /metrics (``p2pdiff_relay_bus_*``)."""
 
     def __init__(self, store: PgStore) -> None:
         self._store = store
@@ -104,7 +108,7 @@ class PgRelayBus(RelayBus):
         self._failing = False  # the database refused the last batch: say so once per episode
         #: What happened so far; fixed keys: ``published`` (handed to the bus), ``sent`` (notified),
         #: ``stored`` (of those, through relay_texts), ``delivered`` (others' texts handed on),
-        #: ``dropped:backlog``, ``dropped:failed``, ``dropped:unsendable``, ``dropped:inbox``,
+        #: ``dropped_backlog``, ``dropped_failed``, ``dropped_unsendable``, ``dropped_inbox``,
         #: ``missing`` (a stored text already pruned), ``malformed``.
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -119,10 +123,10 @@ class PgRelayBus(RelayBus):
         try:
             size = len(text.encode())
         except UnicodeEncodeError:  # a lone surrogate: no UTF-8 form, nothing PostgreSQL could take
-            self.counters["dropped:unsendable"] += 1
+            self.counters["dropped_unsendable"] += 1
             return
         if "\x00" in text:  # nor a NUL (never in JSON text, which escapes it)
-            self.counters["dropped:unsendable"] += 1
+            self.counters["dropped_unsendable"] += 1
             return
         self.counters["published"] += 1
         self._outbox.append((channel, text, size))
@@ -130,7 +134,7 @@ class PgRelayBus(RelayBus):
         while self._outbox_bytes > MAX_BACKLOG_BYTES:
             _, _, dropped = self._outbox.popleft()
             self._outbox_bytes -= dropped
-            self.counters["dropped:backlog"] += 1
+            self.counters["dropped_backlog"] += 1
         self._wake_writer.set()
 
     async def start(self) -> None:
@@ -149,6 +153,21 @@ class PgRelayBus(RelayBus):
         self._outbox.clear()
         self._outbox_bytes = 0
         self._inbox.clear()
+
+    def collect(self) -> Iterator[Metric]:
+        texts = CounterMetricFamily(
+            "p2pdiff_relay_bus_texts",
+            "Relay texts this node sent to and heard from the other nodes, by outcome",
+            labels=["result"],
+        )
+        for result, value in sorted(self.counters.items()):
+            texts.add_metric([result], value)
+        yield texts
+        yield GaugeMetricFamily(
+            "p2pdiff_relay_bus_backlog_bytes",
+            "Relay texts waiting to go to the other nodes",
+            value=self.backlog,
+        )
 
     # -------------------------------------------------------------- sending
 
@@ -179,7 +198,7 @@ class PgRelayBus(RelayBus):
         try:
             await self._store.pool.execute(_SEND, CHANNEL, keys, stored, payloads)
         except _DATABASE_ERRORS as exc:
-            self.counters["dropped:failed"] += len(batch)
+            self.counters["dropped_failed"] += len(batch)
             if not self._failing:
                 log.warning("relay bus: cannot reach the other nodes (%d texts dropped): %s", len(batch), exc)
             self._failing = True
@@ -206,7 +225,7 @@ class PgRelayBus(RelayBus):
             return
         if len(self._inbox) >= MAX_INBOX:
             self._inbox.popleft()
-            self.counters["dropped:inbox"] += 1
+            self.counters["dropped_inbox"] += 1
         self._inbox.append(payload)
         self._wake_reader.set()
 

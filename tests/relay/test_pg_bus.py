@@ -98,10 +98,10 @@ async def test_publish_never_waits_and_its_backlog_is_bounded(
     for i in range(1000):
         bus.publish("nostr", f"{i:0100d}")
     assert time.perf_counter() - started < 0.5
-    assert bus.backlog <= 10_000 and bus.counters["dropped:backlog"] == 1000 - 10_000 // 100
+    assert bus.backlog <= 10_000 and bus.counters["dropped_backlog"] == 1000 - 10_000 // 100
     bus.publish("nostr", "\ud800")  # no UTF-8 form
     bus.publish("nostr", "a\x00b")
-    assert bus.counters["dropped:unsendable"] == 2
+    assert bus.counters["dropped_unsendable"] == 2
 
 
 async def test_a_lost_listener_and_lost_connections_recover(nodes: NodeFactory, pg_url: str) -> None:
