@@ -15,8 +15,10 @@ from p2pdiff.errors import Unavailable
 from p2pdiff.ops import logs, metrics
 from p2pdiff.ops.cluster import LEASES, RoomLeases
 from p2pdiff.ops.shutdown import Shutdown
-from p2pdiff.relay import RELAY, RelayServer
+from p2pdiff.relay import RELAY, LocalEndpoint, RelayServer
+from p2pdiff.relay.nostr_hub import NOSTR
 from p2pdiff.relay.pg_bus import PgRelayBus
+from p2pdiff.relay.ws_relay import WS_RELAY
 from p2pdiff.rest import api, appfiles, dashboard, middleware, openapi, result_files, security, sse
 from p2pdiff.rooms.helper import Helper, make_helper
 from p2pdiff.tasks import results
@@ -60,28 +62,31 @@ async def _helper_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _relay_in_process_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The room relay under the URLs that name it ([relay] public_urls, and this server's own), for
-    this process's clients (signaling.relays.local): the helper, in a room whose [p2p] relay_urls
-    name this relay, takes part without a socket to itself. Registered before the helper joins,
-    unregistered after it left."""
+    """The room relay's endpoints under the URLs that name them ([relay] public_urls, and this
+    server's own), for this process's clients (signaling.relays.local): the helper, in a room whose
+    [p2p] relay_urls name this relay, takes part without a socket to itself. Registered before the
+    helper joins, unregistered after it left."""
     config, relay = app[CONFIG], app[RELAY]
-    registered = []
-    for url in relay.local_urls(config.server.port):
-        try:
-            local_relays.register(url, relay)
-        except ValueError as exc:  # another app of this process holds it (tests run several)
-            log.warning("relay: %s", exc)
-            continue
-        registered.append(url)
-    own = [url for url in config.p2p.relay_urls if local_relays.lookup(url) is relay]
+    registered: list[tuple[str, LocalEndpoint]] = []
+    for protocol in (NOSTR, WS_RELAY):
+        endpoint = relay.endpoint(protocol)
+        for url in relay.local_urls(config.server.port, protocol):
+            try:
+                local_relays.register(url, endpoint)
+            except ValueError as exc:  # another app of this process holds it (tests run several)
+                log.warning("relay: %s", exc)
+                continue
+            registered.append((url, endpoint))
+    ours = {endpoint for _, endpoint in registered}
+    own = [url for url in config.p2p.relay_urls if local_relays.lookup(url) in ours]
     if config.p2p.enabled and own:
         log.info(
             "helper: uses this server's relay in process, without a socket (%s)",
             ", ".join(map(mask_url, own)),
         )
     yield
-    for url in registered:
-        local_relays.unregister(url, relay)
+    for url, endpoint in registered:
+        local_relays.unregister(url, endpoint)
 
 
 async def _join_at_start(app: web.Application) -> None:

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
 from p2pdiff.config import Config
-from p2pdiff.relay import RELAY
+from p2pdiff.relay import RELAY, LocalEndpoint, RelayServer
 from signaling.crypto import root_topic
 from signaling.relays import local
 from tests.conftest import ClientFactory
@@ -44,6 +45,10 @@ def helper_config(config: Config, tmp_path: Path) -> Config:
     return config
 
 
+def serves(server: local.LocalServer | None, relay: RelayServer) -> bool:
+    return isinstance(server, LocalEndpoint) and server.relay is relay
+
+
 async def health(client: TestClient) -> Any:
     return await (await client.get("/api/health")).json()
 
@@ -54,7 +59,7 @@ async def test_the_helper_joins_its_own_relay_without_a_socket(
     caplog.set_level(logging.INFO)
     client = await make_client(helper_config)
     assert f"helper: uses this server's relay in process, without a socket ({PUBLIC})" in caplog.text
-    assert local.lookup(PUBLIC) is client.app[RELAY]
+    assert serves(local.lookup(PUBLIC), client.app[RELAY])
     deadline = time.monotonic() + 30
     while set((rooms := (await health(client))["p2p"]["rooms"])[0]["relays"].values()) != {"connected"}:
         assert time.monotonic() < deadline, rooms
@@ -87,3 +92,34 @@ async def test_a_url_held_by_another_app_of_the_process_stays_with_it(
     assert local.lookup(PUBLIC) is held
     await first.close()
     assert local.lookup(PUBLIC) is None
+
+
+async def test_the_helper_joins_its_own_ws_relay_without_a_socket(
+    make_client: ClientFactory, helper_config: Config
+) -> None:
+    ws_relay = "wss://relay.example.invalid/ws-relay"
+    helper_config.relay.public_urls = [PUBLIC, ws_relay]
+    helper_config.p2p.strategy = "ws-relay"
+    helper_config.p2p.wire = "0.25"
+    helper_config.p2p.relay_urls = [ws_relay]
+    client = await make_client(helper_config)
+    relay = client.app[RELAY]
+    assert serves(local.lookup(ws_relay), relay) and serves(local.lookup(PUBLIC), relay)
+    assert local.lookup(ws_relay) is not local.lookup(PUBLIC)  # one endpoint per protocol
+    port = helper_config.server.port  # the configured one: what a deployer names
+    assert serves(local.lookup(f"ws://localhost:{port}/ws-relay"), relay)
+    deadline = time.monotonic() + 30
+    while set((rooms := (await health(client))["p2p"]["rooms"])[0]["relays"].values()) != {"connected"}:
+        assert time.monotonic() < deadline, rooms
+        await asyncio.sleep(0.05)
+
+    # A browser on the ws-relay endpoint hears the helper's announces on the room's root topic.
+    browser = await client.ws_connect("/ws-relay")
+    topic = root_topic(APP_ID, ROOM)
+    await browser.send_str(orjson.dumps({"type": "subscribe", "topic": topic}).decode())
+    frame = orjson.loads((await browser.receive(timeout=30)).data)
+    assert frame["topic"] == topic and rooms[0]["selfId"] in frame["payload"]
+    page = await (await client.get("/metrics")).text()
+    assert metric(page, "p2pdiff_relay_connections", protocol="ws-relay") == 2
+    assert metric(page, "p2pdiff_relay_connections", protocol="nostr") == 0
+    await browser.close()
