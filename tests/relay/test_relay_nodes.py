@@ -1,5 +1,6 @@
 """Two p2pdiff nodes on one PostgreSQL: a client of one node's relay hears what a client of the
-other node's relay published (PgRelayBus), long events included, each once; and the numbers."""
+other node's relay published (PgRelayBus), on either endpoint, long texts included, each once; and
+the numbers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
+import orjson
 from aiohttp.test_utils import TestClient
 
 from p2pdiff.config import Config
@@ -79,3 +81,23 @@ async def test_cross_node_latency_through_the_relays(
     p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100)[98]
     print(f"\ncross-node through the relays: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms (200 events)")
     assert p99 < 1.0
+
+
+async def test_a_ws_relay_publish_on_one_node_reaches_subscribers_on_the_other(
+    pg_url: str, make_client: ClientFactory, config: Config, tmp_path: Path
+) -> None:
+    a, b = await nodes(pg_url, make_client, config, tmp_path)
+    publisher, listener = await a.ws_connect("/ws-relay"), await b.ws_connect("/ws-relay")
+    await listener.send_str(orjson.dumps({"type": "subscribe", "topic": TOPIC}).decode())
+    # ws-relay acknowledges nothing: the subscription is in once the listener hears its own probe.
+    probe = orjson.dumps({"type": "publish", "topic": TOPIC, "payload": "probe"}).decode()
+    await listener.send_str(probe)
+    assert orjson.loads((await listener.receive(timeout=5)).data)["payload"] == "probe"
+    for payload in ("hello from node 1", "y" * 20_000):
+        await publisher.send_str(
+            orjson.dumps({"type": "publish", "topic": TOPIC, "payload": payload}).decode()
+        )
+        frame = orjson.loads((await listener.receive(timeout=5)).data)
+        assert frame == {"topic": TOPIC, "payload": payload}
+    await publisher.close()
+    await listener.close()
