@@ -46,7 +46,7 @@ class Result:
     cpu_us: float
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -74,10 +74,10 @@ async def wrk(
             lua.write(script)
             lua.flush()
             args[1:1] = ["-s", lua.name]
-        cpu_before = sum(_cpu_seconds(pid) for pid in pids)
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
         proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE)
         out = (await proc.communicate())[0].decode()
-        cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
         if proc.returncode:
             raise SystemExit(f"bench: wrk failed ({proc.returncode}): {out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
