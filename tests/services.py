@@ -4,7 +4,8 @@
 that wait for the process to exit, and restart on the *same* ports (waiting until the old
 listener is really gone, so a dying server cannot answer the readiness probe; see pitfall 3 of
 the interop harness README). Subclasses provide the command line and any config files:
-``Mosquitto`` (MQTT broker), ``NostrRelay`` (NIP-01 relay, PyPI ``nostr-relay``), ``Tracker``
+``Mosquitto`` (MQTT broker), ``NostrRelay`` (NIP-01 relay, PyPI ``nostr-relay``),
+``P2pdiffRelay`` (p2pdiff's own relay: a p2pdiff server with ``[relay] enabled``), ``Tracker``
 (WebTorrent tracker, npm ``bittorrent-tracker`` via ``tests/interop/tracker.mjs``) and
 ``PostgresServer`` (a throwaway PostgreSQL cluster, Debian's ``postgresql``). The lifecycle is
 synchronous: start/stop take milliseconds to ~2 s and tests may call them directly from async
@@ -30,12 +31,15 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
 import asyncpg
+
+from tests.server_process import app_helper_env
 
 LOOPBACK = "127.0.0.1"
 
@@ -135,6 +139,10 @@ class Service:
         """The directory the server process starts in."""
         return self.workdir
 
+    def environment(self) -> dict[str, str] | None:
+        """The server process's environment (None: this process's own)."""
+        return None
+
     def log_text(self) -> str:
         return self.output_path.read_text(errors="replace") if self.output_path.exists() else ""
 
@@ -231,6 +239,7 @@ class Service:
         self.proc = subprocess.Popen(
             self.command(),
             cwd=self.process_cwd(),
+            env=self.environment(),
             stdin=subprocess.DEVNULL,
             stdout=self._output,
             stderr=subprocess.STDOUT,
@@ -513,6 +522,72 @@ class NostrRelay(Service):
             config["rate_limits"] = self.rate_limits
         # JSON is YAML, so no YAML writer is needed here.
         self.config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+class P2pdiffRelay(Service):
+    """p2pdiff's own Nostr relay: ``python -m p2pdiff`` with ``[relay] enabled`` on 127.0.0.1,
+    the relay at ``.url`` (``ws://127.0.0.1:PORT/nostr``, the shape of ``NostrRelay.url``, so a
+    fixture can hand out either), its REST API at ``.http_url``. The store is SQLite in the
+    workdir and survives restarts; the relay keeps nothing, as the design says.
+
+    The helper is off unless ``helper_app_id`` is given: then it is on for that app id, on
+    this relay only (``[p2p] relay_urls`` = ``.url``, nostr, ICE on loopback, wire 0.22 and
+    dispatch by default: tests.server_process.app_helper_env), in no room until one is joined
+    over REST. ``env`` (``P2PDIFF_*`` settings) comes last and wins. ``stop()`` is SIGTERM, a
+    graceful shutdown; ``kill()`` is a crash.
+    """
+
+    name = "p2pdiff-relay"
+    port_names = ("http",)
+    path = "/nostr"
+    # aiohttp's bind error: "[Errno 98] error while attempting to bind ...: address already in use"
+    port_clash_markers = (*Service.port_clash_markers, "address already in use")
+
+    def __init__(
+        self,
+        workdir: Path | str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        helper_app_id: str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.env = dict(env or {})
+        self.helper_app_id = helper_app_id
+        super().__init__(workdir, startup_timeout=startup_timeout)
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.ports['http']}{self.path}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.ports['http']}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "p2pdiff"]
+
+    def environment(self) -> dict[str, str]:
+        settings = {
+            "PORT": str(self.ports["http"]),
+            "P2PDIFF_SERVER_HOST": self.host,
+            # Tests load the server from one address (as tests.server_process.ServerProcess).
+            "P2PDIFF_SERVER_RATE_LIMIT_PER_SECOND": "0",
+            "P2PDIFF_RELAY_ENABLED": "true",
+            "P2PDIFF_RELAY_PATH": self.path,
+            "P2PDIFF_P2P_ENABLED": "false",
+        }
+        if self.helper_app_id is not None:
+            settings |= app_helper_env(self.url, self.helper_app_id, rooms=())
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("P2PDIFF_")}
+        return inherited | settings | self.env
+
+    def ready(self) -> bool:
+        # The port alone is not enough: a helper that is still starting is not serving yet.
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/api/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
 
 
 INTEROP_DIR = Path(__file__).resolve().parent / "interop"
