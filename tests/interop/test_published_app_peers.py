@@ -1,16 +1,17 @@
 """The helper with real trystero@0.22 peers that behave like the published app (app_peer.mjs).
 
-As the app ships: trystero@0.22, the Nostr strategy (a local PyPI ``nostr-relay``), the helper on
-``{"wire": "0.22", "dispatch": true}``. Each page announces a task with a ``queue`` message that
-lacks options and POSTs the full task to ``POST /api/queue`` without a room; a GPU page reports
-``progress`` up to 1.0 for each ``task`` it gets and never sends ``result`` or ``chunk``. What
-the helper makes of it is read back over REST. The same flows at unit level are in
-tests/test_published_app.py.
+As the app ships: trystero@0.22, the Nostr strategy, the helper on ``{"wire": "0.22", "dispatch":
+true}``; every case runs through each relay of tests.conftest.NOSTR_RELAYS (``[pypi-relay]``: PyPI
+``nostr-relay``, ``[p2pdiff-relay]``: p2pdiff's own, in another p2pdiff process). Each page
+announces a task with a ``queue`` message that lacks options and POSTs the full task to ``POST
+/api/queue`` without a room; a GPU page reports ``progress`` up to 1.0 for each ``task`` it gets
+and never sends ``result`` or ``chunk``. What the helper makes of it is read back over REST. The
+same flows at unit level are in tests/test_published_app.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from p2pdiff.app import create_app
+from tests.conftest import NostrRelayService
 from tests.interop.jspeer import JsPeer
 from tests.interop.test_helper_app import helper_config, poll
-from tests.services import NostrRelay, running
-from tests.support import service_or_fail
 
 pytestmark = pytest.mark.interop
 
@@ -32,15 +32,11 @@ OPTIONS = {"model": "prx-1024", "steps": 4, "width": 512, "height": 512}
 
 
 @pytest.fixture
-def relay(tmp_path: Path) -> Iterator[NostrRelay]:
-    with running(service_or_fail(NostrRelay, tmp_path / "nostr")) as service:
-        yield service
-
-
-@pytest.fixture
-async def server(aiohttp_client: Any, tmp_path: Path, relay: NostrRelay, app_id: str) -> TestClient:
+async def server(
+    aiohttp_client: Any, tmp_path: Path, nostr_relay: NostrRelayService, app_id: str
+) -> TestClient:
     """The whole server, its helper in ROOM as the app needs it: wire 0.22, dispatch on."""
-    config = helper_config(tmp_path, "nostr", [relay.url], app_id)
+    config = helper_config(tmp_path, "nostr", [nostr_relay.url], app_id)
     config.p2p.wire = "0.22"
     client = await aiohttp_client(create_app(config))
     resp = await client.post(f"/api/join/{ROOM}", json={"wire": "0.22", "dispatch": True})
@@ -52,14 +48,14 @@ Pages = Callable[..., Awaitable[JsPeer]]
 
 
 @pytest.fixture
-async def pages(relay: NostrRelay, app_id: str) -> AsyncIterator[Pages]:
+async def pages(nostr_relay: NostrRelayService, app_id: str) -> AsyncIterator[Pages]:
     """``await page(name, caps, kind=...)``: a trystero@0.22 peer in ROOM acting as the app."""
     opened: list[JsPeer] = []
 
     async def page(name: str, caps: dict[str, Any], kind: str = "node") -> JsPeer:
         peer = await JsPeer.launch(kind, "0.22", name=name)
         opened.append(peer)
-        await peer.join(ROOM, app_id=app_id, relay_urls=[relay.url], strategy="nostr")
+        await peer.join(ROOM, app_id=app_id, relay_urls=[nostr_relay.url], strategy="nostr")
         await peer.behave_like_app(ROOM, caps, step_ms=20)
         return peer
 

@@ -1,11 +1,13 @@
 """Our rooms over nostr (wire 0.25) against real Trystero 0.25.4 peers through real local relays.
 
-Relays are PyPI ``nostr-relay`` on 127.0.0.1 (tests.services.NostrRelay): one verifying relay and
-one that relays events with bad signatures (to see that we check them), both shared by the module;
-tests that kill a relay start their own. The cases mirror test_room_mqtt.py: (a) meet in either
-order and role, (b) payloads, (c) password, (d) leave, (f) relay restart; then cross-relay
-duplicates and bad input: garbage on the room's topics, a relay that never answers, a relay that
-closes mid-subscription, a rate-limiting relay, and the REST server while its relay is down.
+The cases that exercise the relay run against both relays of tests.conftest.NOSTR_RELAYS (ids
+``[pypi-relay]``: PyPI ``nostr-relay``, ``[p2pdiff-relay]``: p2pdiff's own, issue 15), each
+shared by the module; tests that kill a relay start their own of the same kind. The cases mirror
+test_room_mqtt.py: (a) meet in either order and role, (b) payloads, (c) password, (d) leave, (f)
+relay restart; then cross-relay duplicates, a rate-limiting relay, and the REST server while its
+relay is down. The bad-input cases are about our client, not the relay, and run once, on PyPI's:
+garbage on the room's topics (through a PyPI relay that relays events with bad signatures, which
+ours never does), a relay that never answers, and a relay that closes mid-subscription.
 Run them in a loopback-only namespace: ``scripts/netns.sh .venv/bin/pytest tests/interop/test_room_nostr.py``.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from signaling import Timeouts, crypto
 from signaling.relays import NostrKeys
 from signaling.relays import NostrRelay as NostrClient
 from signaling.relays.nostr import event_message, make_event
+from tests.conftest import NOSTR_RELAYS, NostrRelayService, event_rate_limit
 from tests.interop.jspeer import JsPeer
 from tests.interop.test_helper_app import helper_config, poll, relays_are
 from tests.services import NostrRelay, running
@@ -57,13 +60,6 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay]:
-    """A verifying relay shared by the module (unique app ids and rooms keep tests apart)."""
-    with running(service_or_fail(NostrRelay, tmp_path_factory.mktemp("nostr"))) as service:
-        yield service
-
-
-@pytest.fixture(scope="module")
 def lax_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay]:
     """A relay that relays events with bad signatures and ids (it verifies nothing)."""
     with running(service_or_fail(NostrRelay, tmp_path_factory.mktemp("nostr-lax"), verify=False)) as service:
@@ -71,10 +67,22 @@ def lax_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay]:
 
 
 @pytest.fixture
-def rig(relay: NostrRelay, app_id: str, signaling_cleanup: None) -> RigFactory:
+def rig(nostr_relay: NostrRelayService, app_id: str, signaling_cleanup: None) -> RigFactory:
     """``rig(js_urls=None, our_urls=None, **config)``: JS on ``js_urls`` (default: the shared
-    relay), us on ``our_urls`` (default: the same)."""
-    return rig_factory("nostr", [relay.url], app_id)
+    relay of the test's kind), us on ``our_urls`` (default: the same)."""
+    return rig_factory("nostr", [nostr_relay.url], app_id)
+
+
+@pytest.fixture
+def pypi_relay(nostr_relays: Callable[[str], NostrRelayService]) -> NostrRelayService:
+    """The module's PyPI relay, for the cases that run once (about our client, not the relay)."""
+    return nostr_relays("pypi-relay")
+
+
+@pytest.fixture
+def pypi_rig(pypi_relay: NostrRelayService, app_id: str, signaling_cleanup: None) -> RigFactory:
+    """``rig`` on the PyPI relay only."""
+    return rig_factory("nostr", [pypi_relay.url], app_id)
 
 
 def our_relay(url: str) -> NostrClient:
@@ -103,8 +111,8 @@ async def test_leave_both_ways(rig: RigFactory) -> None:
     await leave_both_ways(rig())
 
 
-async def test_relay_restart(tmp_path: Path, rig: RigFactory) -> None:
-    with running(service_or_fail(NostrRelay, tmp_path / "nostr")) as own:
+async def test_relay_restart(tmp_path: Path, nostr_relay_name: str, rig: RigFactory) -> None:
+    with running(service_or_fail(NOSTR_RELAYS[nostr_relay_name], tmp_path / "nostr")) as own:
         await relay_restart(rig(js_urls=[own.url]), own)
         assert our_relay(own.url).counters["req"] >= 2  # subscriptions re-sent after the restart
 
@@ -112,10 +120,12 @@ async def test_relay_restart(tmp_path: Path, rig: RigFactory) -> None:
 # --------------------------------------------------------------------------- duplicates across relays
 
 
-async def test_two_relays_one_connection(relay: NostrRelay, lax_relay: NostrRelay, rig: RigFactory) -> None:
+async def test_two_relays_one_connection(
+    nostr_relay: NostrRelayService, lax_relay: NostrRelay, rig: RigFactory
+) -> None:
     """JS publishes every announce, offer, answer and candidate on both relays: we negotiate once,
     and candidates held before their offer are not stored twice."""
-    both = rig(js_urls=[relay.url, lax_relay.url])
+    both = rig(js_urls=[nostr_relay.url, lax_relay.url])
     async with JsPeer.start("node") as js:
         room_id = new_room_id("dup")
         room, _, _ = await both.meet(js, room_id, js_first=True, session=None)
@@ -149,11 +159,11 @@ def _forged(
 
 
 async def test_garbage_on_room_topics(
-    lax_relay: NostrRelay, rig: RigFactory, loop_errors: list[dict[str, Any]]
+    lax_relay: NostrRelay, pypi_rig: RigFactory, loop_errors: list[dict[str, Any]]
 ) -> None:
     """Bad signatures, wrong kinds and garbage contents on the room's root topic and on our self
     topic, through a relay that checks nothing: dropped and counted, the connected peer is fine."""
-    r = rig(js_urls=[lax_relay.url])
+    r = pypi_rig(js_urls=[lax_relay.url])
     async with JsPeer.start("node") as js:
         room_id = new_room_id("garbage")
         room, watch, _ = await r.meet(js, room_id, js_first=True)
@@ -247,25 +257,32 @@ async def _mute_relay(how: str, aiohttp_server: Any) -> AsyncIterator[str]:
 
 @pytest.mark.parametrize("how", ["tcp", "websocket"])
 async def test_relay_that_never_answers(
-    how: str, relay: NostrRelay, rig: RigFactory, aiohttp_server: Any, loop_errors: list[dict[str, Any]]
+    how: str,
+    pypi_relay: NostrRelayService,
+    pypi_rig: RigFactory,
+    aiohttp_server: Any,
+    loop_errors: list[dict[str, Any]],
 ) -> None:
     """One relay in our list accepts the connection and then says nothing (tcp: not even the
     WebSocket upgrade; websocket: no EOSE, no OK): the room works through the other one."""
 
     async with _mute_relay(how, aiohttp_server) as dead:
-        r = rig(js_urls=[relay.url], our_urls=[dead, relay.url])
+        r = pypi_rig(js_urls=[pypi_relay.url], our_urls=[dead, pypi_relay.url])
         async with JsPeer.start("node") as js:
             room_id = new_room_id("mute")
             t0 = time.monotonic()
             room, watch, _ = await r.meet(js, room_id, js_first=True)
             assert time.monotonic() - t0 < 5
-            assert room.relay_states[dead] != "connected" and room.relay_states[relay.url] == "connected"
+            assert room.relay_states[dead] != "connected" and room.relay_states[pypi_relay.url] == "connected"
             await still_fine(room, js, room_id, watch)
     assert loop_errors == []
 
 
 async def test_relay_that_closes_mid_subscription(
-    relay: NostrRelay, rig: RigFactory, aiohttp_server: Any, loop_errors: list[dict[str, Any]]
+    pypi_relay: NostrRelayService,
+    pypi_rig: RigFactory,
+    aiohttp_server: Any,
+    loop_errors: list[dict[str, Any]],
 ) -> None:
     """A relay acknowledges our subscription, then drops the socket, every time: we reconnect
     with backoff and the room keeps working through the other relay."""
@@ -289,7 +306,7 @@ async def test_relay_that_closes_mid_subscription(
     app.router.add_get("/", flaky)
     server = await aiohttp_server(app, host="127.0.0.1")
     flaky_url = f"ws://127.0.0.1:{server.port}/"
-    r = rig(js_urls=[relay.url], our_urls=[flaky_url, relay.url])
+    r = pypi_rig(js_urls=[pypi_relay.url], our_urls=[flaky_url, pypi_relay.url])
     async with JsPeer.start("node") as js:
         room_id = new_room_id("flaky")
         room, watch, _ = await r.meet(js, room_id, js_first=True)
@@ -298,16 +315,17 @@ async def test_relay_that_closes_mid_subscription(
         await still_fine(room, js, room_id, watch)
         # Backoff, not a tight loop: 3.3 s doubling (jittered) allows a handful in a few seconds.
         assert sessions_seen <= 8, sessions_seen
-        assert room.relay_states[relay.url] == "connected"
+        assert room.relay_states[pypi_relay.url] == "connected"
     assert loop_errors == []
 
 
-async def test_rate_limited_relay_pauses_announces(tmp_path: Path, rig: RigFactory) -> None:
+async def test_rate_limited_relay_pauses_announces(
+    tmp_path: Path, nostr_relay_name: str, rig: RigFactory
+) -> None:
     """A relay that answers rate-limited: our announces there pause (and are not counted as
     sent) instead of going on into the refusal."""
-    with running(
-        service_or_fail(NostrRelay, tmp_path / "nostr", rate_limits={"ip": {"EVENT": "1/s"}})
-    ) as strict:
+    limit = event_rate_limit(nostr_relay_name, 1, seconds=1)
+    with running(service_or_fail(NOSTR_RELAYS[nostr_relay_name], tmp_path / "nostr", **limit)) as strict:
         fast = Timeouts(announce_warmup=(0.05,) * 3, announce_interval=1.0, announce_interval_stable=1.0)
         config = rig(js_urls=[strict.url]).make_config(timeouts=fast)
         room = signaling.join_room(config, new_room_id("limited"))
@@ -325,9 +343,9 @@ async def test_rate_limited_relay_pauses_announces(tmp_path: Path, rig: RigFacto
 
 
 async def test_rest_keeps_serving_while_the_relay_is_down(
-    aiohttp_client: Any, tmp_path: Path, app_id: str
+    aiohttp_client: Any, tmp_path: Path, app_id: str, nostr_relay_name: str
 ) -> None:
-    with running(service_or_fail(NostrRelay, tmp_path / "nostr")) as own:
+    with running(service_or_fail(NOSTR_RELAYS[nostr_relay_name], tmp_path / "nostr")) as own:
         config = helper_config(tmp_path, "nostr", [own.url], app_id)
         client = await aiohttp_client(create_app(config))
         assert (await client.post("/api/join/lobby")).status == 202

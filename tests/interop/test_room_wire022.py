@@ -1,9 +1,10 @@
 """Our rooms on ``wire="0.22"`` against real ``trystero@0.22.0`` Node peers (and 0.25.4 ones).
 
-Mirrors test_room_mqtt.py (the 0.25 cases) over a local mosquitto and a local NIP-01 nostr relay,
-without STUN, plus what only a dual-wire helper has: a 0.22 and a 0.25 room in one session, and
-peers of the other wire landing in a room (not admitted, logged once, harmless). Run it in a
-loopback-only network namespace:
+Mirrors test_room_mqtt.py (the 0.25 cases) over a local mosquitto and local NIP-01 nostr relays
+(PyPI ``nostr-relay`` and p2pdiff's own: ids ``[pypi-relay]``, ``[p2pdiff-relay]``), without
+STUN, plus what only a dual-wire helper has: a 0.22 and a 0.25 room in one session, and peers of
+the other wire landing in a room (not admitted, logged once, harmless). Run it in a loopback-only
+network namespace:
 
     scripts/netns.sh .venv/bin/pytest -q tests/interop/test_room_wire022.py
 
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,10 +27,11 @@ import pytest
 from p2pdiff.app import create_app
 from signaling import Room, RoomConfig, Session
 from signaling.framing import to_json
+from tests.conftest import NOSTR_RELAYS, NostrRelayService
 from tests.interop.jspeer import JsPeer, js_json, pattern_bytes, sha256_hex
 from tests.interop.test_helper_app import helper_config
-from tests.services import Mosquitto, NostrRelay, running
-from tests.support import SessionFactory, config_factory, service_or_fail, session_pool
+from tests.services import Mosquitto
+from tests.support import SessionFactory, config_factory, session_pool
 
 from .room_cases import (
     JOIN_TIMEOUT,
@@ -58,13 +60,6 @@ PREFIX = {"offer": "zz", "answer": "00"}
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def nostr_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelay]:
-    """One local NIP-01 relay for the module (a start costs ~1.5 s); rooms are unique per test."""
-    with running(service_or_fail(NostrRelay, tmp_path_factory.mktemp("nostr-relay"))) as relay:
-        yield relay
-
-
 @pytest.fixture
 async def sessions() -> AsyncIterator[SessionFactory]:
     """``sessions(role)``: a fresh Session that offers ("offer") or answers ("answer") on 0.22,
@@ -88,11 +83,17 @@ class Relays(Rig):
         return self.make_config(**overrides)
 
 
-@pytest.fixture(params=["mqtt", "nostr"])
-def relays(request: pytest.FixtureRequest, mosquitto: Mosquitto, app_id: str) -> Relays:
+@pytest.fixture(params=["mqtt", *NOSTR_RELAYS])
+def relays(
+    request: pytest.FixtureRequest,
+    mosquitto: Mosquitto,
+    nostr_relays: Callable[[str], NostrRelayService],
+    app_id: str,
+) -> Relays:
+    """MQTT, or nostr through each relay of NOSTR_RELAYS (the module's shared one of that kind)."""
     if request.param == "mqtt":
         return Relays("mqtt", mosquitto.ws_url, app_id)
-    return Relays("nostr", request.getfixturevalue("nostr_relay").url, app_id)
+    return Relays("nostr", nostr_relays(request.param).url, app_id)
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
-"""NostrRelay: spec vectors, a real local relay (PyPI nostr-relay) and scripted fake relays.
+"""NostrRelay: spec vectors, real local relays (PyPI nostr-relay and p2pdiff's own) and scripted
+fake relays.
 
-Happy paths and the reconnect run against the real relay; what a real relay will not do on
-demand (stay silent, close mid-subscription, answer CLOSED / OK false, send garbage or the same
+Happy paths, the reconnect and the rate limit run against each real relay of
+tests.conftest.NOSTR_RELAYS (ids ``[pypi-relay]``, ``[p2pdiff-relay]``); invalid events need a
+relay that forwards them, which only PyPI's does when told not to verify. What a real relay will
+not do on demand (stay silent, close mid-subscription, answer CLOSED / OK false, send garbage or the same
 event twice) is scripted with a small aiohttp WebSocket server in this file.
 """
 
@@ -36,6 +39,7 @@ from signaling.relays.nostr import (
     req_message,
     verify_signature,
 )
+from tests.conftest import NOSTR_RELAYS, NostrRelayService, event_rate_limit
 from tests.services import NostrRelay as NostrRelayServer
 from tests.services import running
 from tests.support import service_or_fail, service_pool
@@ -161,20 +165,23 @@ async def make_relay() -> AsyncIterator[RelayFactory]:
         yield make
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NostrRelayServer]:
-    """One relay for the tests that neither restart nor reconfigure it (a start costs ~1.5 s)."""
-    with running(service_or_fail(NostrRelayServer, tmp_path_factory.mktemp("nostr-relay"))) as server:
-        yield server
-
-
-ServerFactory = Callable[..., NostrRelayServer]
+ServerFactory = Callable[..., NostrRelayService]
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    with service_pool(NostrRelayServer, tmp_path, "nostr-relay") as make:
+def server_factory(tmp_path: Path, nostr_relay_name: str) -> Iterator[ServerFactory]:
+    """``server_factory(**kwargs)``: a started relay of the test's kind, for tests that restart or
+    configure it (the others share the module's ``nostr_relay``)."""
+    with service_pool(NOSTR_RELAYS[nostr_relay_name], tmp_path, nostr_relay_name) as make:
         yield make
+
+
+@pytest.fixture
+def lax_server(tmp_path: Path) -> Iterator[NostrRelayServer]:
+    """A PyPI relay that forwards whatever it gets, as a careless public relay might (it verifies
+    neither ids nor signatures; ours always does)."""
+    with running(service_or_fail(NostrRelayServer, tmp_path / "nostr-lax", verify=False)) as server:
+        yield server
 
 
 async def raw_publish(url: str, *events: dict[str, Any]) -> list[list[Any]]:
@@ -380,8 +387,8 @@ async def test_rejects_bad_urls_and_topics() -> None:
 # ---------------------------------------------------------------------- with a real relay
 
 
-async def test_round_trip(shared_server: NostrRelayServer, make_relay: RelayFactory) -> None:
-    a, b = make_relay(shared_server.url), make_relay(shared_server.url)
+async def test_round_trip(nostr_relay: NostrRelayService, make_relay: RelayFactory) -> None:
+    a, b = make_relay(nostr_relay.url), make_relay(nostr_relay.url)
     inbox_a, inbox_b = Inbox(), Inbox()
     a.on_message, b.on_message = inbox_a, inbox_b
     acks = [a.subscribe(SELF), b.subscribe(ROOT), b.subscribe(topic(1))]
@@ -401,9 +408,9 @@ async def test_round_trip(shared_server: NostrRelayServer, make_relay: RelayFact
 
 
 async def test_many_topics_and_kinds_in_one_req(
-    shared_server: NostrRelayServer, make_relay: RelayFactory
+    nostr_relay: NostrRelayService, make_relay: RelayFactory
 ) -> None:
-    sender, receiver = make_relay(shared_server.url), make_relay(shared_server.url)
+    sender, receiver = make_relay(nostr_relay.url), make_relay(nostr_relay.url)
     inbox = Inbox()
     receiver.on_message = inbox
     topics = [topic(100 + i) for i in range(6)]
@@ -432,11 +439,9 @@ async def test_many_topics_and_kinds_in_one_req(
 
 
 async def test_invalid_events_are_dropped_and_counted(
-    server_factory: ServerFactory, make_relay: RelayFactory
+    lax_server: NostrRelayServer, make_relay: RelayFactory
 ) -> None:
-    # verify=False: this relay forwards whatever it gets, as a careless public relay might.
-    server = server_factory(verify=False)
-    relay = make_relay(server.url)
+    relay = make_relay(lax_server.url)
     inbox = Inbox()
     relay.on_message = inbox
     acks = [relay.subscribe(ROOT), relay.subscribe(SELF)]
@@ -461,7 +466,7 @@ async def test_invalid_events_are_dropped_and_counted(
     )
     wrong_kind["sig"] = mallory.sign(wrong_kind["id"])
     good = signed(mallory, SELF, "genuine")
-    answers = await raw_publish(server.url, bad_sig, bad_id, wrong_kind, good)
+    answers = await raw_publish(lax_server.url, bad_sig, bad_id, wrong_kind, good)
     assert all(answer[2] is True for answer in answers), answers  # the relay took them all
 
     assert await inbox.wait_for(1) == ["genuine"]
@@ -511,9 +516,9 @@ async def test_relay_restart_reconnects_and_resubscribes(
 
 
 async def test_real_relay_rate_limit_pauses_announces(
-    server_factory: ServerFactory, make_relay: RelayFactory
+    server_factory: ServerFactory, nostr_relay_name: str, make_relay: RelayFactory
 ) -> None:
-    server = server_factory(rate_limits={"ip": {"EVENT": "2/m"}})
+    server = server_factory(**event_rate_limit(nostr_relay_name, 2, seconds=60))
     relay = make_relay(server.url, rate_limit_backoff=(30.0, 120.0))
     relay.subscribe(ROOT)  # publishing to a subscribed topic = announcing
     await relay.start()
@@ -531,9 +536,9 @@ async def test_real_relay_rate_limit_pauses_announces(
 
 
 async def test_flood_is_delivered_and_the_loop_stays_responsive(
-    shared_server: NostrRelayServer, make_relay: RelayFactory
+    nostr_relay: NostrRelayService, make_relay: RelayFactory
 ) -> None:
-    receiver = make_relay(shared_server.url)
+    receiver = make_relay(nostr_relay.url)
     inbox = Inbox()
     receiver.on_message = inbox
     receiver.subscribe(topic(300))
@@ -542,7 +547,7 @@ async def test_flood_is_delivered_and_the_loop_stays_responsive(
     keys = NostrKeys()
     events = [signed(keys, topic(300), f"m{i}") for i in range(300)]
     with Ticker() as ticker:  # 300 events, each parsed, hashed and signature-checked
-        async with aiohttp.ClientSession() as session, session.ws_connect(shared_server.url) as ws:
+        async with aiohttp.ClientSession() as session, session.ws_connect(nostr_relay.url) as ws:
             for event in events:
                 await ws.send_str(json.dumps(["EVENT", event]))
             await inbox.wait_for(300, limit=30)
@@ -882,9 +887,9 @@ async def test_close_while_retrying_and_before_start(make_relay: RelayFactory) -
     assert relay.queued == 0
 
 
-async def test_no_threads(shared_server: NostrRelayServer, make_relay: RelayFactory) -> None:
+async def test_no_threads(nostr_relay: NostrRelayService, make_relay: RelayFactory) -> None:
     before = threading.active_count()
-    a, b, inbox = await sender_and_receiver(make_relay, shared_server.url, shared_server.url, topic(400))
+    a, b, inbox = await sender_and_receiver(make_relay, nostr_relay.url, nostr_relay.url, topic(400))
     a.publish(topic(400), "ping")
     await inbox.wait_for(1)
     await a.close()
