@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,3 +83,52 @@ class SSEStream:
         except TimeoutError:
             return
         raise AssertionError(f"unexpected event {ev}")
+
+
+class History:
+    """Every event read from a stream so far, so that events arriving in either order can each be
+    waited for."""
+
+    def __init__(self, stream: SSEStream) -> None:
+        self.stream = stream
+        self.events: list[dict[str, Any]] = []
+        self.used = 0  # events before this index were matched by ``wait`` (later waits look past them)
+
+    def mark(self) -> int:
+        """A cursor for ``find(since=...)``: only events read after this call."""
+        return len(self.events)
+
+    async def wait(self, type: str, within: float = 30.0, **match: Any) -> dict[str, Any]:
+        """The first event after the last one ``wait`` matched, of ``type``, whose data has the
+        ``match`` items."""
+
+        def matches(ev: dict[str, Any]) -> bool:
+            return ev["type"] == type and all(ev["data"].get(k) == v for k, v in match.items())
+
+        index = await self._first(matches, self.used, within, f"{type} event with {match}")
+        self.used = index + 1
+        return self.events[index]
+
+    async def find(
+        self, what: str, predicate: Callable[[dict[str, Any]], bool], within: float = 30.0, since: int = 0
+    ) -> dict[str, Any]:
+        """The first event from index ``since`` on that ``predicate`` accepts, whether or not a
+        ``wait`` matched it; an AssertionError naming ``what`` after ``within`` seconds."""
+        return self.events[await self._first(predicate, since, within, what)]
+
+    async def _first(
+        self, predicate: Callable[[dict[str, Any]], bool], start: int, within: float, what: str
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        index = start
+        while True:
+            while index < len(self.events):
+                if predicate(self.events[index]):
+                    return index
+                index += 1
+            try:
+                self.events.append(await self.stream.event(max(0.01, deadline - loop.time())))
+            except TimeoutError:
+                seen = [(ev["type"], ev.get("room")) for ev in self.events[start:]]
+                raise AssertionError(f"no {what} within {within}s; events since: {seen}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,30 +9,7 @@ from p2pdiff.app import create_app
 from tests.interop.jspeer import JsPeer
 from tests.interop.test_helper_app import p2p_config
 from tests.services import Mosquitto
-from tests.sse_client import SSEStream
-
-
-class History:
-    """Every event read so far, so events that arrive in either order can each be waited for."""
-
-    def __init__(self, stream: SSEStream) -> None:
-        self.stream = stream
-        self.events: list[dict[str, Any]] = []
-        self.used = 0  # events before this index were matched already (later waits look past them)
-
-    async def wait(self, type: str, within: float = 30.0, **match: Any) -> dict[str, Any]:
-        """The first unmatched event of ``type`` whose data has the ``match`` items."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        i = self.used
-        while True:
-            while i < len(self.events):
-                ev = self.events[i]
-                i += 1
-                if ev["type"] == type and all(ev["data"].get(k) == v for k, v in match.items()):
-                    self.used = i
-                    return ev
-            self.events.append(await self.stream.event(max(0.01, deadline - loop.time())))
+from tests.sse_client import History, SSEStream
 
 
 async def test_peer_and_relay_events_from_a_real_room(
