@@ -4,6 +4,7 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -59,8 +60,9 @@ class FakeP2PHelper(ApiOnlyHelper):
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-async def scrape(client: TestClient) -> Samples:
-    resp = await client.get("/metrics")
+async def scrape(client: TestClient | aiohttp.ClientSession, url: str = "/metrics") -> Samples:
+    """Every sample of ``/metrics`` (from a TestClient, or a session given the server's full URL)."""
+    resp = await client.get(url)
     assert resp.status == 200
     assert resp.content_type == "text/plain"
     samples: Samples = {}

@@ -8,8 +8,9 @@ REST (``{"wire", "dispatch": true}``), and a Node peer that makes tasks and a Ch
 GPU join it as the published app does (app_peer.mjs). All three meet; the Node peer leaves and
 joins again, and the helper (its ``/api/events``) and the page see it go and come back; then a
 task the Node peer makes (its ``queue`` message and POST) is handed by the helper to the page
-through the room protocol and completed. Every wait is on an event (the peers' event streams,
-the server's SSE) with a generous timeout; nothing sleeps to synchronise.
+through the room protocol and completed. The relay's ``/metrics`` then show that it refused
+nothing. Every wait is on an event (the peers' event streams, the server's SSE) with a generous
+timeout; nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.interop.test_published_app_peers import GPU, NO_GPU, OPTIONS
 from tests.services import P2pdiffRelay, running
 from tests.sse_client import History, SSEStream
 from tests.support import service_or_fail
+from tests.test_metrics import Samples, scrape
 
 pytestmark = pytest.mark.interop
 
@@ -149,3 +151,22 @@ async def test_node_and_chromium_peers_and_the_helper_meet_on_our_relay_only(
             assert {p["id"] for p in room["peers"]} == {author.self_id, page.self_id}
             for peer in (author, page):
                 assert peer.events("error") == [], peer.describe()
+            assert_relay_refused_nothing(await scrape(http, f"{server.http_url}/metrics"))
+
+
+def assert_relay_refused_nothing(metrics: Samples) -> None:
+    """The room's traffic went through the relay, which refused no event, request or connection:
+    a Trystero 0.25 client gives a relay up for good on most refusals, so a real page must never
+    meet one."""
+    results = {
+        dict(labels)["result"]: count
+        for (name, labels), count in metrics.items()
+        if name == "p2pdiff_relay_events_total" and dict(labels)["protocol"] == "nostr"
+    }
+    assert results.get("accepted", 0) > 0 and set(results) <= {"accepted", "duplicate"}, results
+    refusals = {
+        key: count
+        for key, count in metrics.items()
+        if key[0] in ("p2pdiff_relay_refused_total", "p2pdiff_relay_dropped_total")
+    }
+    assert refusals == {}, refusals
