@@ -188,7 +188,7 @@ class PgRelayBus(RelayBus, Collector):
         for channel, text, size in batch:
             self._seq += 1
             header = orjson.dumps([self._node, self._seq, channel, None]).decode()
-            if size + len(header) + 1 < NOTIFY_MAX_BYTES:
+            if size + len(header.encode()) + 1 < NOTIFY_MAX_BYTES:  # a node id may be non-ASCII
                 payloads.append(f"{header}\n{text}")
                 continue
             key = uuid.uuid4().hex
