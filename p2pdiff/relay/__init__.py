@@ -72,7 +72,7 @@ class RelayServer:
         self.bus = bus if bus is not None else LocalBus()
         self.nostr = NostrHub(self.metrics, self.bus)
         self.ws_relay = WsRelayHub(self.metrics, self.bus)
-        self.tasks = BackgroundTasks(log, level=logging.DEBUG)
+        self.tasks = BackgroundTasks(log)
         self._proxy_header = proxy_header
         self._links: dict[str, dict[ClientLink, None]] = {}
         self.add_protocol(NOSTR)

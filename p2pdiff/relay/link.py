@@ -146,11 +146,14 @@ class WebSocketClientLink(ClientLink):
         try:
             async with asyncio.timeout(CLOSE_SECONDS):
                 await self._ws.close(code=code, message=reason.encode()[:120])
+            return
         except (TimeoutError, ConnectionError):
             pass
+        # A client that reads nothing never takes the close frame, and a plain close of the
+        # transport would hold its unsent bytes until it does.
         transport = self._request.transport
-        if transport is not None and not self._ws.closed:
-            transport.abort()  # a client that reads nothing never takes the close frame
+        if transport is not None:
+            transport.abort()
 
 
 class Session(Protocol):

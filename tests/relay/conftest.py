@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -29,3 +31,14 @@ def metric(text: str, name: str, **labels: Any) -> float:
         if line.startswith(key + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+@pytest.fixture(autouse=True)
+async def relay_stays_clean(
+    loop_errors: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[None]:
+    """No test here may leave an unhandled loop error or an error logged by the relay."""
+    with caplog.at_level(logging.ERROR, logger="p2pdiff.relay"):
+        yield
+    assert loop_errors == []
+    assert [r for r in caplog.records if r.name.startswith("p2pdiff.relay")] == []
