@@ -230,9 +230,13 @@ class RelayServer:
                 await ws.send_str(refusal_frame(text))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many connections")
             return ws
-        link = WebSocketClientLink(
-            request, ws, address, protocol, self.limits.outbox_bytes, self.metrics, self.tasks
-        )
+        try:
+            link = WebSocketClientLink(
+                request, ws, address, protocol, self.limits.outbox_bytes, self.metrics, self.tasks
+            )
+        except ConnectionResetError:  # gone between the upgrade and here
+            self.book.release(address)
+            return ws
         session = self._session(link)
         self._track(link, session)
         try:

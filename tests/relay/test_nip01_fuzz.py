@@ -140,6 +140,10 @@ class RecordingLink(ClientLink):
         super().__init__("test", "nostr", 1 << 30, RelayMetrics())
         self.frames: list[str] = []
 
+    @property
+    def backlog(self) -> int:
+        return 0
+
     def _enqueue(self, frame: str) -> None:
         self.frames.append(frame)
 
