@@ -18,6 +18,11 @@ What a client may do (``[relay]``'s limits, shared with the Nostr endpoint):
 - garbage (not JSON, not one of the three messages, a bad topic or payload): counted and ignored,
   and a connection that sent :data:`GARBAGE_LIMIT` such frames is closed: a real client sends none.
 
+Closing a real client's socket costs it more than the socket: Trystero's ws-relay client reconnects
+but never subscribes again, so it stays deaf on this relay until it rejoins its rooms. The limits
+are therefore sized so a browser never meets them (config.toml), and what is over them is ignored
+rather than closed, except garbage, message size, slow reading and idleness.
+
 Fan-out builds each ``{"topic","payload"}`` frame once and hands it to every subscriber's bounded
 link (a slow reader is dropped by its link, nobody waits); the frame also goes to the other nodes
 of a cluster over the :class:`~p2pdiff.relay.bus.RelayBus` (channel ``"ws-relay"``), whose frames
