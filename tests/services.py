@@ -527,8 +527,9 @@ class NostrRelay(Service):
 class P2pdiffRelay(Service):
     """p2pdiff's own Nostr relay: ``python -m p2pdiff`` with ``[relay] enabled`` on 127.0.0.1,
     the relay at ``.url`` (``ws://127.0.0.1:PORT/nostr``, the shape of ``NostrRelay.url``, so a
-    fixture can hand out either), its REST API at ``.http_url``. The store is SQLite in the
-    workdir and survives restarts; the relay keeps nothing, as the design says.
+    fixture can hand out either), its ws-relay endpoint at ``.ws_relay_url``, its REST API at
+    ``.http_url``. The store is SQLite in the workdir and survives restarts; the relay keeps
+    nothing, as the design says.
 
     The helper is off unless ``helper_app_id`` is given: then it is on for that app id, on
     this relay only (``[p2p] relay_urls`` = ``.url``, nostr, ICE on loopback, wire 0.22 and
@@ -540,6 +541,7 @@ class P2pdiffRelay(Service):
     name = "p2pdiff-relay"
     port_names = ("http",)
     path = "/nostr"
+    ws_relay_path = "/ws-relay"
     # aiohttp's bind error: "[Errno 98] error while attempting to bind ...: address already in use"
     port_clash_markers = (*Service.port_clash_markers, "address already in use")
 
@@ -563,6 +565,11 @@ class P2pdiffRelay(Service):
     def http_url(self) -> str:
         return f"http://{self.host}:{self.ports['http']}"
 
+    @property
+    def ws_relay_url(self) -> str:
+        """Its endpoint of Trystero's ws-relay protocol (``[relay] ws_relay_path``)."""
+        return f"ws://{self.host}:{self.ports['http']}{self.ws_relay_path}"
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "p2pdiff"]
 
@@ -574,6 +581,7 @@ class P2pdiffRelay(Service):
             "P2PDIFF_SERVER_RATE_LIMIT_PER_SECOND": "0",
             "P2PDIFF_RELAY_ENABLED": "true",
             "P2PDIFF_RELAY_PATH": self.path,
+            "P2PDIFF_RELAY_WS_RELAY_PATH": self.ws_relay_path,
             "P2PDIFF_P2P_ENABLED": "false",
         }
         if self.helper_app_id is not None:

@@ -2,15 +2,16 @@
 
 Each JS peer plays a browser of P2P WebGPU Diffusion: it registers the app's six actions and
 sends exactly what the app sends (tests/interop/jspeer.py drives it). The server is the whole
-app (create_app with P2P) over a local mosquitto; what the helper makes of the room is read back
-over REST, as the dashboard and REST clients see it.
+app (create_app with P2P) over a local mosquitto, or (wire 0.25) over Trystero's ws-relay protocol
+through p2pdiff's own relay (``[p2p] strategy = "ws-relay"``); what the helper makes of the room is
+read back over REST, as the dashboard and REST clients see it.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from aiohttp.test_utils import TestClient
 from p2pdiff.app import create_app
 from p2pdiff.config import Config
 from tests.interop.jspeer import JsPeer, pattern_bytes
-from tests.interop.test_helper_app import p2p_config, poll
-from tests.services import Mosquitto
+from tests.interop.test_helper_app import helper_config, poll
+from tests.services import P2pdiffRelay, running
+from tests.support import service_or_fail
 
 pytestmark = pytest.mark.interop
 
@@ -38,22 +40,43 @@ NO_GPU = {"hasGPU": False, "gpuName": None, "memory": 4, "cores": 4}
 
 
 # The app itself runs Trystero 0.22 (trystero@0.22.0); 0.25 is the current release. Every test
-# runs on both wires, the helper speaking the same wire as the peers ([p2p] wire).
-WIRES = ["0.25", "0.22"]
+# runs on both wires over MQTT, the helper speaking the same wire as the peers ([p2p] wire), and
+# on 0.25 over ws-relay too (Trystero's self-hosted relay, through p2pdiff's own; 0.23+ only).
+ROUTES = {"0.25": ("0.25", "mqtt"), "0.22": ("0.22", "mqtt"), "0.25-ws-relay": ("0.25", "ws-relay")}
 
 
-@pytest.fixture(params=WIRES)
-def wire(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(params=list(ROUTES.values()), ids=list(ROUTES))
+def route(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(wire, strategy) of the helper and the browsers."""
+    wire, strategy = request.param
+    return str(wire), str(strategy)
+
+
+@pytest.fixture(scope="module")
+def our_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P2pdiffRelay]:
+    """A p2pdiff server hosting the room relay, for the ws-relay route (started on first use)."""
+    with running(service_or_fail(P2pdiffRelay, tmp_path_factory.mktemp("p2pdiff-relay"))) as service:
+        yield service
+
+
+@pytest.fixture
+def relay_url(route: tuple[str, str], request: pytest.FixtureRequest) -> str:
+    """Where the route's helper and browsers meet: the test's mosquitto, or our relay's ws-relay."""
+    if route[1] == "ws-relay":
+        return str(request.getfixturevalue("our_relay").ws_relay_url)
+    return str(request.getfixturevalue("mosquitto").ws_url)
 
 
 AppFactory = Callable[..., Awaitable[TestClient]]
 
 
 @pytest.fixture
-def make_app(aiohttp_client: Any, tmp_path: Path, mosquitto: Mosquitto, app_id: str, wire: str) -> AppFactory:
+def make_app(
+    aiohttp_client: Any, tmp_path: Path, route: tuple[str, str], relay_url: str, app_id: str
+) -> AppFactory:
     async def make(**p2p: Any) -> TestClient:
-        config: Config = p2p_config(tmp_path, mosquitto, app_id)
+        wire, strategy = route
+        config: Config = helper_config(tmp_path, strategy, [relay_url], app_id)
         config.p2p.wire = wire
         lease = p2p.pop("lease_seconds", None)
         if lease is not None:
@@ -69,14 +92,15 @@ Browsers = Callable[..., Awaitable[JsPeer]]
 
 
 @pytest.fixture
-async def browsers(mosquitto: Mosquitto, app_id: str, wire: str) -> AsyncIterator[Browsers]:
+async def browsers(route: tuple[str, str], relay_url: str, app_id: str) -> AsyncIterator[Browsers]:
     """``await browser(name)``: a JS peer in ROOM with the app's actions registered."""
     peers: list[JsPeer] = []
 
     async def browser(name: str) -> JsPeer:
+        wire, strategy = route
         peer = await JsPeer.launch("node", wire, name=name)
         peers.append(peer)
-        await peer.join(ROOM, app_id=app_id, relay_urls=[mosquitto.ws_url])
+        await peer.join(ROOM, app_id=app_id, relay_urls=[relay_url], strategy=strategy)
         for action in ACTIONS:  # as the app does at join (0.22 drops messages for unknown actions)
             await peer.make_action(ROOM, action)
         return peer
