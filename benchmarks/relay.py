@@ -52,6 +52,8 @@ PUBLISHERS = 4
 WINDOW = 200
 JOINS = int(os.environ.get("BENCH_RELAY_JOINS", "10"))
 JOIN_TIMEOUT_S = 30.0
+#: A JS<->JS join over node-datachannel stalls ~1 s in about half the joins (see report_joins).
+STALL_S = 0.5
 TARGET_FANOUT_RATIO = 5.0
 
 
@@ -403,9 +405,8 @@ async def joins(tmp: Path) -> dict[str, Joins]:
         async with baseline, ours:
             urls = [("nostr-relay (PyPI)", pypi.url), ("p2pdiff", relay_url(ours))]
             for i in range(JOINS):
-                # The same fresh pair of Node peers on both relays, in alternating order: who offers
-                # depends on which selfId sorts first, and a JS<->JS join over node-datachannel takes
-                # ~0.1 s or ~1.1 s with it, so only the same ids make the relays comparable.
+                # The same fresh pair of Node peers on both relays, in alternating order: both relays
+                # see the same ids (who offers) and the same machine load.
                 async with JsPeer.start(kind="node") as host, JsPeer.start(kind="node") as joiner:
                     for name, url in urls[:: 1 if i % 2 == 0 else -1]:
                         result = results.setdefault(name, Joins())
@@ -461,30 +462,48 @@ def report_fan_out(results: dict[str, list[FanOut]]) -> None:
 
 
 def report_joins(results: dict[str, Joins]) -> None:
+    """Means over all joins, and the verdict on the joins without node-datachannel's ~1 s stall.
+
+    About half the JS<->JS joins take ~1.1 s instead of ~0.1 s on either relay, at random (the same
+    pair of peers meets in either mode): the signaling exchange is over by ~0.2 s and the rest is
+    WebRTC (a capture through a logging proxy shows it). The relay's share shows in the other joins.
+    """
     base = results["nostr-relay (PyPI)"].times
     print(f"\nThrough-relay join -> first ping round trip ({JOINS} joins each, same Node peers on both)\n")
-    print("| relay | join | mean s | median s | min s | max s | failed | mean vs PyPI |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| relay | join | mean s | median s | min s | max s | over {STALL_S:g} s | failed | "
+        f"mean under {STALL_S:g} s | vs PyPI |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     verdicts = []
     for name, result in results.items():
         for kind, times in result.times.items():
-            if not times:
-                print(f"| {name} | {kind} | | | | | {result.failed[kind]} | |")
-                continue
-            mean = statistics.mean(times)
-            base_mean = statistics.mean(base[kind]) if base[kind] else math.nan
+            quick, base_quick = _under(times, STALL_S), _under(base[kind], STALL_S)
+            ratio = statistics.mean(quick) / statistics.mean(base_quick) if quick and base_quick else math.nan
             if name != "nostr-relay (PyPI)":
-                # Means, not medians: JS<->JS times are bimodal (~0.1 s or ~1.1 s) and a median of
-                # a few joins jumps between the modes. Within 10 % or 20 ms is within run-to-run noise
-                # (a JS<->helper join takes ~50 ms on loopback).
-                verdicts.append(mean <= base_mean * 1.1 or mean - base_mean <= 0.02)
+                # within 10 % or 20 ms: run-to-run noise (a quick join takes 0.02-0.2 s on loopback)
+                verdicts.append(bool(quick) and (ratio <= 1.1 or _mean(quick) - _mean(base_quick) <= 0.02))
             print(
-                f"| {name} | {kind} | {mean:.3f} | {statistics.median(times):.3f} | "
-                f"{min(times):.3f} | {max(times):.3f} | {result.failed[kind]} | {mean / base_mean:.2f}x |"
+                f"| {name} | {kind} | {_mean(times):.3f} | {_median(times):.3f} | "
+                f"{min(times, default=math.nan):.3f} | {max(times, default=math.nan):.3f} | "
+                f"{len(times) - len(quick)} | {result.failed[kind]} | "
+                f"{_mean(quick):.3f} | {ratio:.2f}x |"
             )
     if verdicts:
         verdict = "PASS" if all(verdicts) else "MISS"
-        print(f"\njoin target no slower than PyPI (mean within 10 % or 20 ms): {verdict}")
+        print(f"\njoin target no slower than PyPI (mean under {STALL_S:g} s within 10 % or 20 ms): {verdict}")
+
+
+def _under(times: list[float], limit: float) -> list[float]:
+    return [t for t in times if t < limit]
+
+
+def _mean(times: list[float]) -> float:
+    return statistics.mean(times) if times else math.nan
+
+
+def _median(times: list[float]) -> float:
+    return statistics.median(times) if times else math.nan
 
 
 async def run() -> None:
