@@ -5,7 +5,8 @@ The JS peers are real Trystero 0.25.4 (``@trystero-p2p/core``) with our ws-relay
 (tests/interop/ws_relay_strategy.mjs: ``@trystero-p2p/ws-relay`` is not on npm). First two of them
 meet each other through the endpoint; then the cases of test_room_mqtt.py run from room_cases.py
 with our rooms (strategy ``ws-relay``): (a) meet in either order and role, (b) payloads, (c)
-password, (d) leave and rejoin, (f) the relay restarts. The helper of a whole p2pdiff server on
+password, (d) leave and rejoin, (f) the relay restarts; last, a Chromium page with the same module
+meets us and a Node peer. The helper of a whole p2pdiff server on
 ws-relay (``[p2p] strategy = "ws-relay"``) meets these peers in test_app_protocol.py, whose cases
 run on that route too.
 Run them in a loopback-only namespace:
@@ -25,7 +26,7 @@ from tests.interop.jspeer import JsPeer
 from tests.services import P2pdiffRelay, running
 from tests.support import service_or_fail
 
-from .conftest import SessionFactory
+from .conftest import SessionFactory, require_loopback_netns
 from .room_cases import (
     JOIN_TIMEOUT,
     RigFactory,
@@ -120,3 +121,24 @@ async def test_relay_restart(tmp_path: Path, rig: RigFactory) -> None:
         # Subscriptions sent again on the new connection (Trystero's own client never does that).
         assert session_relay(own.url, WsRelay).counters["subscribed"] >= 4
         assert room.relay_states == {own.url: "connected"}
+
+
+async def test_chromium_page_meets_us_and_a_node_peer(
+    relay: WsRelayEndpoint, rig: RigFactory, sessions: SessionFactory
+) -> None:
+    """The strategy module bundled into a real Chromium page: it meets our room and a Node peer."""
+    require_loopback_netns()
+    r = rig()
+    async with JsPeer.start("browser", name="page") as page, JsPeer.start("node", name="node") as node:
+        room_id = new_room_id("chromium")
+        room, _, _ = await r.meet(page, room_id, js_first=True, session=sessions("offer"))
+        await r.js_join(node, room_id)
+        for js, other in ((page, node), (node, page)):
+            await js.wait_peer_join(room_id, other.self_id, timeout=JOIN_TIMEOUT)
+        assert 0 <= await page.ping(room_id, room.self_id) < 2000
+        assert 0 < await room.ping(page.self_id) < 2000
+        since = node.mark()
+        await page.send(room_id, "data", {"from": "chromium"}, target=node.self_id)
+        assert (await node.wait_action(room_id, "data", peer=page.self_id, since=since))["value"] == {
+            "from": "chromium"
+        }
