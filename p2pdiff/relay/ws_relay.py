@@ -198,10 +198,6 @@ class WsRelaySession:
         self._publishes = TokenBucket(limits.events_per_second, limits.events_burst, clock)
         self._garbage = 0
 
-    @property
-    def topics(self) -> tuple[str, ...]:
-        return tuple(self._topics)
-
     def handle(self, text: str) -> None:
         """One text frame from the client."""
         if len(text) > self._limits.max_message_bytes:  # sockets are capped by aiohttp already
