@@ -115,10 +115,6 @@ class RelayServer:
             app.router.add_get(self.config.ws_relay_path, self._ws_relay_handler)
         app.on_shutdown.append(self._on_shutdown)
 
-    def owns(self, path: str) -> bool:
-        """Whether ``path`` (a route template) is one of the relay's endpoints."""
-        return path in (self.config.path, self.config.ws_relay_path)
-
     @property
     def ctx(self) -> Callable[[web.Application], AsyncIterator[None]]:
         """The cleanup context: the bus and the idle check run while the app does; at its end every

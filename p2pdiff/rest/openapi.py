@@ -22,7 +22,6 @@ from aiohttp import web
 from p2pdiff.appkeys import CONFIG
 from p2pdiff.config import Config
 from p2pdiff.errors import NotFound
-from p2pdiff.relay import RELAY
 from p2pdiff.rest import appfiles, dashboard, security
 from p2pdiff.rest.api import MAX_BODY_BYTES, VERSION
 from p2pdiff.tasks import validate
@@ -663,12 +662,12 @@ def registered_operations(app: web.Application) -> set[tuple[str, str]]:
     is the room relay (``[relay]``): WebSocket endpoints, which OpenAPI does not describe.
     """
     found = set()
-    server = app[CONFIG].server
+    server, relay = app[CONFIG].server, app[CONFIG].relay
     for route in app.router.routes():
         resource = route.resource
         if resource is None or appfiles.owns(server, resource.canonical):
             continue
-        if RELAY in app and app[RELAY].owns(resource.canonical):  # WebSocket endpoints, not the API
+        if relay.enabled and resource.canonical in (relay.path, relay.ws_relay_path):  # WebSockets
             continue
         method = IMPLIED_METHODS.get(route.method, route.method)
         found.add((method.lower(), resource.canonical))

@@ -6,6 +6,10 @@ import time
 
 from aiohttp.test_utils import TestClient
 
+from p2pdiff.app import create_app
+from p2pdiff.appkeys import CONFIG
+from p2pdiff.config import Config
+from p2pdiff.rest import openapi
 from signaling.crypto import nostr_kind
 from signaling.relays.nostr import NostrKeys
 from tests.relay.conftest import metric
@@ -83,3 +87,19 @@ async def test_metrics_count_events_and_deliveries(relay_client: TestClient) -> 
     assert metric(text, "p2pdiff_relay_connections", protocol="nostr") == 1
     assert metric(text, "p2pdiff_relay_events_total", protocol="nostr", result="accepted") == 1
     assert metric(text, "p2pdiff_relay_deliveries_total", protocol="nostr") == 1
+
+
+async def test_plain_http_gets_the_relay_information_or_426(relay_client: TestClient) -> None:
+    info = await relay_client.get("/nostr", headers={"Accept": "application/nostr+json"})
+    assert info.status == 200 and info.content_type == "application/nostr+json"
+    document = await info.json(content_type=None)
+    assert 1 in document["supported_nips"]
+    assert document["limitation"]["max_subscriptions"] == relay_client.app[CONFIG].relay.max_subscriptions
+    assert (await relay_client.get("/nostr")).status == 426
+
+
+def test_the_relay_endpoints_stay_out_of_the_api_document(relay_config: Config) -> None:
+    app = create_app(relay_config)
+    paths = {route.resource.canonical for route in app.router.routes() if route.resource}
+    assert {"/nostr", "/ws-relay"} <= paths
+    assert not {path for _, path in openapi.registered_operations(app)} & {"/nostr", "/ws-relay"}
