@@ -82,6 +82,3 @@ class ConnectionBook:
             self._by_address[address] = left
         else:
             del self._by_address[address]
-
-    def from_address(self, address: str) -> int:
-        return self._by_address.get(address, 0)

@@ -104,7 +104,6 @@ class Filter:
     tags: tuple[tuple[str, frozenset[str]], ...] = ()
     since: int | None = None
     until: int | None = None
-    limit: int | None = None
 
     def matches(self, event: Event) -> bool:
         if self.kinds is not None and event.kind not in self.kinds:
@@ -279,8 +278,9 @@ def _parse_filter(sub_id: str, raw: object, limits: RelayLimits) -> Filter:
     for key, value in raw.items():
         if key.startswith("#"):
             tags.append((key[1:], _values(sub_id, key, value, str, limits)))
-    since, until, limit = raw.get("since"), raw.get("until"), raw.get("limit")
-    for name, number in (("since", since), ("until", until), ("limit", limit)):
+    since, until = raw.get("since"), raw.get("until")
+    # limit bounds the stored events sent before EOSE; there are none, so it is checked, not kept.
+    for name, number in (("since", since), ("until", until), ("limit", raw.get("limit"))):
         if number is not None and not (_is_int(number) and 0 <= number <= MAX_SAFE_INTEGER):
             raise ReqRefused(sub_id, "invalid", f"{name} must be a non-negative integer", "filters")
     ids = _hex_values(sub_id, "ids", raw.get("ids"), limits)
@@ -293,7 +293,6 @@ def _parse_filter(sub_id: str, raw: object, limits: RelayLimits) -> Filter:
         tags=tuple(tags),
         since=since,
         until=until,
-        limit=limit,
     )
 
 

@@ -67,10 +67,6 @@ class NostrSession:
         self._subs: dict[str, Subscription] = {}
         self._events = TokenBucket(limits.events_per_second, limits.events_burst, clock)
 
-    @property
-    def subscriptions(self) -> int:
-        return len(self._subs)
-
     def handle(self, text: str) -> None:
         """One text frame from the client."""
         if len(text) > self._limits.max_message_bytes:  # sockets are capped by aiohttp already

@@ -33,7 +33,7 @@ __all__ = ["NOSTR", "SEEN_EVENTS", "NostrHub", "Subscription"]
 log = logging.getLogger(__name__)
 
 NOSTR = "nostr"  # the protocol label in metrics, and the bus channel
-# Ids of recent events kept for dedupe: several minutes of a busy relay's traffic, ~10 MB at most.
+# Ids of recent events kept for dedupe: several minutes of a busy relay's traffic, ~15 MB at most.
 SEEN_EVENTS = 65_536
 TOPIC_TAG = "x"
 

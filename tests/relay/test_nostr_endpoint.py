@@ -103,3 +103,11 @@ def test_the_relay_endpoints_stay_out_of_the_api_document(relay_config: Config) 
     paths = {route.resource.canonical for route in app.router.routes() if route.resource}
     assert {"/nostr", "/ws-relay"} <= paths
     assert not {path for _, path in openapi.registered_operations(app)} & {"/nostr", "/ws-relay"}
+
+
+async def test_limit_is_accepted_and_bounds_nothing_live(relay_client: TestClient) -> None:
+    alice = await NostrClient.connect(relay_client)
+    assert await alice.req("s", topic_filter(TOPIC) | {"limit": 0}) == ["EOSE", "s"]
+    event = signed(NostrKeys(), TOPIC)
+    await alice.publish(event)
+    assert await alice.recv() == ["EVENT", "s", event]
