@@ -33,12 +33,25 @@ def metric(text: str, name: str, **labels: Any) -> float:
     return 0.0
 
 
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture(autouse=True)
-async def relay_stays_clean(
-    loop_errors: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
-) -> AsyncIterator[None]:
-    """No test here may leave an unhandled loop error or an error logged by the relay."""
-    with caplog.at_level(logging.ERROR, logger="p2pdiff.relay"):
+async def relay_stays_clean(loop_errors: list[dict[str, Any]]) -> AsyncIterator[None]:
+    """No test here may leave an unhandled loop error or an error logged by the relay. (A handler
+    of its own, not caplog's levels, which would change what other tests' caplog sees.)"""
+    errors = _Errors()
+    relay_log = logging.getLogger("p2pdiff.relay")
+    relay_log.addHandler(errors)
+    try:
         yield
+    finally:
+        relay_log.removeHandler(errors)
     assert loop_errors == []
-    assert [r for r in caplog.records if r.name.startswith("p2pdiff.relay")] == []
+    assert [record.getMessage() for record in errors.records] == []
