@@ -181,6 +181,7 @@ class RelayConfig:
     max_subscriptions: int = 128
     max_filters: int = 10
     max_filter_values: int = 1000
+    max_values_per_connection: int = 10_000
     events_per_second: float = 50.0
     events_burst: int = 500
     max_event_bytes: int = 128 * 1024
@@ -454,6 +455,8 @@ def _validate_relay(relay: RelayConfig, server: ServerConfig) -> None:
             f"[relay] max_filter_values: must be >= {MIN_RELAY_FILTER_VALUES} "
             "(Trystero 0.25 sends up to 250 topics in one subscription)"
         )
+    if relay.max_values_per_connection < relay.max_filter_values:
+        raise ConfigError("[relay] max_values_per_connection: must be >= max_filter_values")
     if relay.max_message_bytes < relay.max_event_bytes + RELAY_ENVELOPE_BYTES:
         raise ConfigError(
             f"[relay] max_message_bytes: must be >= max_event_bytes + {RELAY_ENVELOPE_BYTES} "

@@ -28,6 +28,7 @@ class RelayLimits:
     max_subscriptions: int
     max_filters: int
     max_filter_values: int
+    max_values_per_connection: int
     events_per_second: float
     events_burst: int
     max_event_bytes: int
@@ -43,6 +44,7 @@ class RelayLimits:
             max_subscriptions=relay.max_subscriptions,
             max_filters=relay.max_filters,
             max_filter_values=relay.max_filter_values,
+            max_values_per_connection=relay.max_values_per_connection,
             events_per_second=relay.events_per_second,
             events_burst=relay.events_burst,
             max_event_bytes=relay.max_event_bytes,

@@ -105,6 +105,12 @@ class Filter:
     since: int | None = None
     until: int | None = None
 
+    @property
+    def values(self) -> int:
+        """How many values the filter holds (what it costs to keep)."""
+        held = sum(len(values) for _, values in self.tags)
+        return held + sum(len(field) for field in (self.ids, self.authors, self.kinds) if field is not None)
+
     def matches(self, event: Event) -> bool:
         if self.kinds is not None and event.kind not in self.kinds:
             return False

@@ -9,8 +9,10 @@ Answers (machine-readable prefixes of NIP-01):
   Trystero 0.25 gives a relay up for good on any ``OK false`` but ``rate-limited:``, so only that one
   may ever reach a well-behaved client: the limits are sized so.
 - ``REQ``: ``["EOSE",subId]`` at once (nothing is stored, so nothing comes first), then live events;
-  a REQ for a subscription id in use replaces it. Past ``max_subscriptions``, ``max_filters`` or
-  ``max_filter_values``, or with a malformed filter: ``["CLOSED",subId,"error: ..."|"invalid: ..."]``.
+  a REQ for a subscription id in use replaces it. Past ``max_subscriptions``, ``max_filters``,
+  ``max_filter_values`` or ``max_values_per_connection`` (all values of the socket's subscriptions:
+  what its REQs make the relay hold), or with a malformed filter:
+  ``["CLOSED",subId,"error: ..."|"invalid: ..."]``.
 - ``CLOSE``: no answer (Trystero 0.25 would give the relay up on any ``CLOSED``, even for its own
   CLOSE).
 - Anything else: ``["NOTICE","error: ..."|"invalid: ..."]``.
@@ -65,6 +67,7 @@ class NostrSession:
         self._limits = limits
         self._metrics = metrics
         self._subs: dict[str, Subscription] = {}
+        self._values = 0  # of all filters in self._subs
         self._events = TokenBucket(limits.events_per_second, limits.events_burst, clock)
 
     def handle(self, text: str) -> None:
@@ -102,6 +105,7 @@ class NostrSession:
         for sub in self._subs.values():
             self._hub.unsubscribe(sub)
         self._subs.clear()
+        self._values = 0
 
     def _refuse(self, reason: str, notice: str) -> None:
         self._metrics.refused[NOSTR, reason] += 1
@@ -127,19 +131,28 @@ class NostrSession:
         self._hub.publish(event)
 
     def _req(self, message: ReqMsg) -> None:
-        sub_id = message.sub_id
-        old = self._subs.pop(sub_id, None)
-        if old is not None:
-            self._hub.unsubscribe(old)
-        elif len(self._subs) >= self._limits.max_subscriptions:
-            self._metrics.refused[NOSTR, "subscriptions"] += 1
-            text = f"error: at most {self._limits.max_subscriptions} subscriptions per connection"
-            self._link.send(_dumps(["CLOSED", sub_id, text]))
+        sub_id, limits = message.sub_id, self._limits
+        values = sum(f.values for f in message.filters)
+        old = self._subs.get(sub_id)
+        if old is None and len(self._subs) >= limits.max_subscriptions:
+            self._refuse_req(sub_id, "subscriptions", f"at most {limits.max_subscriptions} subscriptions")
             return
-        sub = Subscription(self._link, sub_id, message.filters)
+        held = self._values - (old.values if old is not None else 0)
+        if held + values > limits.max_values_per_connection:
+            self._close_subscription(sub_id)  # a refused REQ ends the subscription it would replace
+            text = f"at most {limits.max_values_per_connection} filter values in all subscriptions"
+            self._refuse_req(sub_id, "connection_values", text)
+            return
+        self._close_subscription(sub_id)
+        sub = Subscription(self._link, sub_id, message.filters, values)
         self._subs[sub_id] = sub
+        self._values += values
         self._hub.subscribe(sub)
         self._link.send(_dumps(["EOSE", sub_id]))
+
+    def _refuse_req(self, sub_id: str, reason: str, text: str) -> None:
+        self._metrics.refused[NOSTR, reason] += 1
+        self._link.send(_dumps(["CLOSED", sub_id, f"error: {text} per connection"]))
 
     def _close(self, message: CloseMsg) -> None:
         self._close_subscription(message.sub_id)
@@ -147,6 +160,7 @@ class NostrSession:
     def _close_subscription(self, sub_id: str) -> None:
         sub = self._subs.pop(sub_id, None)
         if sub is not None:
+            self._values -= sub.values
             self._hub.unsubscribe(sub)
 
 

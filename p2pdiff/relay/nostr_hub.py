@@ -41,21 +41,23 @@ TOPIC_TAG = "x"
 class Subscription:
     """One REQ of one client: its filters and the start of every frame it is sent."""
 
-    __slots__ = ("filters", "link", "prefix", "sub_id", "topics")
+    __slots__ = ("filters", "link", "prefix", "sub_id", "topics", "values")
 
-    def __init__(self, link: ClientLink, sub_id: str, filters: tuple[Filter, ...]) -> None:
+    def __init__(self, link: ClientLink, sub_id: str, filters: tuple[Filter, ...], values: int = 0) -> None:
         self.link = link
         self.sub_id = sub_id
         self.filters = filters
+        #: How many filter values it holds (its session's budget: max_values_per_connection).
+        self.values = values
         self.prefix = '["EVENT",' + orjson.dumps(sub_id).decode() + ","
         # Every filter names #x: the topics to index it under. None: it must see every event.
         topics: set[str] = set()
         for f in filters:
-            values = f.tag(TOPIC_TAG)
-            if values is None:
+            named = f.tag(TOPIC_TAG)
+            if named is None:
                 self.topics: frozenset[str] | None = None
                 return
-            topics |= values
+            topics |= named
         self.topics = frozenset(topics)
 
     def matches(self, event: Event) -> bool:

@@ -318,3 +318,29 @@ async def test_a_flood_of_frames_lets_the_loop_run(relay_client: TestClient) -> 
     task.cancel()
     assert len(handled) == READ_YIELD_EVERY * 10
     assert ticks >= 10  # the other task ran once per READ_YIELD_EVERY frames
+
+
+async def test_filter_values_of_all_subscriptions_together(
+    make_client: ClientFactory, relay_config: Config
+) -> None:
+    client = await relay_with(make_client, relay_config, max_filter_values=250, max_values_per_connection=600)
+    alice = await NostrClient.connect(client)
+    topics = [f"topic{i}" for i in range(250)]
+    assert await alice.req("a", {"kinds": [20001], "#x": topics}) == ["EOSE", "a"]  # 251 values
+    assert await alice.req("b", {"kinds": [20002], "#x": topics}) == ["EOSE", "b"]  # 502 in all
+    too_many = ["CLOSED", "c", "error: at most 600 filter values in all subscriptions per connection"]
+    assert await alice.req("c", {"#x": topics[:100]}) == too_many
+    assert await alice.req("a", {"#x": topics[:10]}) == ["EOSE", "a"]  # replaced: 261 in all
+    assert await alice.req("c", {"#x": topics[:100]}) == ["EOSE", "c"]  # 361
+    refused = await alice.req("b", {"#x": topics, "#y": topics})  # would be 610: b ends instead
+    assert refused == ["CLOSED", "b", too_many[2]]
+    assert await alice.req("d", {"#x": topics}, {"#y": topics[:240]}) == ["EOSE", "d"]  # 600 exactly
+    event = signed(NostrKeys(), "topic200")
+    await alice.publish(event)
+    assert await alice.recv() == ["EVENT", "d", event]  # not b: it ended
+    await alice.silent()
+    reason = "connection_values"
+    assert (
+        metric(await metrics_text(client), "p2pdiff_relay_refused_total", protocol="nostr", reason=reason)
+        == 2
+    )

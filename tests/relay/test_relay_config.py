@@ -40,6 +40,10 @@ def test_file_and_environment(tmp_path: Path) -> None:
         ("max_connections = 0", "[relay] max_connections: must be > 0"),
         ("idle_seconds = -1", "[relay] idle_seconds: must be > 0"),
         ("max_filter_values = 100", "[relay] max_filter_values: must be >= 250"),
+        (
+            "max_values_per_connection = 999",
+            "[relay] max_values_per_connection: must be >= max_filter_values",
+        ),
         ("max_connections_per_address = 5000", "[relay] max_connections_per_address: must be <="),
         ("max_message_bytes = 1000", "[relay] max_message_bytes: must be >= max_event_bytes + 1024"),
         ("outbox_bytes = 1000", "[relay] outbox_bytes: must be >= max_message_bytes"),
