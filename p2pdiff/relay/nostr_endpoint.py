@@ -11,7 +11,8 @@ Answers (machine-readable prefixes of NIP-01):
 - ``REQ``: ``["EOSE",subId]`` at once (nothing is stored, so nothing comes first), then live events;
   a REQ for a subscription id in use replaces it. Past ``max_subscriptions``, ``max_filters``,
   ``max_filter_values`` or ``max_values_per_connection`` (all values of the socket's subscriptions:
-  what its REQs make the relay hold), or with a malformed filter:
+  what its REQs make the relay hold), past :data:`UNINDEXED_SUBSCRIPTIONS` subscriptions that
+  every event must be checked against, or with a malformed filter:
   ``["CLOSED",subId,"error: ..."|"invalid: ..."]``.
 - ``CLOSE``: no answer (Trystero 0.25 would give the relay up on any ``CLOSED``, even for its own
   CLOSE).
@@ -44,6 +45,11 @@ from p2pdiff.relay.nostr_hub import NOSTR, NostrHub, Subscription
 from signaling.bounded import TokenBucket
 
 __all__ = ["NostrSession", "relay_information"]
+
+
+# A subscription with a filter that names no #x is checked against every event the relay handles
+# (nostr_hub's scan list), so each socket may hold only a few; Trystero's filters all name #x.
+UNINDEXED_SUBSCRIPTIONS = 4
 
 
 def _dumps(message: list[Any]) -> str:
@@ -143,12 +149,20 @@ class NostrSession:
             text = f"at most {limits.max_values_per_connection} filter values in all subscriptions"
             self._refuse_req(sub_id, "connection_values", text)
             return
-        self._close_subscription(sub_id)
         sub = Subscription(self._link, sub_id, message.filters, values)
+        if sub.topics is None and self._unindexed(besides=sub_id) >= UNINDEXED_SUBSCRIPTIONS:
+            self._close_subscription(sub_id)
+            text = f"at most {UNINDEXED_SUBSCRIPTIONS} subscriptions with a filter naming no #x"
+            self._refuse_req(sub_id, "unindexed_subscriptions", text)
+            return
+        self._close_subscription(sub_id)
         self._subs[sub_id] = sub
         self._values += values
         self._hub.subscribe(sub)
         self._link.send(_dumps(["EOSE", sub_id]))
+
+    def _unindexed(self, *, besides: str) -> int:
+        return sum(1 for sub_id, sub in self._subs.items() if sub.topics is None and sub_id != besides)
 
     def _refuse_req(self, sub_id: str, reason: str, text: str) -> None:
         self._metrics.refused[NOSTR, reason] += 1

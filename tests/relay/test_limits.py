@@ -17,6 +17,7 @@ from p2pdiff.relay import RELAY
 from p2pdiff.relay.limits import READ_YIELD_EVERY
 from p2pdiff.relay.link import LocalClientLink
 from p2pdiff.relay.nip01 import parse_event
+from p2pdiff.relay.nostr_endpoint import UNINDEXED_SUBSCRIPTIONS
 from signaling.relays.nostr import NostrKeys, make_event
 from tests.conftest import ClientFactory
 from tests.relay.conftest import metric
@@ -342,5 +343,25 @@ async def test_filter_values_of_all_subscriptions_together(
     reason = "connection_values"
     assert (
         metric(await metrics_text(client), "p2pdiff_relay_refused_total", protocol="nostr", reason=reason)
+        == 2
+    )
+
+
+async def test_few_subscriptions_that_every_event_is_checked_against(relay_client: TestClient) -> None:
+    alice = await NostrClient.connect(relay_client)
+    for i in range(UNINDEXED_SUBSCRIPTIONS):
+        assert await alice.req(f"wide{i}", {"kinds": [20000 + i]}) == ["EOSE", f"wide{i}"]
+    text = f"error: at most {UNINDEXED_SUBSCRIPTIONS} subscriptions with a filter naming no #x per connection"
+    assert await alice.req("one more", {}) == ["CLOSED", "one more", text]
+    assert await alice.req("wide0", {"authors": [NostrKeys().pubkey]}) == ["EOSE", "wide0"]  # a replacement
+    assert await alice.req("narrow", topic_filter(TOPIC)) == ["EOSE", "narrow"]  # #x: indexed
+    assert await alice.req("mixed", topic_filter(TOPIC), {"kinds": [1]}) == ["CLOSED", "mixed", text]
+    await alice.send("CLOSE", "wide1")
+    assert await alice.req("mixed", topic_filter(TOPIC), {"kinds": [1]}) == ["EOSE", "mixed"]
+    reason = "unindexed_subscriptions"
+    assert (
+        metric(
+            await metrics_text(relay_client), "p2pdiff_relay_refused_total", protocol="nostr", reason=reason
+        )
         == 2
     )
