@@ -8,11 +8,12 @@ reads or not.
 :class:`WebSocketClientLink` writes the frames one loop turn gathered for a socket with one
 ``transport.write``: a fan-out burst costs one system call per subscriber instead of one per frame
 (aiohttp's ``send_str`` writes each frame on its own, which made the send call most of the relay's
-time under load). It builds the frames itself: a server's text frame is a two- to ten-byte header
-(RFC 6455 §5.2; unmasked, no extension, since the socket is prepared with ``compress=False``) and
-the UTF-8 payload. What waits counts as the frames of this turn plus the transport's unsent bytes,
-so the bound covers everything the process holds for the client; aiohttp still writes its own
-control frames (pings, pongs, the close), always whole frames, on the same loop.
+time under load). The frames are made by the ``websockets`` library's sans-I/O frame encoder
+(unmasked, as a server sends them, with no extension: the socket is prepared with
+``compress=False``), so no WebSocket framing is written here. What waits counts as the frames of
+this turn plus the transport's unsent bytes, so the bound covers everything the process holds for
+the client; aiohttp still writes its own control frames (pings, pongs, the close), always whole
+frames, on the same loop.
 
 :class:`LocalClientLink` is a client in this process (the helper): frames reach its callback
 through ``loop.call_soon``, so a delivery never runs inside the publisher's call, under the same
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import WSCloseCode, web
+from websockets.frames import Frame, Opcode
 
 from p2pdiff.relay.metrics import RelayMetrics
 from signaling.background import BackgroundTasks
@@ -48,20 +50,11 @@ log = logging.getLogger(__name__)
 LOCAL_ADDRESS = "local"
 # How long a closing socket gets to exchange close frames before its TCP connection is cut.
 CLOSE_SECONDS = 2.0
-_FIN_TEXT = 0x81  # FIN + opcode 1 (text)
 
 
 def text_frame(text: str) -> bytes:
     """One unmasked, unfragmented WebSocket text frame, as a server sends it (RFC 6455 §5.2)."""
-    payload = text.encode()
-    size = len(payload)
-    if size < 126:
-        header = bytes((_FIN_TEXT, size))
-    elif size < 1 << 16:
-        header = bytes((_FIN_TEXT, 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((_FIN_TEXT, 127)) + size.to_bytes(8, "big")
-    return header + payload
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
 
 
 class ClientLink(ABC):
