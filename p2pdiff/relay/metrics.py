@@ -2,17 +2,48 @@
 update, no prometheus_client lock), turned into metric families at scrape time.
 
 Every label set is bounded: protocols, results and reasons are fixed words of this package.
+
+What the relay refuses or drops is logged too (:class:`LoggedCounter`), so an operator reading the
+log sees a limit being hit without scraping ``/metrics``; a flood costs one line per minute each.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["RelayMetrics"]
+__all__ = ["LoggedCounter", "RelayMetrics"]
+
+log = logging.getLogger("p2pdiff.relay")
+
+# At most one log line per (protocol, reason) in this many seconds; the line says how many since.
+LOG_EVERY_S = 60.0
+
+
+class LoggedCounter(Counter[tuple[str, str]]):
+    """Counts (protocol, reason) and logs it: the first time at once, then at most one line per
+    key per :data:`LOG_EVERY_S`, with the count since the previous line."""
+
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._what = what
+        self._clock = clock
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def __setitem__(self, key: tuple[str, str], value: int) -> None:
+        super().__setitem__(key, value)
+        now = self._clock()
+        last = self._logged.get(key)
+        if last is None or now - last[0] >= LOG_EVERY_S:
+            since = value - last[1] if last is not None else value
+            protocol, reason = key
+            log.info("relay (%s): %s %s: %d since the last such line", protocol, self._what, reason, since)
+            self._logged[key] = (now, value)
 
 
 class RelayMetrics(Collector):
@@ -25,11 +56,11 @@ class RelayMetrics(Collector):
         #: rate_limited | too_large.
         self.events: Counter[tuple[str, str]] = Counter()
         #: (protocol, reason): what was refused short of closing the socket.
-        self.refused: Counter[tuple[str, str]] = Counter()
+        self.refused = LoggedCounter("refused")
         #: protocol -> frames handed to subscribers.
         self.deliveries: Counter[str] = Counter()
         #: (protocol, reason): sockets the relay closed: slow_reader | idle | too_large | ...
-        self.dropped: Counter[tuple[str, str]] = Counter()
+        self.dropped = LoggedCounter("closed a connection:")
 
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(
