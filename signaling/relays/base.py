@@ -17,8 +17,9 @@ Everything that does not depend on one protocol is written once, here:
   * decoding inbound payloads as UTF-8 and shielding the transport from callback errors.
 
   A subclass implements a handful of small transport hooks (see "Transport hooks" below).
-* :class:`Link`, the connection under the nostr relay and the tracker client, which keep only
-  their protocol: :class:`WebSocketLink`, the aiohttp WebSocket client (one socket at a time, a
+* :class:`Link`, the connection under the nostr relay, the ws-relay (both through
+  :class:`~signaling.relays.link_relay.LinkRelay`) and the tracker client, which keep only their
+  protocol: :class:`WebSocketLink`, the aiohttp WebSocket client (one socket at a time, a
   writer task fed from an outbox, a reader task, the heartbeat, closing in the background), or
   :class:`~signaling.relays.local.LocalLink` to a server in this process (no socket at all);
   :func:`~signaling.relays.local.make_link` picks one by URL.

@@ -70,7 +70,8 @@ process is reached without a socket (:mod:`signaling.relays.local`), and behaves
 
 Bounded
 -------
-The send queue (base class), the outbox (high-water mark, then the base queue holds messages),
+The send queue (base class), the outbox (high-water mark, then the base queue holds messages;
+like the link, :class:`~signaling.relays.link_relay.LinkRelay`'s, shared with the ws-relay),
 incoming messages (``MAX_MESSAGE_BYTES``; larger ones drop the connection), topics
 (``max_topics``, i.e. at most ``max_topics / 250`` REQs, beyond which ``subscribe`` raises), topic
 length, the dedupe LRU, and the counters (fixed keys plus the known rejection prefixes). The
@@ -92,8 +93,6 @@ from) should keep the default per-relay LRU.
 from __future__ import annotations
 
 import asyncio
-import collections
-import functools
 import logging
 import random
 import re
@@ -101,7 +100,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, ClassVar, TypeGuard
 
 import orjson
 from coincurve import PrivateKey, PublicKeyXOnly
@@ -109,14 +108,8 @@ from coincurve import PrivateKey, PublicKeyXOnly
 from signaling.bounded import LruSet
 from signaling.crypto import gen_id, nostr_event_id, nostr_kind
 
-from .base import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_QUEUE_LIMIT,
-    Backoff,
-    Relay,
-    check_websocket_url,
-)
-from .local import make_link
+from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, Backoff
+from .link_relay import DEFAULT_HEARTBEAT_S, LinkRelay
 
 __all__ = [
     "MAX_SAFE_INTEGER",
@@ -141,17 +134,11 @@ MAX_TOPICS_PER_REQ = 250  # Trystero's maxTopicsPerSubscription
 # 16 REQs on one connection: most relays allow 20 subscriptions per client (strfry's default),
 # and 4000 topics is 2000 rooms, far beyond what one helper joins.
 DEFAULT_MAX_TOPICS = 16 * MAX_TOPICS_PER_REQ
-# Trystero's topics are ~40-char hashes; anything much longer is a caller bug.
-MAX_TOPIC_LENGTH = 256
 DEFAULT_SINCE_SLACK_S = 60
 # Enough ids for several minutes of busy signalling on one relay (or on all, when shared).
 DEFAULT_SEEN_CAPACITY = 4096
-DEFAULT_HEARTBEAT_S = 30.0
 # An SDP event is a few KiB; relays cap events at 64-512 KiB. Larger frames are abuse.
 MAX_MESSAGE_BYTES = 1024 * 1024
-# Characters handed to the socket but not yet written; above this, publishes wait in the base
-# class's bounded queue (only a stalled link gets there).
-_OUTBOX_HIGH_WATER = 1024 * 1024
 # Trystero: 60 s pause doubling up to 15 min (steadyAnnounceIntervalMs, maxRelayBackoffMs).
 ESCALATION_INITIAL_S = 60.0
 ESCALATION_CAP_S = 15 * 60.0
@@ -358,8 +345,13 @@ def _reason_prefix(reason: str) -> str:
     return prefix if sep and prefix in _KNOWN_PREFIXES else "other"
 
 
-class NostrRelay(Relay):
+class NostrRelay(LinkRelay):
     """A Trystero-compatible connection to one nostr relay (see the module docstring)."""
+
+    _protocol: ClassVar[str] = "nostr"
+    _server_kind: ClassVar[str] = "nostr relay"
+    _max_message_bytes: ClassVar[int] = MAX_MESSAGE_BYTES
+    _relay_log: ClassVar[logging.Logger] = log
 
     def __init__(
         self,
@@ -378,16 +370,19 @@ class NostrRelay(Relay):
         backoff: Backoff | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        check_websocket_url(url, "nostr relay")
         if since_slack < 0:
             raise ValueError("since_slack must be >= 0")
-        if max_topics < 1:
-            raise ValueError("max_topics must be >= 1")
-        super().__init__(url, queue_limit=queue_limit, connect_timeout=connect_timeout)
+        super().__init__(
+            url,
+            heartbeat=heartbeat,
+            max_topics=max_topics,
+            ssl_context=ssl_context,
+            queue_limit=queue_limit,
+            connect_timeout=connect_timeout,
+        )
         self._keys = keys or process_keys()
         self._seen: LruSet[str] = seen if seen is not None else LruSet(DEFAULT_SEEN_CAPACITY)
         self._since_slack = since_slack
-        self._max_topics = max_topics
         self._clock = clock  # wall clock: created_at and since are unix seconds
         self._rate_limit = _Escalation(*rate_limit_backoff)
         # Ids of our recent announces: only their acceptance ends a rate-limit episode (JS).
@@ -396,29 +391,12 @@ class NostrRelay(Relay):
         b = backoff or NOSTR_BACKOFF
         self._backoff = _PenaltyAwareBackoff(b.initial, b.factor, b.cap, b.jitter, self._penalty.remaining)
 
-        # Its outbox is bounded by _OUTBOX_HIGH_WATER via _ready_to_send (REQ and CLOSE frames
-        # bypass the check but are few: one per 250 topics).
-        self._link = make_link(
-            url,
-            label="nostr",
-            peer="relay",
-            logger=log,
-            heartbeat=heartbeat,
-            max_msg_size=MAX_MESSAGE_BYTES,
-            ssl_context=ssl_context,
-            on_text=self._on_text,
-            on_binary=functools.partial(self._drop, "malformed", "binary frame"),
-            on_lost=self._teardown,
-            on_drained=self._on_outbox_drained,
-        )
         # One id per chunk of 250 topics, kept across reconnects (re-sending a REQ with the same
         # id replaces that subscription, NIP-01).
         self._sub_ids: list[str] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._pending_ack: _PendingAck | None = None
-        # Fixed names plus the known rejection prefixes; nothing keyed by remote input.
-        self._counters: collections.Counter[str] = collections.Counter()
 
     # -------------------------------------------------------------- public extras
 
@@ -454,16 +432,7 @@ class NostrRelay(Relay):
         """Seconds until a reconnect after a ``CLOSED`` or policy rejection is allowed."""
         return self._penalty.remaining()
 
-    @property
-    def counters(self) -> dict[str, int]:
-        """What happened so far: ``published``, ``accepted``, ``delivered``, ``eose``,
-        ``dropped:<reason>``, ``rejected:<prefix>``, ``announce_suppressed``, ``notice``, ..."""
-        return dict(self._counters)
-
     # -------------------------------------------------------------- transport hooks
-
-    async def _open(self) -> None:
-        await self._link.open()
 
     def _request_subscribe(self, topics: list[str]) -> asyncio.Future[None]:
         # The REQ always carries the whole topic set, so which topics are new does not matter.
@@ -490,39 +459,10 @@ class NostrRelay(Relay):
         self._counters["published"] += 1
         return True
 
-    def _ready_to_send(self) -> bool:
-        return self._link.backlog < _OUTBOX_HIGH_WATER
-
-    async def _wait_disconnected(self) -> None:
-        await self._link.wait_closed()
-
     def _abort_connection(self) -> None:
-        self._teardown()
-
-    async def _disconnect(self) -> None:
-        if not await self._link.drain():  # what close() flushed goes out first
-            log.info("%s: relay did not take our last messages in time; closing anyway", self.name)
-        self._teardown()  # the goodbye (a WebSocket close frame) goes out in the background
-        await self._link.release()
-
-    def _validate_topic(self, topic: str, *, is_filter: bool) -> None:
-        if not isinstance(topic, str) or not topic:
-            raise ValueError("nostr topic must be a non-empty string")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"nostr topic longer than {MAX_TOPIC_LENGTH} characters")
-        if is_filter and topic not in self._topics and len(self._topics) >= self._max_topics:
-            raise ValueError(f"{self.name}: already subscribed to {self._max_topics} topics")
-
-    # -------------------------------------------------------------- connection internals
-
-    def _on_outbox_drained(self) -> None:
-        if self._queue and self.state == "connected":
-            self._flush_queue()  # the base queue held messages while we were backed up
-
-    def _teardown(self) -> None:
         """Forget the current connection at once: fail what waits on it, stop its tasks, and
         close the socket in the background. Idempotent."""
-        self._link.drop()
+        super()._abort_connection()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -590,7 +530,7 @@ class NostrRelay(Relay):
             self.name,
             self._connect_timeout,
         )
-        self._teardown()
+        self._abort_connection()
 
     # -------------------------------------------------------------- inbound messages
 
@@ -704,10 +644,4 @@ class NostrRelay(Relay):
         if pause is not None:
             self._counters["penalty"] += 1
             log.warning("%s: %s; reconnecting in %.0f s at the earliest", self.name, why, pause)
-        self._teardown()
-
-    def _drop(self, reason: str, detail: str = "") -> None:
-        self._counters[f"dropped:{reason}"] += 1
-        self._link.warn_once(
-            f"dropped:{reason}", "%s: dropped an incoming message (%s) %.200s", self.name, reason, detail
-        )
+        self._abort_connection()

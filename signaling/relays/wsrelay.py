@@ -30,7 +30,8 @@ process is reached without a socket (:mod:`signaling.relays.local`), and behaves
 
 Bounded
 -------
-The send queue (base class), the outbox (high-water mark, then the base queue holds messages),
+The send queue (base class), the outbox (high-water mark, then the base queue holds messages;
+like the link, :class:`~signaling.relays.link_relay.LinkRelay`'s, shared with nostr),
 incoming messages (``MAX_MESSAGE_BYTES``; a larger one drops the connection), topics
 (``max_topics``; beyond it ``subscribe`` raises), topic length, and the counters (fixed keys).
 The link's reader yields to the loop every few dozen frames, so a flooding relay cannot starve
@@ -40,38 +41,24 @@ the loop; a relay sending garbage costs one parse per frame and is logged once p
 from __future__ import annotations
 
 import asyncio
-import collections
-import functools
 import logging
 import ssl
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
-from .base import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_QUEUE_LIMIT,
-    Backoff,
-    Relay,
-    check_websocket_url,
-)
-from .local import make_link
+from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, Backoff
+from .link_relay import DEFAULT_HEARTBEAT_S, MAX_TOPIC_LENGTH, LinkRelay
 from .nostr import NOSTR_BACKOFF
 
 __all__ = ["MAX_TOPIC_LENGTH", "WsRelay", "publish_frame", "subscription_frame"]
 
 log = logging.getLogger(__name__)
 
-# Trystero's topics are ~40-char hashes; anything much longer is a caller bug.
-MAX_TOPIC_LENGTH = 256
 # A room needs two topics; 4000 is 2000 rooms on one relay, far beyond what one helper joins.
 DEFAULT_MAX_TOPICS = 4000
-DEFAULT_HEARTBEAT_S = 30.0
 # A signal (an encrypted SDP) is a few KiB. Larger frames are abuse.
 MAX_MESSAGE_BYTES = 1024 * 1024
-# Characters handed to the socket but not yet written; above this, publishes wait in the base
-# class's bounded queue (only a stalled link gets there).
-_OUTBOX_HIGH_WATER = 1024 * 1024
 
 
 def subscription_frame(kind: str, topic: str) -> str:
@@ -84,8 +71,13 @@ def publish_frame(topic: str, text: str) -> str:
     return orjson.dumps({"type": "publish", "topic": topic, "payload": text}).decode()
 
 
-class WsRelay(Relay):
+class WsRelay(LinkRelay):
     """A Trystero-compatible connection to one ws-relay (see the module docstring)."""
+
+    _protocol: ClassVar[str] = "ws-relay"
+    _server_kind: ClassVar[str] = "ws-relay"
+    _max_message_bytes: ClassVar[int] = MAX_MESSAGE_BYTES
+    _relay_log: ClassVar[logging.Logger] = log
 
     def __init__(
         self,
@@ -98,41 +90,17 @@ class WsRelay(Relay):
         backoff: Backoff | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        check_websocket_url(url, "ws-relay")
-        if max_topics < 1:
-            raise ValueError("max_topics must be >= 1")
         super().__init__(
-            url, queue_limit=queue_limit, backoff=backoff or NOSTR_BACKOFF, connect_timeout=connect_timeout
-        )
-        self._max_topics = max_topics
-        # Its outbox is bounded by _OUTBOX_HIGH_WATER via _ready_to_send (subscription frames
-        # bypass the check but are bounded by max_topics).
-        self._link = make_link(
             url,
-            label="ws-relay",
-            peer="relay",
-            logger=log,
             heartbeat=heartbeat,
-            max_msg_size=MAX_MESSAGE_BYTES,
+            max_topics=max_topics,
             ssl_context=ssl_context,
-            on_text=self._on_text,
-            on_binary=functools.partial(self._drop, "malformed", "binary frame"),
-            on_lost=self._abort_connection,
-            on_drained=self._on_outbox_drained,
+            queue_limit=queue_limit,
+            backoff=backoff or NOSTR_BACKOFF,
+            connect_timeout=connect_timeout,
         )
-        # Fixed names only; nothing keyed by remote input.
-        self._counters: collections.Counter[str] = collections.Counter()
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """What happened so far: ``published``, ``subscribed``, ``received``, ``delivered``,
-        ``dropped:<reason>``."""
-        return dict(self._counters)
 
     # -------------------------------------------------------------- transport hooks
-
-    async def _open(self) -> None:
-        await self._link.open()
 
     def _request_subscribe(self, topics: list[str]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -156,34 +124,7 @@ class WsRelay(Relay):
         self._counters["published"] += 1
         return True
 
-    def _ready_to_send(self) -> bool:
-        return self._link.backlog < _OUTBOX_HIGH_WATER
-
-    async def _wait_disconnected(self) -> None:
-        await self._link.wait_closed()
-
-    def _abort_connection(self) -> None:
-        self._link.drop()
-
-    async def _disconnect(self) -> None:
-        if not await self._link.drain():  # what close() flushed goes out first
-            log.info("%s: relay did not take our last messages in time; closing anyway", self.name)
-        self._link.drop()  # the goodbye (a WebSocket close frame) goes out in the background
-        await self._link.release()
-
-    def _validate_topic(self, topic: str, *, is_filter: bool) -> None:
-        if not isinstance(topic, str) or not topic:
-            raise ValueError("ws-relay topic must be a non-empty string")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ValueError(f"ws-relay topic longer than {MAX_TOPIC_LENGTH} characters")
-        if is_filter and topic not in self._topics and len(self._topics) >= self._max_topics:
-            raise ValueError(f"{self.name}: already subscribed to {self._max_topics} topics")
-
-    # -------------------------------------------------------------- connection internals
-
-    def _on_outbox_drained(self) -> None:
-        if self._queue and self.state == "connected":
-            self._flush_queue()  # the base queue held messages while we were backed up
+    # -------------------------------------------------------------- inbound messages
 
     def _on_text(self, data: str) -> None:
         self._counters["received"] += 1
@@ -215,9 +156,3 @@ class WsRelay(Relay):
                 return
         self._counters["delivered"] += 1
         self._deliver(topic, text.encode())  # orjson refused lone surrogates: always UTF-8
-
-    def _drop(self, reason: str, detail: str = "") -> None:
-        self._counters[f"dropped:{reason}"] += 1
-        self._link.warn_once(
-            f"dropped:{reason}", "%s: dropped an incoming message (%s) %.200s", self.name, reason, detail
-        )
