@@ -29,21 +29,35 @@ from .base import (
 )
 from .local import make_link
 
-__all__ = ["DEFAULT_HEARTBEAT_S", "MAX_TOPIC_LENGTH", "OUTBOX_HIGH_WATER", "LinkRelay"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_S",
+    "DEFAULT_MAX_TOPICS",
+    "MAX_TOPIC_LENGTH",
+    "NOSTR_BACKOFF",
+    "OUTBOX_HIGH_WATER",
+    "LinkRelay",
+]
 
 # Trystero's topics are ~40-char hashes; anything much longer is a caller bug.
 MAX_TOPIC_LENGTH = 256
 DEFAULT_HEARTBEAT_S = 30.0
+# A room needs two topics; 4000 is 2000 rooms on one relay, far beyond what one helper joins.
+DEFAULT_MAX_TOPICS = 4000
 # Characters handed to the socket but not yet written; above this, publishes wait in the base
 # class's bounded queue (only a stalled link gets there). Subscription frames bypass the check,
 # and are bounded by max_topics.
 OUTBOX_HIGH_WATER = 1024 * 1024
 
+#: Trystero's makeSocket retry: random(0..p), p = 3333 ms doubling, capped (JS stops there). Its
+#: nostr and ws-relay strategies share that socket, so it is the default of both relays here.
+NOSTR_BACKOFF = Backoff(initial=3.333, factor=2.0, cap=60.0, jitter=1.0)
+
 
 class LinkRelay(Relay):
     """A topic relay over one :class:`~signaling.relays.base.Link` (see the module docstring).
 
-    A subclass sets the class attributes, parses what the server sends in ``_on_text`` and
+    A subclass sets the class attributes (a constructor is only needed for settings of its own),
+    parses what the server sends in ``_on_text`` and
     implements the remaining transport hooks (``_request_subscribe``, ``_request_unsubscribe``,
     ``_send``). It may extend ``_abort_connection`` to forget more of the connection: the link
     calls it when the connection is lost.
@@ -62,9 +76,9 @@ class LinkRelay(Relay):
         self,
         url: str,
         *,
-        heartbeat: float | None,
-        max_topics: int,
-        ssl_context: ssl.SSLContext | None,
+        heartbeat: float | None = DEFAULT_HEARTBEAT_S,
+        max_topics: int = DEFAULT_MAX_TOPICS,
+        ssl_context: ssl.SSLContext | None = None,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
         backoff: Backoff | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -72,7 +86,9 @@ class LinkRelay(Relay):
         check_websocket_url(url, self._server_kind)
         if max_topics < 1:
             raise ValueError("max_topics must be >= 1")
-        super().__init__(url, queue_limit=queue_limit, backoff=backoff, connect_timeout=connect_timeout)
+        super().__init__(
+            url, queue_limit=queue_limit, backoff=backoff or NOSTR_BACKOFF, connect_timeout=connect_timeout
+        )
         self._max_topics = max_topics
         self._link = make_link(
             url,

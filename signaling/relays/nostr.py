@@ -109,7 +109,7 @@ from signaling.bounded import LruSet
 from signaling.crypto import gen_id, nostr_event_id, nostr_kind
 
 from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, Backoff
-from .link_relay import DEFAULT_HEARTBEAT_S, LinkRelay
+from .link_relay import DEFAULT_HEARTBEAT_S, NOSTR_BACKOFF, LinkRelay
 
 __all__ = [
     "MAX_SAFE_INTEGER",
@@ -142,9 +142,6 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 # Trystero: 60 s pause doubling up to 15 min (steadyAnnounceIntervalMs, maxRelayBackoffMs).
 ESCALATION_INITIAL_S = 60.0
 ESCALATION_CAP_S = 15 * 60.0
-
-#: Trystero's makeSocket retry: random(0..p), p = 3333 ms doubling, capped (JS stops there).
-NOSTR_BACKOFF = Backoff(initial=3.333, factor=2.0, cap=60.0, jitter=1.0)
 
 # OK-false reasons that say the relay refuses us as such, not just one event (NIP-01 prefixes).
 _POLICY_REJECTIONS = frozenset({"blocked", "restricted", "auth-required", "pow", "mute"})
@@ -378,6 +375,7 @@ class NostrRelay(LinkRelay):
             max_topics=max_topics,
             ssl_context=ssl_context,
             queue_limit=queue_limit,
+            backoff=backoff,
             connect_timeout=connect_timeout,
         )
         self._keys = keys or process_keys()
@@ -388,7 +386,7 @@ class NostrRelay(LinkRelay):
         # Ids of our recent announces: only their acceptance ends a rate-limit episode (JS).
         self._announce_ids: LruSet[str] = LruSet(64)
         self._penalty = _Escalation(*penalty_backoff)
-        b = backoff or NOSTR_BACKOFF
+        b = self._backoff
         self._backoff = _PenaltyAwareBackoff(b.initial, b.factor, b.cap, b.jitter, self._penalty.remaining)
 
         # One id per chunk of 250 topics, kept across reconnects (re-sending a REQ with the same

@@ -42,21 +42,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from typing import Any, ClassVar
 
 import orjson
 
-from .base import DEFAULT_CONNECT_TIMEOUT, DEFAULT_QUEUE_LIMIT, Backoff
-from .link_relay import DEFAULT_HEARTBEAT_S, MAX_TOPIC_LENGTH, LinkRelay
-from .nostr import NOSTR_BACKOFF
+from .link_relay import MAX_TOPIC_LENGTH, LinkRelay
 
 __all__ = ["MAX_TOPIC_LENGTH", "WsRelay", "publish_frame", "subscription_frame"]
 
 log = logging.getLogger(__name__)
 
-# A room needs two topics; 4000 is 2000 rooms on one relay, far beyond what one helper joins.
-DEFAULT_MAX_TOPICS = 4000
 # A signal (an encrypted SDP) is a few KiB. Larger frames are abuse.
 MAX_MESSAGE_BYTES = 1024 * 1024
 
@@ -78,27 +73,6 @@ class WsRelay(LinkRelay):
     _server_kind: ClassVar[str] = "ws-relay"
     _max_message_bytes: ClassVar[int] = MAX_MESSAGE_BYTES
     _relay_log: ClassVar[logging.Logger] = log
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        heartbeat: float | None = DEFAULT_HEARTBEAT_S,
-        max_topics: int = DEFAULT_MAX_TOPICS,
-        ssl_context: ssl.SSLContext | None = None,
-        queue_limit: int = DEFAULT_QUEUE_LIMIT,
-        backoff: Backoff | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    ) -> None:
-        super().__init__(
-            url,
-            heartbeat=heartbeat,
-            max_topics=max_topics,
-            ssl_context=ssl_context,
-            queue_limit=queue_limit,
-            backoff=backoff or NOSTR_BACKOFF,
-            connect_timeout=connect_timeout,
-        )
 
     # -------------------------------------------------------------- transport hooks
 
