@@ -10,7 +10,6 @@ test must run in a loopback-only network namespace (it fails, not skips, elsewhe
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterator
 
@@ -21,6 +20,7 @@ from tests.interop.jspeer import (
     JsPeerError,
     action_bytes,
     js_json,
+    meet,
     pattern_bytes,
     pattern_text,
     sha256_hex,
@@ -46,56 +46,6 @@ def mqtt_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def new_room(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:8]}"
-
-
-MEET_ATTEMPTS = 3
-
-
-async def meet(a: JsPeer, b: JsPeer, room: str, url: str, app_id: str = "p2pdiff-jspeers") -> None:
-    """Both join ``room`` with a "data" action and wait until each sees the other.
-
-    node-datachannel now and then fails ICE between two JS peers on loopback ("could not connect
-    to peer ... after exchanging SDP", ~20 s in), and Trystero tries again only at a later
-    announce. No code of ours is in that connection, and an app would rejoin: so do we, up to
-    MEET_ATTEMPTS times. What the tests check comes after the meeting."""
-    for _ in range(MEET_ATTEMPTS):
-        since = {p.name: p.mark() for p in (a, b)}
-        for p in (a, b):
-            await p.join(room, app_id=app_id, relay_urls=[url])
-            await p.make_action(room, "data")
-        if await _met(a, b, room, since):
-            return
-        for p in (a, b):
-            await p.leave(room)
-    raise AssertionError(f"{a.name} and {b.name} did not meet in {MEET_ATTEMPTS} attempts")
-
-
-async def _met(a: JsPeer, b: JsPeer, room: str, since: dict[str, int]) -> bool:
-    """Whether both see each other join; False as soon as either reports a join-error for the
-    other (the side that gives up first is either one)."""
-    waits = [
-        asyncio.ensure_future(_sees(a, b, room, since[a.name])),
-        asyncio.ensure_future(_sees(b, a, room, since[b.name])),
-    ]
-    try:
-        for outcome in asyncio.as_completed(waits):
-            if not await outcome:
-                return False
-        return True
-    finally:
-        for wait in waits:
-            wait.cancel()
-
-
-async def _sees(p: JsPeer, other: JsPeer, room: str, since: int) -> bool:
-    """True on ``p``'s peer-join of ``other``, False on its join-error for ``other``."""
-    ev = await p.wait_for(
-        ("peer-join", "join-error"),
-        lambda e: e.get("room") == room and e.get("peer") == other.self_id,
-        timeout=JOIN_TIMEOUT,
-        since=since,
-    )
-    return ev["type"] == "peer-join"
 
 
 async def exchange(src: JsPeer, dst: JsPeer, room: str, seed: int) -> None:

@@ -11,8 +11,7 @@ import uuid
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.interop.jspeer import JsPeer
-from tests.interop.test_jspeers import meet
+from tests.interop.jspeer import JsPeer, meet
 from tests.relay.conftest import metric
 
 pytestmark = [pytest.mark.interop]
