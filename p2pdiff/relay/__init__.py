@@ -34,7 +34,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from p2pdiff.config import RelayConfig
 from p2pdiff.relay.bus import LocalBus, RelayBus
-from p2pdiff.relay.limits import HEARTBEAT_SECONDS, READ_YIELD_EVERY, ConnectionBook, RelayLimits
+from p2pdiff.relay.limits import HEARTBEAT_SECONDS, READ_YIELD_EVERY, ConnectionBook
 from p2pdiff.relay.link import (
     LOCAL_ADDRESS,
     ClientLink,
@@ -66,7 +66,7 @@ class RelayServer:
 
     def __init__(self, config: RelayConfig, *, proxy_header: str = "", bus: RelayBus | None = None) -> None:
         self.config = config
-        self.limits = RelayLimits.from_config(config)
+        self.limits = config  # what one client may hold and do: [relay] itself
         self.metrics = RelayMetrics()
         self.book = ConnectionBook(self.limits)
         self.bus = bus if bus is not None else LocalBus()

@@ -4,7 +4,8 @@ match filters. No I/O and no state; :mod:`p2pdiff.relay.nostr_endpoint` answers 
 Client frames: ``["EVENT",event]``, ``["REQ",subId,filter...]``, ``["CLOSE",subId]``. Anything else
 raises :class:`Garbage` (answered ``NOTICE``). An event that cannot be relayed raises
 :class:`EventRefused` (answered ``OK false`` with a NIP-01 prefix); a subscription that cannot be
-served raises :class:`ReqRefused` (answered ``CLOSED``). Limits come from :class:`RelayLimits`.
+served raises :class:`ReqRefused` (answered ``CLOSED``). Limits come from ``[relay]``
+(:class:`~p2pdiff.config.RelayConfig`).
 
 Events (checked in this order, cheapest first): the seven fields with their JSON types and hex
 shapes -> size (``max_event_bytes`` of canonical JSON) -> ephemeral kind (20000-29999: this relay
@@ -26,7 +27,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
-from p2pdiff.relay.limits import RelayLimits
+from p2pdiff.config import RelayConfig
 from signaling.crypto import nostr_event_id
 from signaling.relays.nostr import MAX_SAFE_INTEGER, verify_signature
 
@@ -148,7 +149,7 @@ class CloseMsg:
     sub_id: str
 
 
-def parse_frame(text: str, limits: RelayLimits) -> EventMsg | ReqMsg | CloseMsg:
+def parse_frame(text: str, limits: RelayConfig) -> EventMsg | ReqMsg | CloseMsg:
     """One client frame, checked (see the module docstring for what each refusal means)."""
     try:
         message = orjson.loads(text)
@@ -183,7 +184,7 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_event(raw: object, limits: RelayLimits) -> Event:
+def parse_event(raw: object, limits: RelayConfig) -> Event:
     """Check an event's shape, size, kind and id (not its signature: :func:`signature_ok`)."""
     if not isinstance(raw, dict):
         raise Garbage("invalid: an event is a JSON object")
@@ -266,7 +267,7 @@ def signature_ok(event: Event) -> bool:
     return verify_signature({"pubkey": event.pubkey, "sig": event.sig, "id": event.id})
 
 
-def parse_filters(sub_id: str, raws: list[Any], limits: RelayLimits) -> tuple[Filter, ...]:
+def parse_filters(sub_id: str, raws: list[Any], limits: RelayConfig) -> tuple[Filter, ...]:
     if not raws:
         raise ReqRefused(sub_id, "invalid", "a REQ needs at least one filter", "filters")
     if len(raws) > limits.max_filters:
@@ -274,7 +275,7 @@ def parse_filters(sub_id: str, raws: list[Any], limits: RelayLimits) -> tuple[Fi
     return tuple(_parse_filter(sub_id, raw, limits) for raw in raws)
 
 
-def _parse_filter(sub_id: str, raw: object, limits: RelayLimits) -> Filter:
+def _parse_filter(sub_id: str, raw: object, limits: RelayConfig) -> Filter:
     if not isinstance(raw, dict):
         raise ReqRefused(sub_id, "invalid", "a filter is a JSON object", "filters")
     tags: list[tuple[str, frozenset[str]]] = []
@@ -302,7 +303,7 @@ def _parse_filter(sub_id: str, raw: object, limits: RelayLimits) -> Filter:
     )
 
 
-def _values(sub_id: str, key: str, value: object, kind: type, limits: RelayLimits) -> frozenset[Any]:
+def _values(sub_id: str, key: str, value: object, kind: type, limits: RelayConfig) -> frozenset[Any]:
     if not isinstance(value, list):
         raise ReqRefused(sub_id, "invalid", f"{key} must be a list", "filters")
     if len(value) > limits.max_filter_values:
@@ -314,7 +315,7 @@ def _values(sub_id: str, key: str, value: object, kind: type, limits: RelayLimit
     return frozenset(value)
 
 
-def _hex_values(sub_id: str, key: str, value: object, limits: RelayLimits) -> frozenset[str] | None:
+def _hex_values(sub_id: str, key: str, value: object, limits: RelayConfig) -> frozenset[str] | None:
     if value is None:
         return None
     values: frozenset[str] = _values(sub_id, key, value, str, limits)

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from p2pdiff.relay.limits import RelayLimits
+from p2pdiff.config import RelayConfig
 from p2pdiff.relay.link import ClientLink
 from p2pdiff.relay.metrics import RelayMetrics
 from p2pdiff.relay.nip01 import (
@@ -63,7 +63,7 @@ class NostrSession:
         self,
         hub: NostrHub,
         link: ClientLink,
-        limits: RelayLimits,
+        limits: RelayConfig,
         metrics: RelayMetrics,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -178,7 +178,7 @@ class NostrSession:
             self._hub.unsubscribe(sub)
 
 
-def relay_information(limits: RelayLimits) -> dict[str, Any]:
+def relay_information(limits: RelayConfig) -> dict[str, Any]:
     """The NIP-11 document, for ``GET <path>`` with ``Accept: application/nostr+json``."""
     return {
         "name": "p2pdiff room relay",

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import WSCloseCode
 
+from p2pdiff.config import RelayConfig
 from p2pdiff.relay.bus import RelayBus
-from p2pdiff.relay.limits import RelayLimits
 from p2pdiff.relay.link import ClientLink
 from p2pdiff.relay.metrics import RelayMetrics
 from signaling.bounded import TokenBucket
@@ -185,7 +185,7 @@ class WsRelaySession:
         self,
         hub: WsRelayHub,
         link: ClientLink,
-        limits: RelayLimits,
+        limits: RelayConfig,
         metrics: RelayMetrics,
         *,
         clock: Callable[[], float] = time.monotonic,

@@ -10,7 +10,6 @@ from aiohttp.test_utils import TestClient
 
 from p2pdiff.config import RelayConfig
 from p2pdiff.relay import RELAY
-from p2pdiff.relay.limits import RelayLimits
 from p2pdiff.relay.nip01 import Event, parse_event
 from signaling.relays.nostr import NostrKeys
 from tests.relay.nostr_client import NostrClient, eventually, signed, topic_filter
@@ -72,4 +71,4 @@ async def test_local_client_is_lost_when_it_reads_too_slowly(relay_client: TestC
 
 
 def relay_nostr_event(content: str) -> Event:
-    return parse_event(signed(NostrKeys(), TOPIC, content), RelayLimits.from_config(RelayConfig()))
+    return parse_event(signed(NostrKeys(), TOPIC, content), RelayConfig())

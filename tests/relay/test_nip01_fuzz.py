@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from p2pdiff.config import RelayConfig
 from p2pdiff.relay.bus import LocalBus
-from p2pdiff.relay.limits import RelayLimits
 from p2pdiff.relay.link import ClientLink
 from p2pdiff.relay.metrics import RelayMetrics
 from p2pdiff.relay.nip01 import (
@@ -35,7 +34,7 @@ from signaling.crypto import nostr_event_id
 from signaling.relays.nostr import NostrKeys, make_event
 from tests.relay.nostr_client import NostrClient, signed, topic_filter
 
-LIMITS = RelayLimits.from_config(RelayConfig())
+LIMITS = RelayConfig()
 KEYS = [NostrKeys(bytes([i + 1]) * 32) for i in range(3)]
 TOPICS = ["t0", "t1", "t2", "t3"]
 REFUSALS = (Garbage, EventRefused, ReqRefused)

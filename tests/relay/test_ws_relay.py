@@ -16,10 +16,9 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pdiff.config import Config
+from p2pdiff.config import Config, RelayConfig
 from p2pdiff.relay import RELAY
 from p2pdiff.relay.bus import RelayBus
-from p2pdiff.relay.limits import RelayLimits
 from p2pdiff.relay.link import LocalClientLink
 from p2pdiff.relay.metrics import RelayMetrics
 from p2pdiff.relay.ws_relay import (
@@ -321,11 +320,11 @@ class RecordingBus(RelayBus):
         self.published.append((channel, text))
 
 
-def limits(**changes: Any) -> RelayLimits:
+def limits(**changes: Any) -> RelayConfig:
     config = Config().relay
     for key, value in changes.items():
         setattr(config, key, value)
-    return RelayLimits.from_config(config)
+    return config
 
 
 async def test_the_bus_carries_publishes_out_and_remote_ones_in() -> None:
